@@ -1,0 +1,98 @@
+"""Full fully-connected classifier over all C classes: the baseline MHE is measured against.
+
+Plain:  logits = F W^T + b;  softmax CE (single-label) or BCE (multi-label, mean over B*C).
+Cosine: logits = margin(normalize(F) normalize(W)^T), e.g. ArcFace margin=(1.0, 0.5, 0.0),
+CosFace margin=(1.0, 0.0, 0.4) with scale 64 (the (m1, m2, m3) convention of face codebases).
+Costs D*C parameters: this is the head that does not scale, kept as the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mhe_scale.heads.base import ClassifierHead, HeadOutput, pad_topk, register_head
+from mhe_scale.heads.margins import CombinedMargin
+from mhe_scale.labels.targets import multi_hot
+
+
+def build_margin(cosine: bool, margin: Sequence[float] | None, scale: float,
+                 straight_through: bool, owner: str) -> CombinedMargin | None:
+    """Shared constructor logic for heads with optional cosine logits and (m1, m2, m3) margins."""
+    if margin is not None and not cosine:
+        raise ValueError(f"{owner}: a margin needs cosine=True (margins act on cosine logits)")
+    if margin is not None and len(margin) != 3:
+        raise ValueError(f"{owner}: margin must be (m1, m2, m3), e.g. ArcFace (1.0, 0.5, 0.0); got {margin!r}")
+    if not cosine:
+        return None
+    m1, m2, m3 = margin if margin is not None else (1.0, 0.0, 0.0)
+    return CombinedMargin(scale, m1, m2, m3, straight_through)
+
+
+def cosine_similarity(features: Tensor, weight: Tensor) -> Tensor:
+    """features [B, D], weight [N, D] -> cos [B, N], computed in fp32."""
+    return F.linear(F.normalize(features.float(), dim=1), F.normalize(weight.float(), dim=1))
+
+
+@register_head("fc")
+class FullyConnectedHead(ClassifierHead):
+    """Linear(D, C) with softmax CE / BCE, or cosine logits with an optional margin.
+
+    Args:
+        in_features: D.
+        num_classes: C.
+        multilabel: BCE over C outputs (targets [B, L] padded with -1) instead of softmax CE.
+        cosine: normalise features and weights (no bias); logits = scale * cos (+ margin).
+        margin: (m1, m2, m3) combined margin on the target logit; needs cosine=True.
+        scale: s for cosine logits.
+        margin_straight_through: see CombinedMargin.straight_through.
+        bias: add a bias (plain logits only).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, multilabel: bool = False, cosine: bool = False,
+                 margin: Sequence[float] | None = None, scale: float = 64.0,
+                 margin_straight_through: bool = False, bias: bool = True) -> None:
+        super().__init__(in_features, num_classes, multilabel)
+        self.margin = build_margin(cosine, margin, scale, margin_straight_through, "fc head")
+        self.cosine = cosine
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_classes)) if (bias and not cosine) else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.cosine:
+            nn.init.normal_(self.weight, std=0.01)
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's default
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def logits(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
+        """features [B, D] -> logits [B, C] in fp32; the margin applies only when targets are given."""
+        if not self.cosine:
+            return F.linear(features.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        assert self.margin is not None
+        cos = cosine_similarity(features, self.weight)
+        if targets is None:
+            return cos * self.margin.scale
+        mask = multi_hot(targets, self.num_classes).bool() if self.multilabel else targets
+        return self.margin(cos, mask)
+
+    def forward(self, features: Tensor, targets: Tensor) -> HeadOutput:
+        self.check_inputs(features, targets)
+        logits = self.logits(features, targets)
+        if self.multilabel:
+            loss = F.binary_cross_entropy_with_logits(logits, multi_hot(targets, self.num_classes))
+        else:
+            loss = F.cross_entropy(logits, targets)
+        return HeadOutput(loss)
+
+    @torch.no_grad()
+    def predict(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        logits = self.logits(features)
+        scores = F.logsigmoid(logits) if self.multilabel else F.log_softmax(logits, dim=1)
+        top, ids = scores.topk(min(k, self.num_classes), dim=1)
+        return pad_topk(top, ids, k)

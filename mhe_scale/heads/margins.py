@@ -1,0 +1,92 @@
+"""Additive angular / cosine margins: (cos [B, N], targets) -> logits [B, N].
+
+Combined margin (m1, m2, m3) on the target column, theta = arccos(cos):
+    target logit = s * (cos(m1 * theta + m2) - m3),   other logits = s * cos.
+ArcFace is (1, m, 0), CosFace (1, 0, m), SphereFace-like (m, 0, 0).
+Where m1 * theta + m2 > pi the cosine stops decreasing in theta; there the target logit uses
+s * (cos - m3 - m2 * sin(m2)) instead, which keeps it monotone (the usual ArcFace fix).
+
+`targets` is either LongTensor [B] of target columns (-1: the row's target is not among these
+columns, e.g. it lives on another shard or was not sampled) or BoolTensor [B, N] (multi-label).
+Margins never modify their input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class CombinedMargin(nn.Module):
+    """s * (cos(m1*theta + m2) - m3) on targets, s * cos elsewhere.
+
+    Args:
+        scale: s, multiplies every logit.
+        m1, m2, m3: multiplicative angular, additive angular, additive cosine margins.
+        straight_through: if True, the margin changes the value of the target logit but its
+            gradient is taken as if no margin were applied (d logit / d cos = s), the trick some
+            face codebases use implicitly by editing logits in place under no_grad.
+    """
+
+    def __init__(self, scale: float = 64.0, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
+                 straight_through: bool = False) -> None:
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"margin scale must be > 0, got {scale}")
+        self.scale, self.m1, self.m2, self.m3 = float(scale), float(m1), float(m2), float(m3)
+        self.straight_through = bool(straight_through)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.m1 == 1.0 and self.m2 == 0.0 and self.m3 == 0.0
+
+    def target_logit(self, cos: Tensor) -> Tensor:
+        """Margined cosine of target entries (before scaling), elementwise."""
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            out = cos - self.m3
+        else:
+            theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+            angle = self.m1 * theta + self.m2
+            out = torch.where(angle <= math.pi, torch.cos(angle) - self.m3,
+                              cos - self.m3 - self.m2 * math.sin(self.m2))
+        if self.straight_through:
+            out = cos + (out - cos).detach()
+        return out
+
+    def forward(self, cos: Tensor, targets: Tensor) -> Tensor:
+        if self.is_identity:
+            return cos * self.scale
+        if targets.dtype == torch.bool:
+            return torch.where(targets, self.target_logit(cos), cos) * self.scale
+        has = targets >= 0
+        col = targets.clamp(min=0).unsqueeze(1)
+        tgt = self.target_logit(cos.gather(1, col))
+        tgt = torch.where(has.unsqueeze(1), tgt, cos.gather(1, col))
+        return cos.scatter(1, col, tgt) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, m1={self.m1}, m2={self.m2}, m3={self.m3}, straight_through={self.straight_through}"
+
+
+def make_margin(kind: str, scale: float = 64.0, margin: float | tuple[float, float, float] = 0.0,
+                straight_through: bool = False) -> CombinedMargin:
+    """Build a margin by name: 'none' (plain scaled cosine), 'arcface', 'cosface', 'combined'.
+
+    For 'combined' pass margin=(m1, m2, m3); for 'arcface'/'cosface' a single float.
+    """
+    if kind == "none":
+        return CombinedMargin(scale, straight_through=straight_through)
+    if kind == "combined":
+        if not isinstance(margin, (tuple, list)) or len(margin) != 3:
+            raise ValueError(f"margin 'combined' needs margin=(m1, m2, m3), got {margin!r}")
+        m1, m2, m3 = margin
+        return CombinedMargin(scale, m1, m2, m3, straight_through)
+    if isinstance(margin, (tuple, list)):
+        raise ValueError(f"margin {kind!r} takes one float, got {margin!r}")
+    if kind == "arcface":
+        return CombinedMargin(scale, 1.0, margin, 0.0, straight_through)
+    if kind == "cosface":
+        return CombinedMargin(scale, 1.0, 0.0, margin, straight_through)
+    raise ValueError(f"unknown margin {kind!r}; choose one of none, arcface, cosface, combined")
