@@ -83,6 +83,11 @@ class ClassifierHead(nn.Module, ABC):
         return f"in_features={self.in_features}, num_classes={self.num_classes}, multilabel={self.multilabel}"
 
 
+def upcast(t: Tensor) -> Tensor:
+    """Cast half/bf16 to fp32 (head logits and losses stay in fp32); fp32/fp64 pass through."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def pad_topk(scores: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Right-pad [B, k'] predictions to [B, k] with score -inf and id -1."""
     missing = k - scores.shape[1]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mhe_scale.heads.base import ClassifierHead, HeadOutput, pad_topk, register_head
+from mhe_scale.heads.base import ClassifierHead, HeadOutput, pad_topk, register_head, upcast
 from mhe_scale.heads.margins import CombinedMargin
 from mhe_scale.labels.targets import multi_hot
 
@@ -33,8 +33,8 @@ def build_margin(cosine: bool, margin: Sequence[float] | None, scale: float,
 
 
 def cosine_similarity(features: Tensor, weight: Tensor) -> Tensor:
-    """features [B, D], weight [N, D] -> cos [B, N], computed in fp32."""
-    return F.linear(F.normalize(features.float(), dim=1), F.normalize(weight.float(), dim=1))
+    """features [B, D], weight [N, D] -> cos [B, N], computed in fp32 (or fp64)."""
+    return F.linear(F.normalize(upcast(features), dim=1), F.normalize(upcast(weight), dim=1))
 
 
 @register_head("fc")
@@ -73,7 +73,7 @@ class FullyConnectedHead(ClassifierHead):
     def logits(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
         """features [B, D] -> logits [B, C] in fp32; the margin applies only when targets are given."""
         if not self.cosine:
-            return F.linear(features.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+            return F.linear(upcast(features), upcast(self.weight), None if self.bias is None else upcast(self.bias))
         assert self.margin is not None
         cos = cosine_similarity(features, self.weight)
         if targets is None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mhe_scale.heads.base import ClassifierHead, HeadOutput, pad_topk, register_head
+from mhe_scale.heads.base import ClassifierHead, HeadOutput, pad_topk, register_head, upcast
 from mhe_scale.labels.codec import LabelCodec, factorize
 from mhe_scale.labels.targets import label_pairs
 from mhe_scale.labels.topk import product_topk
@@ -68,8 +68,8 @@ class MultiHeadProductHead(ClassifierHead):
 
     def head_logits(self, features: Tensor) -> list[Tensor]:
         """features [B, D] -> H fp32 tensors [B, c_h]."""
-        logits = F.linear(features.float(), self.linear.weight.float(),
-                          None if self.linear.bias is None else self.linear.bias.float())
+        logits = F.linear(upcast(features), upcast(self.linear.weight),
+                          None if self.linear.bias is None else upcast(self.linear.bias))
         return list(logits.split(self.sizes, dim=1))
 
     def digit_targets(self, targets: Tensor) -> list[Tensor]:
