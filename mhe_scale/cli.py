@@ -1,0 +1,30 @@
+"""`mhe-scale` console script: `mhe-scale train CONFIG [key=value ...]`, `mhe-scale heads`."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: mhe-scale {train,heads} ...\n  train CONFIG [key=value ...]   train and evaluate\n  heads                         list registered heads and their arguments"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from mhe_scale.train import main as train_main
+
+        return train_main(rest)
+    if command == "heads":
+        import mhe_scale.heads as heads
+
+        for name in heads.list_heads():
+            print(f"{name:12s} {', '.join(heads.head_arguments(name))}")
+        return 0
+    print(f"unknown command {command!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

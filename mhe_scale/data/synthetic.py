@@ -1,0 +1,108 @@
+"""Generated extreme-label datasets with planted structure (the demo's built-in data).
+
+Label frequencies follow a power law (the r-th most frequent label has weight r^-a; which label
+gets which rank is random). Each label y has a prototype in R^input_dim built from latent
+factors: y's mixed-radix digits (sizes from factorize(C, 2)) pick one vector from each factor
+table, prototype = (A[d0] + B[d1]) / sqrt(2) + 0.5 * own_y, so labels share parts and a head
+that factorises the label space can learn them from few examples; a point is the (mean of its
+labels') prototype plus Gaussian noise. `shuffle_label_ids=True` permutes the ids so that the
+factor structure no longer follows the ids (the harder case for MHE heads).
+Everything is a pure function of the config, so every process generates the same data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mhe_scale.config import DataConfig
+from mhe_scale.labels.codec import PAD, LabelCodec, factorize
+
+
+@dataclass(frozen=True)
+class SyntheticSplit(Dataset):
+    """inputs [N, input_dim] float32; targets [N] (single-label) or [N, L] padded with -1."""
+
+    inputs: Tensor
+    targets: Tensor
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.inputs[i], self.targets[i]
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    train: SyntheticSplit
+    test: SyntheticSplit
+    num_classes: int
+    multilabel: bool
+    label_counts: Tensor
+    """Training frequency of each label [C] (for propensity-scored metrics)."""
+
+
+def zipf_weights(num_classes: int, exponent: float, gen: torch.Generator) -> Tensor:
+    """Sampling weight per label id: rank r (random per id) gets r^-exponent, normalised."""
+    ranks = torch.randperm(num_classes, generator=gen).double() + 1.0
+    weights = ranks.pow(-exponent)
+    return weights / weights.sum()
+
+
+def label_prototypes(num_classes: int, dim: int, gen: torch.Generator) -> Tensor:
+    """[C, dim] unit-scale prototypes sharing two latent factor tables (see module doc)."""
+    codec = LabelCodec(factorize(num_classes, 2), num_classes)
+    digits = codec.encode(torch.arange(num_classes), check=False)
+    tables = [torch.randn(c, dim, generator=gen) for c in codec.sizes]
+    shared = (tables[0][digits[:, 0]] + tables[1][digits[:, 1]]) / 2 ** 0.5
+    own = torch.randn(num_classes, dim, generator=gen)
+    proto = shared + 0.5 * own
+    return proto / proto.norm(dim=1, keepdim=True) * dim ** 0.5 / 4
+
+
+def _sample_labels(n: int, per_point: int, weights: Tensor, gen: torch.Generator) -> Tensor:
+    if per_point == 1:
+        return torch.multinomial(weights, n, replacement=True, generator=gen)
+    # multi-label: 1..2*per_point-1 distinct labels per point (mean per_point), padded with -1
+    counts = torch.randint(1, 2 * per_point, (n,), generator=gen)
+    width = int(counts.max())
+    drawn = torch.multinomial(weights.expand(n, -1), width, replacement=False, generator=gen) \
+        if weights.numel() * n <= 50_000_000 else torch.stack(
+            [torch.multinomial(weights, width, replacement=False, generator=gen) for _ in range(n)])
+    keep = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)
+    return torch.where(keep, drawn, torch.full_like(drawn, PAD))
+
+
+def _inputs(targets: Tensor, proto: Tensor, noise: float, gen: torch.Generator) -> Tensor:
+    if targets.dim() == 1:
+        clean = proto[targets]
+    else:
+        valid = (targets != PAD).unsqueeze(-1).float()
+        clean = (proto[targets.clamp(min=0)] * valid).sum(1) / valid.sum(1)
+    scale = proto.norm(dim=1).mean() / proto.shape[1] ** 0.5
+    return clean + noise * scale * torch.randn(clean.shape, generator=gen)
+
+
+def make_synthetic(cfg: DataConfig) -> SyntheticData:
+    """Build train and test splits from a DataConfig (name 'synthetic')."""
+    if cfg.num_classes < 2:
+        raise ValueError(f"data.num_classes must be >= 2, got {cfg.num_classes}")
+    if cfg.labels_per_point < 1:
+        raise ValueError(f"data.labels_per_point must be >= 1, got {cfg.labels_per_point}")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    proto = label_prototypes(cfg.num_classes, cfg.input_dim, gen)
+    if cfg.shuffle_label_ids:
+        proto = proto[torch.randperm(cfg.num_classes, generator=gen)]
+    weights = zipf_weights(cfg.num_classes, cfg.zipf_exponent, gen)
+    splits = []
+    for n in (cfg.num_train, cfg.num_test):
+        targets = _sample_labels(n, cfg.labels_per_point, weights, gen)
+        splits.append(SyntheticSplit(_inputs(targets, proto, cfg.noise, gen), targets))
+    train_targets = splits[0].targets
+    flat = train_targets[train_targets != PAD] if train_targets.dim() == 2 else train_targets
+    counts = torch.bincount(flat, minlength=cfg.num_classes)
+    return SyntheticData(splits[0], splits[1], cfg.num_classes, cfg.labels_per_point > 1, counts)

@@ -1,0 +1,52 @@
+"""Encoder + head as one module, and the optimizer's parameter groups."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mhe_scale.config import OptimConfig
+from mhe_scale.heads.base import ClassifierHead, HeadOutput
+
+
+class Classifier(nn.Module):
+    """inputs -> encoder.forward_features -> head. The head is a separate attribute so a
+    class-sharded head can be kept out of DDP/ZeRO (see docs/architecture.md)."""
+
+    def __init__(self, encoder: nn.Module, head: ClassifierHead) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, inputs: Tensor, targets: Tensor) -> HeadOutput:
+        return self.head(self.encoder.forward_features(inputs), targets)
+
+    @torch.no_grad()
+    def predict(self, inputs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return self.head.predict(self.encoder.forward_features(inputs), k)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_optimizer(cfg: OptimConfig, model: Classifier) -> torch.optim.Optimizer:
+    """Two parameter groups, encoder and head (the head may have its own lr)."""
+    head_lr = cfg.head_lr if cfg.head_lr is not None else cfg.lr
+    groups = [{"params": list(model.encoder.parameters()), "lr": cfg.lr, "name": "encoder"},
+              {"params": list(model.head.parameters()), "lr": head_lr, "name": "head"}]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optim.name={cfg.name!r} is not supported; choose adamw or sgd")
+
+
+def optimizer_state_numel(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> int:
+    """Number of optimizer-state elements held for `params` (e.g. Adam: 2 per weight)."""
+    wanted = {id(p) for p in params}
+    total = 0
+    for p, state in optimizer.state.items():
+        if id(p) in wanted:
+            total += sum(v.numel() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return total

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from mhe_scale.config import ConfigError, HeadConfig, load_config, to_object, to_yaml
+from mhe_scale.heads import head_arguments, list_heads
+from mhe_scale.heads.factory import build_head, head_kwargs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(None, ["head.sizes=[1415,1456]", "optim.lr=0.1", "head.margin=[1.0,0.5,0.0]"])
+    assert list(cfg.head.sizes) == [1415, 1456]
+    assert cfg.optim.lr == 0.1
+    assert list(cfg.head.margin) == [1.0, 0.5, 0.0]
+    assert cfg.train.output_dir == "runs/experiment"  # interpolation resolved
+
+
+@pytest.mark.parametrize("override,message", [
+    ("head.size=[3]", r"head\.size.*not in 'HeadConfig'.*sizes"),
+    ("optim.lr=fast", r"'optim\.lr'.*could not be converted to Float"),
+    ("train.batch_size=1.5", r"'train\.batch_size'"),
+    ("head.sizes=[a,2]", r"'head\.sizes\[0\]'"),
+    ("nosuchsection.x=1", r"nosuchsection"),
+    ("lr", r"must look like key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_file_errors_name_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("head:\n  name: mhp\n  sizez: [3, 4]\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*head\.sizez"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_base_include_and_readonly(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\noptim:\n  lr: 0.5\n")
+    (tmp_path / "exp.yaml").write_text("_base_: base.yaml\nname: exp\nhead:\n  name: fc\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["optim.weight_decay=0.01"])
+    assert (cfg.name, cfg.optim.lr, cfg.head.name, cfg.optim.weight_decay) == ("exp", 0.5, "fc", 0.01)
+    assert "lr: 0.5" in to_yaml(cfg)
+    with pytest.raises(Exception):
+        cfg.optim.lr = 1.0  # configs are not runtime state
+    assert to_object(cfg).optim.lr == 0.5
+
+
+def test_every_head_argument_has_a_config_key():
+    """Each constructor argument of every registered head is reachable from HeadConfig."""
+    keys = set(HeadConfig.__dataclass_fields__)
+    for name in list_heads():
+        missing = set(head_arguments(name)) - keys - {"in_features", "num_classes", "multilabel"}
+        assert not missing, f"head {name} takes {missing} which HeadConfig cannot set"
+
+
+def test_head_factory_is_strict():
+    cfg = load_config(None, ["head.name=mhp", "head.sample_rate=0.1"]).head
+    with pytest.raises(ConfigError, match=r"head\.sample_rate is set but head 'mhp' does not take it"):
+        head_kwargs(cfg)
+    cfg = load_config(None, ["head.name=nope"]).head
+    with pytest.raises(ConfigError, match="not a registered head"):
+        head_kwargs(cfg)
+    cfg = load_config(None, ["head.name=mhp", "head.sizes=[5,4]"]).head
+    head = build_head(cfg, 8, 20, multilabel=False)
+    assert head.sizes == [5, 4]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    load_config(path)
