@@ -5,7 +5,7 @@ with negatives drawn uniformly without replacement, so the softmax covers
     N = max(#positives, ceil(sample_rate * C))
 classes; labels are remapped to their column among the kept classes. sample_rate=1.0 keeps all
 C classes and is exactly the full cosine-margin softmax (the fc head with cosine=True).
-Evaluation (module.eval()) and predict always use all C classes.
+Evaluation (module.eval()) and predict always use all C classes. Logits are fp32 (fp64 stays fp64).
 
 `sample_classes` is a pure function of (labels, C, N, generator) so a class-sharded version can
 run it on each rank's local class range (labels of other shards are simply "not here").
@@ -115,7 +115,7 @@ class PartialFCHead(ClassifierHead):
 
     def forward(self, features: Tensor, targets: Tensor) -> HeadOutput:
         self.check_inputs(features, targets)
-        if self.training and self.num_sample < self.num_classes:
+        if self.training:  # sample_rate=1: kept = all classes in order, no draw
             logits, cols, kept = self.sampled_logits(features, targets)
             num_kept = kept.numel()
         else:

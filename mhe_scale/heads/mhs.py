@@ -1,0 +1,197 @@
+"""Multi-Head Sampling (MHS): a two-level label code whose training softmax sees sampled groups.
+
+Sizes (c_1, c_2), c_1 * c_2 >= C: label y has group g = y // c_2 and member r = y % c_2 (the
+digits of LabelCodec(sizes)); codes >= C are padding. The weight [c_1, c_2, D] holds one row per
+(group, member) code. A training softmax covers only whole groups:
+  "per_sample"   each row: its true group + (M - 1) other groups drawn uniformly for that row,
+                 M * c_2 logits per row (a gather of M * c_2 weight rows per row, then bmm);
+  "batch_union"  all rows share one softmax over the groups present in the batch, topped up with
+                 uniform groups to M in total if the batch has fewer (Partial FC on groups).
+Padding codes inside a kept group get logit -inf (no probability, no gradient). Groups made only
+of padding codes are never sampled. Logits are plain (F W^T + b) or cosine with a margin as in
+the fc head, computed in fp32 (fp64 stays fp64). In eval mode and in predict the head is the
+full classifier over all C labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mhe_scale.heads.base import ClassifierHead, HeadOutput, pad_topk, register_head, upcast
+from mhe_scale.heads.linear import build_margin, cosine_similarity
+from mhe_scale.heads.partial_fc import sample_classes
+from mhe_scale.labels.codec import LabelCodec, factorize
+
+MHS_MODES = ("per_sample", "batch_union")
+PREDICT_CHUNK_COLUMNS = 1 << 16
+"""predict scores about this many codes at a time (memory O(B * this), not O(B * C))."""
+
+
+def sample_groups_per_row(groups: Tensor, num_groups: int, num_sampled: int,
+                          generator: torch.Generator | None = None) -> Tensor:
+    """Per row: its own group first, then (num_sampled - 1) distinct other groups, uniformly.
+
+    groups [B] in [0, num_groups) -> [B, M] group ids, M = min(num_sampled, num_groups),
+    column 0 == groups. Costs one [B, num_groups] draw from `generator` (None: global RNG).
+    """
+    count = min(int(num_sampled), num_groups)
+    if count < 1:
+        raise ValueError(f"sample_groups_per_row: num_sampled must be >= 1, got {num_sampled}")
+    scores = torch.rand(groups.shape[0], num_groups, generator=generator, device=groups.device)
+    scores.scatter_(1, groups.long().unsqueeze(1), 2.0)  # the true group outranks every draw in [0, 1)
+    return scores.topk(count, dim=1).indices  # sorted: the true group is column 0
+
+
+@register_head("mhs")
+class MultiHeadSamplingHead(ClassifierHead):
+    """Args:
+        in_features: D.
+        num_classes: C.
+        multilabel: must be False (MHS is a single-label softmax head).
+        sizes: (c_1, c_2) = (groups, members per group), c_1 * c_2 >= C; default factorize(C, 2).
+        mode: "per_sample" or "batch_union" (see the module docstring).
+        num_sampled_groups: M. per_sample: groups per row's softmax (true one included);
+            batch_union: minimum number of groups in the shared softmax. Clamped to the number
+            of groups holding real labels (then every softmax is the full one, reordered;
+            per_sample still gathers per row, so prefer batch_union for that).
+        cosine: normalise features and weights (no bias); logits = scale * cos (+ margin).
+        margin: (m1, m2, m3) combined margin on the target logit; needs cosine=True.
+        scale: s for cosine logits.
+        margin_straight_through: see CombinedMargin.straight_through.
+        bias: a bias per code (plain logits only).
+    Attribute `generator` (default None = global RNG): set a torch.Generator to draw from it.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, multilabel: bool = False,
+                 sizes: Sequence[int] | None = None, mode: str = "per_sample", num_sampled_groups: int = 16,
+                 cosine: bool = False, margin: Sequence[float] | None = None, scale: float = 64.0,
+                 margin_straight_through: bool = False, bias: bool = False) -> None:
+        super().__init__(in_features, num_classes, multilabel)
+        if multilabel:
+            raise ValueError("mhs head is single-label (softmax over sampled groups); for multi-label "
+                             "use the mhc or mhp head, or set multilabel=False")
+        if mode not in MHS_MODES:
+            raise ValueError(f"mhs mode must be one of {MHS_MODES}, got {mode!r}")
+        sizes = [int(c) for c in sizes] if sizes is not None and len(sizes) > 0 else factorize(num_classes, 2)
+        if len(sizes) != 2:
+            raise ValueError(f"mhs head takes exactly two sizes (groups, members per group), got sizes={sizes}; "
+                             f"e.g. sizes={factorize(num_classes, 2)}")
+        self.codec = LabelCodec(sizes, num_classes)  # checks c_1 * c_2 >= C and sizes >= 1
+        if num_sampled_groups < 1:
+            raise ValueError(f"mhs num_sampled_groups must be >= 1, got {num_sampled_groups}")
+        self.sizes = sizes
+        self.num_groups, self.group_size = sizes
+        self.num_valid_groups = -(-num_classes // self.group_size)  # groups holding >= 1 real label
+        self.mode = mode
+        self.num_sampled_groups = min(int(num_sampled_groups), self.num_valid_groups)
+        self.cosine = cosine
+        self.margin = build_margin(cosine, margin, scale, margin_straight_through, "mhs head")
+        self.weight = nn.Parameter(torch.empty(self.num_groups, self.group_size, in_features))
+        self.bias = nn.Parameter(torch.zeros(self.num_groups, self.group_size)) if (bias and not cosine) else None
+        self.generator: torch.Generator | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.cosine:
+            nn.init.normal_(self.weight, std=0.01)
+        else:  # nn.Linear's default for fan_in = D
+            bound = self.in_features ** -0.5
+            nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, sizes={self.sizes}, mode={self.mode!r}, "
+                f"num_sampled_groups={self.num_sampled_groups}, cosine={self.cosine}")
+
+    def _finish(self, cos_or_logits: Tensor, cols: Tensor | None) -> Tensor:
+        """Cosine heads: apply the margin at target columns (or just the scale when cols is None)."""
+        if not self.cosine:
+            return cos_or_logits
+        assert self.margin is not None
+        return cos_or_logits * self.margin.scale if cols is None else self.margin(cos_or_logits, cols)
+
+    def group_logits(self, features: Tensor, groups: Tensor, cols: Tensor | None = None) -> Tensor:
+        """Shared softmax over the codes of `groups` [N] -> logits [B, N * c_2] fp32 (padding not masked)."""
+        rows = self.weight[groups].flatten(0, 1)
+        if self.cosine:
+            return self._finish(cosine_similarity(features, rows), cols)
+        bias = None if self.bias is None else upcast(self.bias[groups].flatten())
+        return F.linear(upcast(features), upcast(rows), bias)
+
+    def row_logits(self, features: Tensor, groups: Tensor, cols: Tensor) -> Tensor:
+        """Per-row groups [B, M] -> logits [B, M * c_2] fp32 via a gather + bmm (padding not masked)."""
+        rows = upcast(self.weight[groups].flatten(1, 2))  # [B, M * c_2, D]
+        feats = upcast(features)
+        if self.cosine:
+            rows, feats = F.normalize(rows, dim=2), F.normalize(feats, dim=1)
+        logits = torch.bmm(rows, feats.unsqueeze(2)).squeeze(2)
+        if self.cosine:
+            return self._finish(logits, cols)
+        return logits if self.bias is None else logits + upcast(self.bias[groups].flatten(1))
+
+    def sampled_logits(self, features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Training softmax -> (logits [B, N] fp32 with padding at -inf, target column [B],
+        codes [B, N] (per_sample) or [N] (batch_union) naming each column)."""
+        digits = self.codec.encode(targets, check=False)
+        group, member = digits[:, 0], digits[:, 1]
+        members = torch.arange(self.group_size, device=targets.device)
+        if self.mode == "per_sample":
+            groups = sample_groups_per_row(group, self.num_valid_groups, self.num_sampled_groups, self.generator)
+            cols = member  # the true group is column block 0
+            logits = self.row_logits(features, groups, cols)
+            codes = (groups.unsqueeze(2) * self.group_size + members).flatten(1)
+        else:
+            groups, pos = sample_classes(group, self.num_valid_groups, self.num_sampled_groups, self.generator)
+            cols = pos * self.group_size + member
+            logits = self.group_logits(features, groups, cols)
+            codes = (groups.unsqueeze(1) * self.group_size + members).flatten()
+        logits = logits.masked_fill(codes >= self.num_classes, float("-inf"))
+        return logits, cols, codes
+
+    def full_logits(self, features: Tensor, targets: Tensor | None = None, start: int = 0,
+                    stop: int | None = None) -> Tensor:
+        """Full classifier on label ids [start, stop) (default all C) -> logits [B, stop - start] fp32.
+
+        With targets [B] (global ids; only with the full range) the margin applies as in training.
+        """
+        stop = self.num_classes if stop is None else stop
+        g0, g1 = start // self.group_size, -(-stop // self.group_size)
+        rows = self.weight[g0:g1].flatten(0, 1)
+        lo, hi = start - g0 * self.group_size, stop - g0 * self.group_size
+        if self.cosine:
+            return self._finish(cosine_similarity(features, rows[lo:hi]), targets)
+        bias = None if self.bias is None else upcast(self.bias[g0:g1].flatten()[lo:hi])
+        return F.linear(upcast(features), upcast(rows[lo:hi]), bias)
+
+    def forward(self, features: Tensor, targets: Tensor) -> HeadOutput:
+        """Sampled softmax CE in training, full softmax CE in eval; metrics["softmax_columns"] is the
+        softmax width per row (padding columns included)."""
+        self.check_inputs(features, targets)
+        targets = targets.long()
+        if self.training:
+            logits, cols, _ = self.sampled_logits(features, targets)
+        else:
+            logits, cols = self.full_logits(features, targets), targets
+        loss = F.cross_entropy(logits, cols)
+        return HeadOutput(loss, {"softmax_columns": torch.tensor(float(logits.shape[1]))})
+
+    @torch.no_grad()
+    def predict(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k log-softmax scores over all C labels, scored in chunks of whole groups."""
+        step = max(1, PREDICT_CHUNK_COLUMNS // self.group_size) * self.group_size
+        b, dtype = features.shape[0], upcast(self.weight[:0]).dtype
+        lse = features.new_full((b,), float("-inf"), dtype=dtype)
+        best = features.new_empty((b, 0), dtype=dtype)
+        best_ids = torch.empty((b, 0), dtype=torch.long, device=features.device)
+        for start in range(0, self.num_classes, step):  # loop over label chunks, not samples
+            logits = self.full_logits(features, start=start, stop=min(self.num_classes, start + step))
+            lse = torch.logaddexp(lse, logits.logsumexp(dim=1))
+            top, ids = logits.topk(min(k, logits.shape[1]), dim=1)
+            best, pick = torch.cat([best, top], 1).topk(min(k, best.shape[1] + top.shape[1]), dim=1)
+            best_ids = torch.cat([best_ids, ids + start], 1).gather(1, pick)
+        return pad_topk(best - lse.unsqueeze(1), best_ids, k)
