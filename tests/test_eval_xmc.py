@@ -1,0 +1,271 @@
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mhe_scale.data.xc_format import write_xc_format
+from mhe_scale.eval import XMCMetrics, format_table, inverse_propensity, label_counts, xmc_metrics
+from mhe_scale.labels import pad_label_lists
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+L2 = math.log2
+
+
+# ---------------------------------------------------------------- hand-computed example
+# 3 points, 6 labels, hand-picked inverse propensities w_l = l + 1 (w = [1, 2, 3, 4, 5, 6]).
+#   row 0: y = {0, 2}    pred = [2, 1, 0]   hits [1, 0, 1]
+#   row 1: y = {5}       pred = [4, 5, -1]  hits [0, 1, 0]
+#   row 2: y = {1, 3, 4} pred = [3, 3, 4]   hits [1, 0, 1]  (the repeated 3 is a miss)
+HAND_PRED = torch.tensor([[2, 1, 0], [4, 5, -1], [3, 3, 4]])
+HAND_TARGETS = pad_label_lists([[0, 2], [5], [1, 3, 4]])
+HAND_W = torch.arange(1, 7, dtype=torch.float64)
+IDCG1, IDCG2, IDCG3 = 1.0, 1 + 1 / L2(3), 1 + 1 / L2(3) + 1 / L2(4)  # ideal DCG with 1, 2, 3 true labels
+HAND_EXPECTED = {
+    "P@1": (1 + 0 + 1) / 3,
+    "P@3": (2 / 3 + 1 / 3 + 2 / 3) / 3,  # = 5/9
+    "nDCG@1": (1 + 0 + 1) / 3,
+    # DCG@3: row 0 1/log2(2) + 1/log2(4) = 1.5; row 1 1/log2(3); row 2 1 + 1/log2(4) = 1.5
+    "nDCG@3": (1.5 / IDCG2 + (1 / L2(3)) / IDCG1 + 1.5 / IDCG3) / 3,
+    # PSP@1: hit weights at rank 1: 3, 0, 4; best achievable: 3 (max w over {0,2}), 6, 5 -> 7 / 14
+    "PSP@1": (3 + 0 + 4) / (3 + 6 + 5),
+    # PSP@3: (1/3)(3+1), (1/3)6, (1/3)(4+5) over best (1/3)(3+1), (1/3)6, (1/3)(5+4+2) -> 19/21
+    "PSP@3": (4 / 3 + 2 + 3) / (4 / 3 + 2 + 11 / 3),
+    "PSnDCG@1": (3 + 0 + 4) / (3 + 6 + 5),  # IDCG@1 = 1 for every row
+    # PSDCG@3 / IDCG@3 per row; ideal ranks the true labels by w: row0 [3,1], row1 [6], row2 [5,4,2]
+    "PSnDCG@3": ((3 + 1 / L2(4)) / IDCG2 + (6 / L2(3)) / IDCG1 + (4 + 5 / L2(4)) / IDCG3)
+    / ((3 + 1 / L2(3)) / IDCG2 + 6 / IDCG1 + (5 + 4 / L2(3) + 2 / L2(4)) / IDCG3),
+    "R@1": (1 / 2 + 0 + 1 / 3) / 3,  # = 5/18
+    "R@3": (2 / 2 + 1 / 1 + 2 / 3) / 3,  # = 8/9
+}
+
+
+def test_hand_example():
+    got = xmc_metrics(HAND_PRED, HAND_TARGETS, ks=(1, 3), inv_propensity=HAND_W)
+    assert got.keys() == HAND_EXPECTED.keys()
+    for key, want in HAND_EXPECTED.items():
+        assert got[key] == pytest.approx(want, abs=1e-12), key
+    assert got["P@3"] == pytest.approx(5 / 9) and got["PSP@3"] == pytest.approx(19 / 21)
+
+
+def test_rows_without_labels_count_as_zero_unless_ignored():
+    pred = torch.cat([HAND_PRED, torch.tensor([[0, 1, 2]])])
+    targets = torch.cat([HAND_TARGETS, torch.full((1, 3), -1)])  # 4th row: no true labels
+    got = xmc_metrics(pred, targets, ks=(1, 3), inv_propensity=HAND_W)
+    for key in ("P@1", "P@3", "nDCG@3", "R@3"):
+        assert got[key] == pytest.approx(HAND_EXPECTED[key] * 3 / 4), key  # mean over all 4 rows
+    for key in ("PSP@3", "PSnDCG@3"):  # ratios of sums: an empty row adds 0 to both sides
+        assert got[key] == pytest.approx(HAND_EXPECTED[key]), key
+    kept = xmc_metrics(pred, targets, ks=(1, 3), inv_propensity=HAND_W, ignore_empty=True)
+    for key, want in HAND_EXPECTED.items():
+        assert kept[key] == pytest.approx(want), key
+
+
+def test_unnormalised_ps_and_narrow_predictions():
+    got = xmc_metrics(HAND_PRED[:, :2], HAND_TARGETS, ks=(1, 3), inv_propensity=HAND_W, unnormalised=True)
+    # only 2 predictions per row: the third counts as missing; hits [1,0], [0,1], [1,0]
+    assert got["P@3"] == pytest.approx((1 / 3 + 1 / 3 + 1 / 3) / 3)
+    assert got["uPSP@1"] == pytest.approx((3 + 0 + 4) / 3)
+    assert got["uPSP@3"] == pytest.approx((3 / 3 + 6 / 3 + 4 / 3) / 3)
+    assert got["uPSnDCG@1"] == pytest.approx((3 + 0 + 4) / 3)
+
+
+def test_inverse_propensity_formula_and_label_counts():
+    targets = pad_label_lists([[0, 2, 2], [2], [], [5, 0]])  # the repeated 2 in row 0 counts once
+    counts = label_counts(targets, 7)
+    assert counts.tolist() == [2, 0, 2, 0, 0, 1, 0]
+    w = inverse_propensity(counts, num_points=100)
+    c = (math.log(100) - 1) * (1.5 + 1) ** 0.55  # C = (ln N - 1)(B + 1)^A
+    assert w[0].item() == pytest.approx(1 + c * (2 + 1.5) ** -0.55)
+    assert w[1].item() == pytest.approx(1 + c * 1.5 ** -0.55)
+    w2 = inverse_propensity(counts, num_points=50, a=0.6, b=2.6)
+    assert w2[5].item() == pytest.approx(1 + (math.log(50) - 1) * 3.6 ** 0.6 * 3.6 ** -0.6)  # N_l = 1
+    assert bool((w[1:] >= w[:1]).all())  # rarer labels weigh more
+    with pytest.raises(ValueError, match="outside"):
+        label_counts(targets, 5)
+
+
+# ---------------------------------------------------------------- naive reference on random data
+def naive_metrics(pred, targets, ks, w, ignore_empty=False):
+    """Loop-per-row reference written straight from the definitions in mhe_scale/eval/xmc.py."""
+    sums = {}
+    rows = 0
+    for p_row, t_row in zip(pred.tolist(), targets.tolist()):
+        y = {t for t in t_row if t >= 0}
+        if ignore_empty and not y:
+            continue
+        rows += 1
+        seen, hits = set(), []
+        for pid in p_row:
+            hits.append(pid >= 0 and pid in y and pid not in seen)
+            seen.add(pid)
+        hits += [False] * (max(ks) - len(hits))
+        best = sorted((w[t] for t in y), reverse=True)
+        for k in ks:
+            idcg = sum(1 / L2(j + 2) for j in range(min(k, len(y))))
+            nh = sum(hits[:k])
+            gain = [w[p_row[j]] if hits[j] else 0.0 for j in range(k)]
+            terms = {
+                "P": nh / k,
+                "R": nh / len(y) if y else 0.0,
+                "nDCG": sum(hits[j] / L2(j + 2) for j in range(k)) / idcg if y else 0.0,
+                "PSPn": sum(gain) / k,
+                "PSPd": sum(best[:k]) / k,
+                "PSNn": sum(g / L2(j + 2) for j, g in enumerate(gain)) / idcg if y else 0.0,
+                "PSNd": sum(b / L2(j + 2) for j, b in enumerate(best[:k])) / idcg if y else 0.0,
+            }
+            for name, v in terms.items():
+                sums[(name, k)] = sums.get((name, k), 0.0) + v
+    out = {}
+    for name in ("P", "nDCG"):
+        out.update({f"{name}@{k}": sums[(name, k)] / rows for k in ks})
+    out.update({f"PSP@{k}": sums[("PSPn", k)] / sums[("PSPd", k)] for k in ks})
+    out.update({f"PSnDCG@{k}": sums[("PSNn", k)] / sums[("PSNd", k)] for k in ks})
+    out.update({f"R@{k}": sums[("R", k)] / rows for k in ks})
+    return out
+
+
+def random_case(seed, n=60, c=25, kmax=8, lmax=7):
+    gen = torch.Generator().manual_seed(seed)
+    pred = torch.stack([torch.randperm(c, generator=gen)[:kmax] for _ in range(n)])
+    pred[torch.rand(n, kmax, generator=gen) < 0.1] = -1  # missing predictions
+    dup = torch.rand(n, generator=gen) < 0.2
+    pred[dup, -1] = pred[dup, 0]  # some rows repeat their best id at the end
+    lists = []
+    for _ in range(n):
+        size = int(torch.randint(0, lmax + 1, (1,), generator=gen))  # includes rows without labels
+        lists.append(torch.randint(0, c, (size,), generator=gen).tolist())  # may repeat a label
+    targets = pad_label_lists(lists)
+    counts = torch.randint(0, 50, (c,), generator=gen)
+    return pred, targets, inverse_propensity(counts, 500)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ignore_empty", [False, True])
+def test_matches_naive_reference(seed, ignore_empty):
+    pred, targets, w = random_case(seed)
+    ks = (1, 2, 5, 8, 10)
+    got = xmc_metrics(pred, targets, ks, w, ignore_empty=ignore_empty)
+    want = naive_metrics(pred, targets, ks, w.tolist(), ignore_empty)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+
+
+def test_single_label_targets_and_no_propensities():
+    pred = torch.tensor([[1, 0], [2, 3], [0, 1]])
+    got = xmc_metrics(pred, torch.tensor([1, 3, 2]), ks=(1, 2))
+    assert got == pytest.approx({"P@1": 1 / 3, "P@2": 1 / 3, "nDCG@1": 1 / 3,
+                                 "nDCG@2": (1 + 1 / L2(3)) / 3, "R@1": 1 / 3, "R@2": 2 / 3})
+
+
+def test_accumulator_over_batches_equals_one_batch():
+    pred, targets, w = random_case(3, n=90)
+    ks = (1, 3, 5)
+    whole = XMCMetrics(ks, w)
+    whole.update(pred, targets)
+    batched = XMCMetrics(ks, w)
+    for lo, hi in [(0, 7), (7, 40), (40, 41), (41, 90)]:
+        part = targets[lo:hi]
+        width = max(1, int((part >= 0).sum(1).max()))
+        batched.update(pred[lo:hi], part[:, :width])  # each batch padded to its own width
+    assert batched.compute() == pytest.approx(whole.compute(), abs=1e-12)
+    # what a distributed caller does: sum the states of the "ranks", load, compute
+    ranks = [XMCMetrics(ks, w), XMCMetrics(ks, w)]
+    ranks[0].update(pred[:50], targets[:50])
+    ranks[1].update(pred[50:], targets[50:])
+    total = XMCMetrics(ks, w)
+    total.load_state(ranks[0].state() + ranks[1].state())
+    assert total.compute() == pytest.approx(whole.compute(), abs=1e-12)
+    whole.reset()
+    with pytest.raises(ValueError, match="before any update"):
+        whole.compute()
+
+
+def test_input_errors_name_the_problem():
+    m = XMCMetrics((1, 3), HAND_W)
+    with pytest.raises(ValueError, match="label 9 .* outside"):
+        m.update(torch.tensor([[9, 0, 1]]), torch.tensor([[0]]))
+    with pytest.raises(ValueError, match="N=3 rows"):
+        m.update(HAND_PRED, HAND_TARGETS[:2])
+    with pytest.raises(ValueError, match="ks must be"):
+        XMCMetrics((0, 1))
+    with pytest.raises(ValueError, match="same ks"):
+        m.load_state(torch.zeros(3))
+
+
+def test_format_table():
+    table = format_table({"fc": {"P@1": 0.5, "P@3": 0.25}, "mhp": {"P@1": 0.123456, "R@1": 1.0}})
+    assert table.splitlines() == [
+        "| run | P@1 | P@3 | R@1 |",
+        "|---|---:|---:|---:|",
+        "| fc | 50.00 | 25.00 | - |",
+        "| mhp | 12.35 | - | 100.00 |",
+    ]
+    assert "0.1235" in format_table({"x": {"P@1": 0.123456}}, percent=False, digits=4)
+
+
+# ---------------------------------------------------------------- tools/eval_xmc.py
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("eval_xmc_tool", REPO_ROOT / "tools" / "eval_xmc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_hand_files(tmp_path):
+    feats = torch.zeros(3, 4)
+    feats[:, 0] = 1.0
+    write_xc_format(tmp_path / "test.txt", feats, HAND_TARGETS, num_labels=6)
+    # training set of 4 points: label counts N_l = [2, 0, 1, 0, 0, 1]
+    write_xc_format(tmp_path / "train.txt", torch.ones(4, 4), [[0, 2], [0], [5], []], num_labels=6)
+    lines = [" ".join(f"{i}:{1 - 0.1 * j:.1f}" for j, i in enumerate(row) if i >= 0) for row in HAND_PRED.tolist()]
+    (tmp_path / "pred.txt").write_text("\n".join(lines) + "\n")
+    np.savez(tmp_path / "pred.npz", ids=HAND_PRED.numpy())
+    return tmp_path
+
+
+def test_eval_tool_end_to_end(tmp_path):
+    d = _write_hand_files(tmp_path)
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "eval_xmc.py"), "--pred", str(d / "pred.txt"), str(d / "pred.npz"),
+           "--labels", str(d / "test.txt"), "--train-labels", str(d / "train.txt"), "--k", "1", "3", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    w = inverse_propensity(torch.tensor([2, 0, 1, 0, 0, 1]), 4)
+    want = xmc_metrics(HAND_PRED, HAND_TARGETS, (1, 3), w)
+    assert set(results) == {str(d / "pred.txt"), str(d / "pred.npz")}  # same stem: full paths name the rows
+    for got in results.values():
+        assert got == pytest.approx(want, abs=1e-12)
+        assert got["P@3"] == pytest.approx(5 / 9)
+    # the table form, in-process, with plain label files
+    (d / "test_plain.txt").write_text("0,2\n5\n1,3,4\n")
+    tool = _load_tool()
+    assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "test_plain.txt"), "--k", "1", "3"]) == 0
+
+
+def test_eval_tool_errors_name_file_and_line(tmp_path, capsys):
+    d = _write_hand_files(tmp_path)
+    tool = _load_tool()
+    (d / "bad.txt").write_text("2:0.9 1:0.5\n4:0.9 5:zz\n3:1 4:0.5\n")
+    assert tool.main(["--pred", str(d / "bad.txt"), "--labels", str(d / "test.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.txt:2" in err and "'5:zz'" in err
+    (d / "rising.txt").write_text("2:0.9 1:0.5\n4:0.1 5:0.5\n3:1\n")
+    assert tool.main(["--pred", str(d / "rising.txt"), "--labels", str(d / "test.txt")]) == 2
+    assert "rising.txt:2" in capsys.readouterr().err
+    (d / "short.txt").write_text("2:0.9\n4:0.1\n")
+    assert tool.main(["--pred", str(d / "short.txt"), "--labels", str(d / "test.txt")]) == 2
+    assert "short.txt has 2 rows" in capsys.readouterr().err
+    (d / "big.txt").write_text("2:0.9\n4:0.1\n7:1\n")
+    assert tool.main(["--pred", str(d / "big.txt"), "--labels", str(d / "test.txt")]) == 2
+    assert "big.txt: row 3" in capsys.readouterr().err
+    (d / "labels_bad.txt").write_text("0,2\n5,x\n1\n")
+    assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "labels_bad.txt")]) == 2
+    assert "labels_bad.txt:2" in capsys.readouterr().err
