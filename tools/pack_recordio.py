@@ -1,0 +1,36 @@
+"""Pack a folder of face images (one subfolder per identity) into MXNet-compatible RecordIO.
+
+    python tools/pack_recordio.py IMAGE_ROOT OUT_PREFIX [--header] [--quality 95] [--pass-through]
+
+Writes OUT_PREFIX.rec, .idx and .lst; label = position of the identity folder in sorted order.
+--header adds the insightface header and identity records (see mhe_scale/data/face_dataset.py).
+Read the result with mhe_scale.data.face_dataset.RecordIOFaceDataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mhe_scale.data.face_dataset import pack_image_folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("image_root", help="folder with one subfolder of images per identity")
+    parser.add_argument("out_prefix", help="output path without extension: writes PREFIX.rec/.idx/.lst")
+    parser.add_argument("--header", action="store_true",
+                        help="insightface layout: header record at key 0, identity records after the images")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoding (1..100)")
+    parser.add_argument("--pass-through", action="store_true", help="store the image files' bytes unchanged")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    packed = pack_image_folder(args.image_root, args.out_prefix, header=args.header, quality=args.quality,
+                               pass_through=args.pass_through, progress=not args.no_progress)
+    print(f"wrote {packed.rec_path} ({packed.num_images} images, {packed.num_classes} identities), "
+          f"{packed.idx_path.name}, {packed.lst_path.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
