@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-HEAD_ARGS = {
-    "fc": {},
-    "partial_fc": {"sample_rate": 0.1},
-    "mhp": {"num_heads": 2},
-    "mhc": {"num_heads": 2},
-    "mhs": {"mode": "batch_union", "num_sampled_groups": 32},
+HEADS = {  # row name -> (registered head, constructor arguments)
+    "fc": ("fc", {}),
+    "partial_fc": ("partial_fc", {"sample_rate": 0.1}),
+    "mhp": ("mhp", {"num_heads": 2}),
+    "mhp3": ("mhp", {"num_heads": 3}),
+    "mhc": ("mhc", {"num_heads": 2}),
+    "mhs": ("mhs", {"mode": "batch_union", "num_sampled_groups": 32}),
 }
 
 
@@ -39,7 +40,7 @@ def rss_bytes() -> int:
 
 def estimate_gb(head: str, classes: int, dim: int, batch: int) -> float:
     """Rough peak for the O(C) heads: weight + grad + 2 Adam states, plus B x C logits/grads."""
-    if head in ("fc", "mhs", "partial_fc", "mhc"):
+    if HEADS[head][0] in ("fc", "mhs", "partial_fc", "mhc"):
         weights = 4 * classes * dim * 4
         logits = 3 * batch * classes * 4 if head == "fc" else 0
         return (weights + logits) / 1e9
@@ -61,7 +62,8 @@ def run_one(head_name: str, classes: int, dim: int, batch: int, steps: int, thre
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
-    head = create_head(head_name, in_features=dim, num_classes=classes, **HEAD_ARGS[head_name]).to(device)
+    name, kwargs = HEADS[head_name]
+    head = create_head(name, in_features=dim, num_classes=classes, **kwargs).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
     times = []
     for i in range(steps + 1):
@@ -83,7 +85,7 @@ def run_one(head_name: str, classes: int, dim: int, batch: int, steps: int, thre
         peak = torch.cuda.max_memory_allocated() - base_cuda
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    return {"head": head_name, "classes": classes, "median_s": statistics.median(times),
+    return {"head": head_name, "classes": classes, "sizes": getattr(head, "sizes", None), "median_s": statistics.median(times),
             "params": params, "state_bytes": 4 * (params + state), "peak_bytes": max(peak, 0),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
 
@@ -99,7 +101,7 @@ def fmt_bytes(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--heads", nargs="+", default=list(HEAD_ARGS))
+    parser.add_argument("--heads", nargs="+", default=list(HEADS))
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
@@ -111,9 +113,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.dim, args.batch, args.steps, args.threads)))
         return
-    unknown = sorted(set(args.heads) - set(HEAD_ARGS))
+    unknown = sorted(set(args.heads) - set(HEADS))
     if unknown:
-        parser.error(f"unknown heads {unknown}; choose from {list(HEAD_ARGS)}")
+        parser.error(f"unknown heads {unknown}; choose from {list(HEADS)}")
     if args.max_gb is None:
         avail = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemAvailable")) * 1024
         args.max_gb = 0.7 * avail / 1e9
@@ -159,7 +161,8 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
                 continue
             t_ratio = f"{fc['median_s'] / r['median_s']:.1f}x" if fc else "-"
             s_ratio = f"{fc['state_bytes'] / r['state_bytes']:.0f}x" if fc else "-"
-            lines.append(f"| {classes:,} | {r['head']} | {r['median_s'] * 1e3:.1f} | {t_ratio} | "
+            name = r["head"] + (f" {r['sizes']}" if r.get("sizes") else "")
+            lines.append(f"| {classes:,} | {name} | {r['median_s'] * 1e3:.1f} | {t_ratio} | "
                          f"{fmt_bytes(r['state_bytes'])} | {s_ratio} | {fmt_bytes(r['peak_bytes'])} |")
     return "\n".join(lines)
 
