@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -27,7 +27,18 @@ class DataConfig:
     name: str = "synthetic"
     """Dataset kind: 'synthetic' (generated, planted structure) or a reader name added by tasks."""
     path: Optional[str] = None
-    """Folder or file of a real dataset (unused by 'synthetic')."""
+    """Folder or file of a real dataset (unused by 'synthetic'). 'xc': a folder holding train.txt and
+    test.txt in the Extreme Classification Repository format; a relative path is looked up from the
+    working directory, then from the repository root."""
+    normalize: str = "tfidf"
+    """'xc': feature scaling, none | l2 | tfidf (idf from the training split, then L2 per row)."""
+    label_order: str = "given"
+    """'xc': label ids as in the files (given) or renumbered so that similar labels get neighbouring ids,
+    hence share MHE prefixes / MHC groups (cluster: balanced 2-means tree over the training data)."""
+    propensity_a: float = 0.55
+    """A of the inverse propensities for PSP@k (Jain et al. 2016; 0.6 for Amazon, 0.5 for Wikipedia)."""
+    propensity_b: float = 1.5
+    """B of the inverse propensities for PSP@k (2.6 for Amazon, 0.4 for Wikipedia)."""
     num_classes: int = 100_000
     """Synthetic: number of labels C."""
     num_train: int = 60_000
@@ -133,6 +144,28 @@ class TrainConfig:
     """Seed for initialisation and data order."""
     threads: Optional[int] = None
     """torch CPU threads (None: torch's default)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (global batch = batch_size * processes * grad_accum_steps)."""
+    clip_grad_norm: Optional[float] = None
+    """Clip the global L2 norm of the gradients to this value before each optimizer step (None: off)."""
+    schedule: str = "constant"
+    """Learning-rate shape after warmup: constant | cosine | poly (counted in optimizer steps)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from lr/warmup_steps up to lr."""
+    min_lr_ratio: float = 0.0
+    """cosine / poly: final learning rate as a fraction of lr."""
+    poly_power: float = 1.0
+    """poly: exponent of (1 - progress); 1.0 is linear decay."""
+    ema_decay: Optional[float] = None
+    """Exponential moving average of the weights with this decay, used for evaluation (None: off)."""
+    save_every: int = 0
+    """Optimizer steps between checkpoints under output_dir/.../checkpoints (0: no checkpoints); the last step is saved too."""
+    keep_last: int = 3
+    """Checkpoints kept on disk (oldest deleted first; 0 keeps all)."""
+    resume: Union[bool, str] = "auto"
+    """auto: continue from the newest valid checkpoint if one exists; true: must resume; false: start fresh."""
+    loss_log: bool = True
+    """Write every optimizer step's loss (and lr) to loss_log.jsonl in the run's output folder."""
 
 
 @dataclass(kw_only=True)

@@ -1,22 +1,35 @@
-"""Training and evaluation loops on HF accelerate (single process, DDP or DeepSpeed launches).
+"""Training and evaluation loops on HF accelerate (single process or DDP launches).
 
 The loop knows nothing about a head's math: it calls `model(inputs, targets).loss`,
-`accelerator.backward`, steps, and logs throughput. Derived numbers live in a frozen TrainPlan.
+`accelerator.backward`, and steps the optimizer, the lr schedule and the EMA once per optimizer
+step (every `grad_accum_steps` micro-batches, when `accelerator.sync_gradients`). Derived numbers
+live in a frozen TrainPlan. Data order is a pure function of (seed, epoch), so a resumed run reads
+exactly the batches an uninterrupted one would. Host syncs happen only at log and save steps.
+See docs/engine.md for checkpoint contents and resume semantics.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from mhe_scale.config import TrainConfig
+from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, find_resumable_everywhere,
+                                         list_checkpoints, load_checkpoint, save_checkpoint)
+from mhe_scale.engine.ema import ExponentialMovingAverage
 from mhe_scale.engine.model import Classifier
+from mhe_scale.engine.schedule import build_scheduler, check_schedule
 from mhe_scale.eval.xmc import XMCMetrics
 
 
@@ -27,77 +40,256 @@ class TrainPlan:
     num_train: int
     num_processes: int
     micro_batch: int
+    grad_accum_steps: int
     global_batch: int
+    """Samples per optimizer step: micro_batch * num_processes * grad_accum_steps."""
     steps_per_epoch: int
+    """Optimizer steps per pass (the last partial global batch of each epoch is dropped)."""
     total_steps: int
+    warmup_steps: int
 
     @staticmethod
     def build(cfg: TrainConfig, num_train: int, num_processes: int) -> "TrainPlan":
-        global_batch = cfg.batch_size * num_processes
-        steps_per_epoch = max(1, num_train // global_batch)
+        global_batch = cfg.batch_size * num_processes * cfg.grad_accum_steps
+        steps_per_epoch = num_train // global_batch
+        if steps_per_epoch < 1:
+            raise ValueError(f"{num_train} training points cannot fill one optimizer step of {global_batch} "
+                             f"(train.batch_size={cfg.batch_size} x {num_processes} processes x "
+                             f"train.grad_accum_steps={cfg.grad_accum_steps}); lower them")
         total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        return TrainPlan(num_train, num_processes, cfg.batch_size, global_batch, steps_per_epoch, total)
+        return TrainPlan(num_train, num_processes, cfg.batch_size, cfg.grad_accum_steps, global_batch,
+                         steps_per_epoch, total, min(cfg.warmup_steps, total))
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> Tensor:
+    """The sample order of `epoch`: a permutation [N] depending only on (seed, epoch)."""
+    mixed = np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, epoch]).generate_state(1, np.uint64)[0]
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(mixed)))
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """This process's micro-batches of one epoch, from optimizer step `start_step` on.
+
+    Optimizer step j of an epoch uses the global batch perm[j*G:(j+1)*G]; inside it micro-step m
+    of process r reads the contiguous slice at offset (m*P + r)*b (b micro batch, P processes).
+    """
+
+    def __init__(self, num_samples: int, plan: TrainPlan, rank: int, seed: int) -> None:
+        self.num_samples, self.plan, self.rank, self.seed = num_samples, plan, rank, seed
+        self.epoch, self.start_step = 0, 0
+
+    def set_position(self, epoch: int, start_step: int) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return (self.plan.steps_per_epoch - self.start_step) * self.plan.grad_accum_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        p = self.plan
+        perm = epoch_permutation(self.num_samples, self.seed, self.epoch)[: p.steps_per_epoch * p.global_batch]
+        mine = perm.view(p.steps_per_epoch, p.grad_accum_steps, p.num_processes, p.micro_batch)
+        yield from mine[self.start_step:, :, self.rank].reshape(-1, p.micro_batch).tolist()
 
 
 @dataclass(frozen=True)
 class FitResult:
     steps: int
+    """Optimizer steps taken in this call (0 when resumed from a finished run)."""
     seconds: float
     samples_per_second: float
     last_loss: float
+    resumed_from: int | None
+    """Step of the checkpoint training resumed from, if any."""
+    ema: ExponentialMovingAverage | None
+    """Pass to evaluate(..., ema=...) to evaluate the averaged weights."""
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Raise ValueError naming the bad train.* key."""
+    check_schedule(cfg.schedule, cfg.warmup_steps, cfg.min_lr_ratio, cfg.poly_power)
+    for key in ("batch_size", "grad_accum_steps", "log_every"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"train.{key}={getattr(cfg, key)} must be >= 1")
+    for key in ("save_every", "keep_last"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"train.{key}={getattr(cfg, key)} must be >= 0")
+    if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
+        raise ValueError(f"train.clip_grad_norm={cfg.clip_grad_norm} must be > 0 (or null to disable)")
+    if cfg.resume not in (True, False, "auto"):
+        raise ValueError(f"train.resume={cfg.resume!r} must be true, false or auto")
+
+
+class StepLog:
+    """Per-step losses kept on device until a log step, then checked and written in one sync."""
+
+    def __init__(self, path: Path | None, keep_up_to: int, accelerator, desc: str) -> None:
+        self.path, self.accelerator, self.desc = path, accelerator, desc
+        self.losses: list[Tensor] = []
+        self.norms: list[Tensor] = []
+        self.rows: list[dict] = []
+        if path is not None:  # drop lines of steps a resumed run will redo
+            old = path.read_text().splitlines() if path.is_file() else []
+            kept = [line for line in old if line.strip() and json.loads(line)["step"] <= keep_up_to]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def add(self, loss: Tensor, grad_norm: Tensor | None, row: dict) -> None:
+        self.losses.append(loss)
+        if grad_norm is not None:
+            self.norms.append(grad_norm.detach().float())
+        self.rows.append(row)
+
+    def flush(self) -> float:
+        """Mean loss since the last flush; raises NonFiniteLossError naming the first bad step."""
+        values = self.accelerator.reduce(torch.stack(self.losses), "mean").tolist()
+        norms = torch.stack(self.norms).tolist() if self.norms else [None] * len(values)
+        rows = [dict(r, loss=v) | ({} if n is None else {"grad_norm": n})
+                for r, v, n in zip(self.rows, values, norms)]
+        self.losses, self.norms, self.rows = [], [], []
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+        for r in rows:
+            if not math.isfinite(r["loss"]):
+                raise NonFiniteLossError(
+                    f"{self.desc}: loss is {r['loss']} at optimizer step {r['step']} (epoch {r['epoch']}); "
+                    "lower optim.lr, set train.clip_grad_norm, or check the inputs and labels")
+        return sum(values) / len(values)
+
+
+def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extras: Sequence[ExtraState],
+           plan: TrainPlan) -> tuple[Progress, dict | None]:
+    """Fresh Progress (info None), or the one of the newest valid checkpoint under root (per cfg.resume)."""
+    fresh = Progress(0, 0, 0, cfg.seed), None
+    if cfg.resume is False:
+        if cfg.save_every > 0 and list_checkpoints(root):
+            raise FileExistsError(f"{root} already holds checkpoints and train.resume=false; set train.resume=auto "
+                                  "to continue that run, or choose another train.output_dir")
+        return fresh
+    found = find_resumable_everywhere(root, accelerator)
+    if found is None:
+        if cfg.resume is True:
+            raise FileNotFoundError(f"train.resume=true but {root} holds no valid checkpoint")
+        return fresh
+    progress = load_checkpoint(found, state, accelerator, extras)
+    info = json.loads((found / "trainer_state.json").read_text()).get("info", {})
+    if info.get("plan", {}).get("global_batch") not in (None, plan.global_batch):
+        accelerator.print(f"warning: {found} was written with global batch {info['plan']['global_batch']}, "
+                          f"now {plan.global_batch}: the data order after resume differs from the original run")
+    if progress.sampler_seed != cfg.seed:
+        accelerator.print(f"warning: {found} was written with train.seed={progress.sampler_seed}, now {cfg.seed}; "
+                          "the data order keeps following the checkpoint's seed")
+    if progress.batch_in_epoch >= plan.steps_per_epoch:
+        progress = Progress(progress.step, progress.epoch + 1, 0, progress.sampler_seed)
+    accelerator.print(f"resumed from {found}: step {progress.step}, epoch {progress.epoch}, "
+                      f"batch {progress.batch_in_epoch}")
+    return progress, info
+
+
 def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset, cfg: TrainConfig,
-        accelerator, desc: str = "train") -> FitResult:
-    """Train for cfg.epochs over train_set; raises NonFiniteLossError on a NaN/inf loss."""
+        accelerator, desc: str = "train", out_dir: str | Path | None = None,
+        extra_state: Sequence[ExtraState] = (), step_callback: Callable[[int], None] | None = None) -> FitResult:
+    """Train to TrainPlan.total_steps optimizer steps, resuming from out_dir/checkpoints per cfg.resume.
+
+    out_dir defaults to cfg.output_dir (checkpoints/ and loss_log.jsonl go there); extra_state
+    hooks run on every process at each save / load; step_callback(step) runs after every
+    optimizer step (after that step's checkpoint). Raises NonFiniteLossError on a NaN/inf loss.
+    """
+    from accelerate.utils import DistributedType, send_to_device
+
+    check_train_config(cfg)
     plan = TrainPlan.build(cfg, len(train_set), accelerator.num_processes)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    run_dir = Path(out_dir if out_dir is not None else cfg.output_dir)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and (cfg.save_every > 0 or cfg.resume is True):
+        raise NotImplementedError("checkpoints are not written or read under DeepSpeed yet (ZeRO partitions the "
+                                  "model and optimizer state); set train.save_every=0 and train.resume=auto")
+    if deepspeed and accelerator.gradient_accumulation_steps != plan.grad_accum_steps:
+        raise ValueError(f"train.grad_accum_steps={plan.grad_accum_steps} but the DeepSpeed config says "
+                         f"{accelerator.gradient_accumulation_steps}; make them equal")
+    accelerator.gradient_accumulation_steps = plan.grad_accum_steps
+    accelerator.step = 0
+    scheduler = build_scheduler(optimizer, plan.total_steps, plan.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
+                                cfg.poly_power)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+    ema = ExponentialMovingAverage(core, cfg.ema_decay) if cfg.ema_decay is not None else None
+    state = TrainingState(core, optimizer, scheduler, ema)
+    progress, info = (Progress(0, 0, 0, cfg.seed), None) if deepspeed else \
+        _start(cfg, run_dir / "checkpoints", state, accelerator, extra_state, plan)
+    resumed = None if info is None else progress.step
+    info = info or {}
+    accelerator.print(f"{desc}: {plan}")
+    sampler = EpochBatchSampler(len(train_set), plan, accelerator.process_index, progress.sampler_seed)
+    # its own generator: creating an iterator must not draw from the global RNG (resume would shift it)
+    loader = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed))
+    log = StepLog(run_dir / "loss_log.jsonl" if cfg.loss_log and accelerator.is_main_process else None,
+                  progress.step, accelerator, desc)
+    step, epoch, batch = progress.step, progress.epoch, progress.batch_in_epoch
+    last = float(info.get("last_loss", float("nan")))
+    bar = tqdm(total=plan.total_steps, initial=step, desc=desc, dynamic_ncols=True, mininterval=1.0,
+               disable=not accelerator.is_local_main_process)
+    start, steps_run = time.perf_counter(), 0
+    micro_loss = torch.zeros((), device=accelerator.device)
     model.train()
-    step, samples, last = 0, 0, float("nan")
-    bar = tqdm(total=plan.total_steps, desc=desc, disable=not accelerator.is_local_main_process,
-               dynamic_ncols=True, mininterval=1.0)
-    start = time.perf_counter()
-    loss_sum = torch.zeros((), device=accelerator.device)
     while step < plan.total_steps:
+        sampler.set_position(epoch, batch)
         for inputs, targets in loader:
-            out = model(inputs, targets)
-            accelerator.backward(out.loss)
+            inputs, targets = send_to_device((inputs, targets), accelerator.device)  # nested inputs too
+            with accelerator.accumulate(model):
+                out = model(inputs, targets)
+                accelerator.backward(out.loss)
+            micro_loss += out.loss.detach()
+            if not accelerator.sync_gradients:
+                continue
+            grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                         if cfg.clip_grad_norm is not None else None)
+            lr = float(optimizer.param_groups[0]["lr"])
             optimizer.step()
+            if not optimizer.step_was_skipped:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += out.loss.detach()
-            step += 1
-            samples += plan.global_batch
-            if step % cfg.log_every == 0 or step == plan.total_steps:
-                last = float(loss_sum) / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
-                loss_sum.zero_()
-                if not math.isfinite(last):
-                    raise NonFiniteLossError(
-                        f"{desc}: loss became {last} by step {step}; lower optim.lr or check the data/labels")
-                rate = samples / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{last:.4f}", samples_s=f"{rate:,.0f}")
+            if ema is not None:
+                ema.update()
+            step, batch, steps_run = step + 1, batch + 1, steps_run + 1
+            log.add(micro_loss / plan.grad_accum_steps, grad_norm, {"step": step, "epoch": epoch, "lr": lr})
+            micro_loss = torch.zeros((), device=accelerator.device)
+            if batch == plan.steps_per_epoch:
+                epoch, batch = epoch + 1, 0
+            saving = cfg.save_every > 0 and (step % cfg.save_every == 0 or step == plan.total_steps)
+            if step % cfg.log_every == 0 or step == plan.total_steps or saving:
+                last = log.flush()  # before a save: never checkpoint NaN weights
+                bar.set_postfix(loss=f"{last:.4f}", lr=f"{lr:.2e}",
+                                samples_s=f"{steps_run * plan.global_batch / (time.perf_counter() - start):,.0f}")
+            if saving:
+                save_checkpoint(run_dir / "checkpoints", Progress(step, epoch, batch, progress.sampler_seed), state,
+                                accelerator, cfg.keep_last, extra_state,
+                                info={"plan": asdict(plan), "last_loss": last, "desc": desc})
             bar.update(1)
+            if step_callback is not None:
+                step_callback(step)
             if step >= plan.total_steps:
                 break
     bar.close()
     seconds = time.perf_counter() - start
-    return FitResult(step, seconds, samples / seconds, last)
+    return FitResult(steps_run, seconds, steps_run * plan.global_batch / max(seconds, 1e-9), last, resumed, ema)
 
 
 @torch.no_grad()
 def evaluate(model: Classifier, test_set: Dataset, ks: list[int], batch_size: int,
-             inv_propensity: Tensor | None = None, desc: str = "eval") -> dict[str, float]:
-    """P@k, nDCG@k (and PSP@k with propensities) of model.predict over test_set."""
+             inv_propensity: Tensor | None = None, desc: str = "eval",
+             ema: ExponentialMovingAverage | None = None) -> dict[str, float]:
+    """P@k, nDCG@k (and PSP@k with propensities) of model.predict over test_set (EMA weights if given)."""
     model.eval()
     metrics = XMCMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
     loader = DataLoader(test_set, batch_size=batch_size)
-    for inputs, targets in tqdm(loader, desc=desc, leave=False, mininterval=1.0):
-        _, ids = model.predict(inputs, max(ks))
-        metrics.update(ids, targets)
+    with ema.applied() if ema is not None else contextlib.nullcontext():
+        for inputs, targets in tqdm(loader, desc=desc, leave=False, mininterval=1.0):
+            _, ids = model.predict(inputs, max(ks))
+            metrics.update(ids, targets)
     model.train()
     return metrics.compute()

@@ -23,6 +23,11 @@ def head_label(cfg: HeadConfig) -> str:
     return cfg.name if cfg.sizes is None else f"{cfg.name} {list(cfg.sizes)}"
 
 
+def run_folder(cfg: HeadConfig) -> str:
+    """Sub-folder of output_dir for one head's checkpoints and loss log, e.g. 'mhp-317x316'."""
+    return cfg.name if cfg.sizes is None else f"{cfg.name}-{'x'.join(str(c) for c in cfg.sizes)}"
+
+
 def train_one(cfg: ExperimentConfig, head_cfg: HeadConfig, data, accelerator) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     encoder = build_encoder(cfg.model, data.train.inputs.shape[1])
@@ -30,10 +35,11 @@ def train_one(cfg: ExperimentConfig, head_cfg: HeadConfig, data, accelerator) ->
     model = Classifier(encoder, head)
     optimizer = build_optimizer(cfg.optim, model)
     accelerator.print(f"[{head_cfg.name}] {head!r}")
-    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}")
+    run_dir = Path(cfg.train.output_dir) / run_folder(head_cfg)
+    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir)
     propensity = inverse_propensity(data.label_counts, len(data.train))
     metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, propensity,
-                       desc=f"eval {head_cfg.name}")
+                       desc=f"eval {head_cfg.name}", ema=result.ema)
     head_params = count_parameters(head)
     costs = {"train s": result.seconds, "samples/s": result.samples_per_second,
              "head params (M)": head_params / 1e6,

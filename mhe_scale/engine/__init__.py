@@ -1,0 +1,18 @@
+"""Training engine: the accelerate loop, atomic pickle-free checkpoints, lr schedules, EMA.
+
+    result = fit(model, optimizer, train_set, cfg.train, accelerator, out_dir=run_dir)
+    metrics = evaluate(model, test_set, [1, 3, 5], 1024, ema=result.ema)
+
+See docs/engine.md.
+"""
+
+from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, find_resumable, load_checkpoint,
+                                         save_checkpoint, verify_checkpoint)
+from mhe_scale.engine.ema import ExponentialMovingAverage
+from mhe_scale.engine.loop import FitResult, NonFiniteLossError, TrainPlan, evaluate, fit
+from mhe_scale.engine.model import Classifier, build_optimizer
+from mhe_scale.engine.schedule import build_scheduler, lr_factor
+
+__all__ = ["Classifier", "ExponentialMovingAverage", "ExtraState", "FitResult", "NonFiniteLossError", "Progress",
+           "TrainPlan", "TrainingState", "build_optimizer", "build_scheduler", "evaluate", "find_resumable", "fit",
+           "load_checkpoint", "lr_factor", "save_checkpoint", "verify_checkpoint"]
