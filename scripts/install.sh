@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or reuse) the project virtualenv at .venv and install mhe_scale with test extras,
+# Create (or reuse) the project virtualenv at .venv and install mhe_scale with all extras,
 # every package pinned by constraints.txt (torch stays 2.13.0: CPU wheel here, never a CUDA pull).
 # A venv built for the same pins is cached under $MHE_VENV_CACHE (default ~/.cache/mhe_scale)
 # and reused, so repeated CI runs on one machine skip the ~450 MB download.
@@ -13,7 +13,7 @@ if [ ! -f "$cache/.complete" ]; then
   echo "[install] building venv $cache"
   rm -rf "$cache" && python3 -m venv "$cache"   # built in place: venv scripts hard-code their path
   "$cache/bin/python" -m pip install -q torch==2.13.0
-  "$cache/bin/python" -m pip install -q -e ".[test]"
+  "$cache/bin/python" -m pip install -q -e ".[test,text,face,deepspeed,logging]"
   touch "$cache/.complete"
 fi
 # venvs are not relocatable: point .venv at the cached one and (re)install this checkout into it
