@@ -1,0 +1,181 @@
+"""Evaluate a face model on IJB-B / IJB-C: 1:1 verification (TAR@FAR, ROC) and 1:N identification.
+
+    python tools/eval_ijb.py --root /data/IJB_release --dataset IJBC \\
+        --model-module my_models.py:build --model-kwargs '{"weights": "backbone.pth"}' --out runs/ijbc
+    python tools/eval_ijb.py --root /data/IJB_release --features ijbc_feats.npy --face-score --out runs/ijbc
+
+--root holds IJBC/ (or IJBB/) in insightface's layout (meta/ + loose_crop/; see mhe_scale/eval/ijb.py).
+--model-module 'package.module:function' or 'path/to/file.py:function': the function (called with
+--model-kwargs) returns an nn.Module mapping aligned faces [B, 3, 112, 112] (RGB, in [-1, 1]) to [B, D].
+--features skips extraction: a .npy [N, D] of per-face features (model(x) + model(flip x)) in the
+order of the face_tid_mid file; --save-features writes the extracted ones in that format.
+Writes to --out: results.json, scores.npy (one score per line of the pair file), roc.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mhe_scale.eval.align import AlignedFaces
+from mhe_scale.eval.ijb import (FARS, GALLERIES, extract_features, identification, lookup, match_rows, meta_paths,
+                                read_1n_csv, read_faces, read_landmarks, read_pairs, roc, score_pairs, tar_at_far,
+                                template_features)
+
+
+def load_model(spec: str, kwargs: dict) -> torch.nn.Module:
+    """'pkg.mod:fn' or 'file.py:fn' -> fn(**kwargs)."""
+    mod_name, _, fn_name = spec.rpartition(":")
+    if not mod_name or not fn_name:
+        raise ValueError(f"--model-module must be 'module:function' or 'file.py:function', got {spec!r}")
+    if mod_name.endswith(".py"):
+        loader = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+        if loader is None or not Path(mod_name).is_file():
+            raise ValueError(f"--model-module: no file {mod_name}")
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        module = importlib.import_module(mod_name)
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise ValueError(f"--model-module: {mod_name} has no function {fn_name!r}")
+    return fn(**kwargs)
+
+
+def face_features(args: argparse.Namespace, paths: dict, names: list[str], need_scores: bool):
+    """-> (per-face features [N, D], detector scores [N] or None)."""
+    lm = scores = None
+    if args.features is None or need_scores:
+        lm_names, lm, scores = read_landmarks(paths["landmarks"])
+        rows = match_rows(names, lm_names, paths["landmarks"])
+        lm, scores = lm[rows], scores[rows]
+    if args.features is not None:
+        feats = torch.from_numpy(np.load(args.features))
+        if feats.dim() != 2 or feats.shape[0] != len(names):
+            raise ValueError(f"{args.features}: features must be [{len(names)}, D] (one row per line of "
+                             f"{paths['faces']}), got {tuple(feats.shape)}")
+    else:
+        model = load_model(args.model_module, json.loads(args.model_kwargs))
+        faces = AlignedFaces(paths["images"], names, lm)
+        feats = extract_features(model, faces, args.batch_size, args.device, not args.no_flip, args.num_workers)
+        if args.save_features is not None:
+            np.save(args.save_features, feats.numpy())
+    return feats, (scores if need_scores else None)
+
+
+def verification(args: argparse.Namespace, paths: dict, tids: torch.Tensor, tfeats: torch.Tensor) -> dict:
+    pairs, labels = read_pairs(paths["pairs"])
+    (i, ok1), (j, ok2) = lookup(tids, pairs[:, 0]), lookup(tids, pairs[:, 1])
+    if not bool((ok1 & ok2).all()):
+        row = int((~(ok1 & ok2)).nonzero()[0])
+        raise ValueError(f"{paths['pairs']}:{row + 1}: template {pairs[row].tolist()} not in {paths['faces']}")
+    scores = score_pairs(tfeats, i, j, args.pair_batch)
+    far, tar, _ = roc(scores, labels)
+    tars = tar_at_far(far, tar, FARS, args.far_rule)
+    np.save(args.out / "scores.npy", scores.numpy())
+    save_roc_plot(far, tar, tars, args.out / "roc.png", f"{args.dataset} 1:1")
+    res = {f"TAR@FAR={f:g}": float(t) for f, t in zip(FARS, tars)}
+    res.update(AUC=float(torch.trapezoid(tar, far)), far_rule=args.far_rule, pairs=len(labels),
+               genuine=int(labels.sum()))
+    return res
+
+
+def save_roc_plot(far: torch.Tensor, tar: torch.Tensor, tars: torch.Tensor, path: Path, title: str) -> None:
+    """ROC on a log FAR axis (sampled at 2000 log-spaced FARs: the full curve may have millions of points)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lo = max(float(far[far > 0].min()), 1e-7)
+    grid = torch.logspace(np.log10(lo), 0, 2000, dtype=torch.float64)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(grid.numpy(), tar_at_far(far, tar, grid.tolist()).numpy(), drawstyle="steps-post", label="ROC")
+    ax.plot(FARS, tars.numpy(), "o", label="TAR@FAR")
+    ax.set(xscale="log", xlim=(lo, 1), ylim=(0, 1.01), xlabel="FAR", ylabel="TAR", title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def identify(args: argparse.Namespace, paths: dict, tids: torch.Tensor, tfeats: torch.Tensor) -> dict:
+    def feats_of(csv_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t, subj = read_1n_csv(paths[csv_key])
+        pos, ok = lookup(tids, t)
+        if not bool(ok.all()):
+            raise ValueError(f"{paths[csv_key]}: template {int(t[~ok][0])} has no face in {paths['faces']}")
+        return tfeats[pos], subj
+
+    missing = [str(paths[k]) for k in ("probes", *GALLERIES[args.dataset]) if not paths[k].is_file()]
+    if missing:
+        raise ValueError(f"1:N protocol files missing: {missing}; pass --tasks verify to skip identification")
+    probe, probe_subj = feats_of("probes")
+    res = {}
+    for gallery in GALLERIES[args.dataset]:
+        gal, gal_subj = feats_of(gallery)
+        res[gallery] = identification(probe @ gal.T, probe_subj, gal_subj)
+    keys = [k for k in next(iter(res.values())) if k not in ("mated", "nonmated")]
+    res["mean"] = {k: float(np.mean([r[k] for r in res.values()])) for k in keys}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, required=True, help="folder holding IJBC/ or IJBB/")
+    p.add_argument("--dataset", choices=("IJBC", "IJBB"), default="IJBC")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-module", help="'pkg.module:function' or 'file.py:function' returning the model")
+    src.add_argument("--features", type=Path, help="precomputed per-face features .npy [N, D]")
+    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for the model function")
+    p.add_argument("--save-features", type=Path, help="write the extracted per-face features here (.npy)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--tasks", nargs="+", choices=("verify", "identify"), default=["verify", "identify"])
+    p.add_argument("--face-score", action="store_true", help="weight each face by its detector score")
+    p.add_argument("--keep-norm", action="store_true", help="do not L2-normalise faces before pooling")
+    p.add_argument("--no-flip", action="store_true", help="features of the image only, without its mirror")
+    p.add_argument("--far-rule", choices=("at_most", "nearest"), default="at_most",
+                   help="TAR@FAR read-out: best TAR with FAR <= target, or insightface's nearest-FAR point")
+    p.add_argument("--batch-size", type=int, default=128, help="faces per forward pass")
+    p.add_argument("--pair-batch", type=int, default=1024, help="template pairs scored per batch")
+    p.add_argument("--num-workers", type=int, default=0, help="image loading processes")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        paths = meta_paths(args.root, args.dataset)
+        if not paths["faces"].is_file():
+            raise ValueError(f"{paths['faces']} not found: --root must hold {args.dataset}/meta/ and "
+                             f"{args.dataset}/loose_crop/ (insightface's IJB layout)")
+        args.out.mkdir(parents=True, exist_ok=True)
+        names, templates, medias = read_faces(paths["faces"])
+        feats, scores = face_features(args, paths, names, args.face_score)
+        tids, tfeats = template_features(feats, templates, medias, scores, args.keep_norm)
+        results: dict = {"faces": len(names), "templates": len(tids)}
+        if "verify" in args.tasks:
+            results["verification"] = verification(args, paths, tids, tfeats)
+        if "identify" in args.tasks:
+            results["identification"] = identify(args, paths, tids, tfeats)
+    except (ValueError, OSError) as err:
+        print(f"eval_ijb: error: {err}", file=sys.stderr)
+        return 2
+    results["seconds"] = round(time.perf_counter() - start, 2)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"{args.dataset}: {len(names)} faces, {len(tids)} templates ({results['seconds']} s); results in {args.out}")
+    for section in ("verification", "identification"):
+        rows = results.get(section, {})
+        rows = rows if section == "identification" else {"1:1": rows}
+        for name, r in rows.items():
+            print(f"{section} {name}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in r.items() if isinstance(v, float)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
