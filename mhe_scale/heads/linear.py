@@ -85,7 +85,7 @@ class FullyConnectedHead(ClassifierHead):
         self.check_inputs(features, targets)
         logits = self.logits(features, targets)
         if self.multilabel:
-            loss = F.binary_cross_entropy_with_logits(logits, multi_hot(targets, self.num_classes))
+            loss = F.binary_cross_entropy_with_logits(logits, multi_hot(targets, self.num_classes, logits.dtype))
         else:
             loss = F.cross_entropy(logits, targets)
         return HeadOutput(loss)
