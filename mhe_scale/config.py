@@ -57,6 +57,36 @@ class DataConfig:
     """Synthetic: permute label ids so they no longer follow the planted factor structure."""
     seed: int = 0
     """Seed of the generator (data is a pure function of the config)."""
+    idx_path: Optional[str] = None
+    """face_recordio: the .idx of the .rec file given as data.path (default: data.path with suffix .idx)."""
+    image_size: int = 112
+    """face: side S of the square training images (aligned faces: 112); records of another size are resized,
+    and the backbone is built for this input size."""
+    dali: bool = False
+    """face_recordio: decode, flip and normalise with NVIDIA DALI (GPU 'mixed' decoding under CUDA, CPU
+    otherwise); if nvidia.dali cannot be imported the PyTorch reader is used and a warning printed."""
+    random_flip: bool = True
+    """face: horizontal flip of each training image with probability 0.5."""
+    num_workers: int = 2
+    """face: DALI decoding threads (data.dali); worker processes of face loaders built with
+    mhe_scale.data.dali_face.build_face_loader (engine.fit reads in the main process)."""
+    text_format: str = "auto"
+    """'xmc_text': raw (AttentionXML/LightXML folder: {train,test}_raw_texts.txt + _labels.txt), jsonl
+    (trn.json.gz / tst.json.gz label-feature files), reuters (one JSON array, split here) or auto (detect)."""
+    max_length: int = 128
+    """'xmc_text': tokens per document after truncation, [CLS] and [SEP] included."""
+    text_fields: list[str] = field(default_factory=lambda: ["title", "content"])
+    """'xmc_text' jsonl: keys of each JSON line joined (by a space) into the document text."""
+    test_fraction: float = 0.25
+    """'xmc_text' reuters: fraction of the documents held out as the test split (seeded by data.seed)."""
+    cache_dir: Optional[str] = None
+    """'xmc_text': folder of the HF datasets cache (rows and tokenised splits); None = datasets' default."""
+    num_proc: int = 1
+    """'xmc_text': processes for tokenisation (Dataset.map num_proc)."""
+    max_train_points: Optional[int] = None
+    """'xmc_text': keep only the first N training documents (smoke runs); None = all."""
+    max_test_points: Optional[int] = None
+    """'xmc_text': keep only the first N test documents (smoke runs); None = all."""
 
 
 @dataclass(kw_only=True)
@@ -71,6 +101,18 @@ class ModelConfig:
     """Number of hidden layers."""
     dropout: float = 0.0
     """Dropout before the embedding."""
+    width_mult: float = 1.0
+    """mobilefacenet: channel width multiplier (small values for tests and CPU runs)."""
+    path: Optional[str] = None
+    """hf: local HF model folder (config.json, weights, tokenizer) or the alias 'minilm'; never downloaded."""
+    last_k_cls: int = 1
+    """hf: concatenate the [CLS] vectors of the last k layers (num_features = k * hidden; LightXML: 5)."""
+    pooling: str = "cls"
+    """hf: per-layer vector, cls (first token) or mean (attention-masked token mean)."""
+    freeze_layers: int = 0
+    """hf: freeze the embeddings and the lowest n transformer layers (0 = fine-tune everything)."""
+    grad_checkpointing: bool = False
+    """hf: recompute layer activations in backward (less memory, slower steps)."""
 
 
 @dataclass(kw_only=True)
@@ -166,6 +208,27 @@ class TrainConfig:
     """auto: continue from the newest valid checkpoint if one exists; true: must resume; false: start fresh."""
     loss_log: bool = True
     """Write every optimizer step's loss (and lr) to loss_log.jsonl in the run's output folder."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations on the test set during training (0: only at the end);
+    the metrics go to the trackers (dist.log_with) and to eval_log.jsonl in the run's folder."""
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    """How the processes train together (see mhe_scale/engine/accelerator.py and launch/README.md).
+    The number of processes and machines comes from the launcher, not from here."""
+
+    mixed_precision: Optional[str] = None
+    """no | bf16 | fp16 (GPU only); None: the launcher's choice (accelerate launch --mixed_precision), else no.
+    The encoder runs in that precision; heads always compute fp32 logits and losses."""
+    deepspeed_config: Optional[str] = None
+    """DeepSpeed JSON file (e.g. launch/deepspeed/zero2.json): train the encoder with DeepSpeed ZeRO. Its "auto"
+    entries are filled from train.* and dist.mixed_precision; numbers there must agree with them."""
+    zero_stage: Optional[int] = None
+    """DeepSpeed ZeRO stage 0-3 without a JSON file (a minimal config is generated); with deepspeed_config it
+    replaces the file's stage. None and no deepspeed_config: no DeepSpeed (unless the launcher asked for it)."""
+    log_with: Optional[str] = None
+    """Experiment tracker: tensorboard (event files under train.output_dir/tensorboard) or None (off)."""
 
 
 @dataclass(kw_only=True)
@@ -174,6 +237,9 @@ class EvalConfig:
     """k values for P@k / nDCG@k."""
     baseline: Optional[HeadConfig] = None
     """Optionally also train this head on the same data and report both (demo comparison)."""
+    verification: list[str] = field(default_factory=list)
+    """face: .bin pair files (LFW, CFP-FP, AgeDB-30 layout) scored with the 10-fold protocol after training
+    and every train.eval_every steps; empty: no verification."""
 
 
 @dataclass(kw_only=True)
@@ -185,6 +251,7 @@ class ExperimentConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -253,4 +320,4 @@ def to_object(cfg: Any) -> Any:
 
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "HeadConfig", "OptimConfig", "TrainConfig",
-           "EvalConfig", "ExperimentConfig", "load_config", "to_yaml", "to_object", "MISSING"]
+           "DistConfig", "EvalConfig", "ExperimentConfig", "load_config", "to_yaml", "to_object", "MISSING"]

@@ -1,5 +1,7 @@
 """Entry point: `accelerate launch -m mhe_scale.train CONFIG [key=value ...]` (or `mhe-scale train`).
 
+The launcher decides how many processes run; cfg.dist how they train (DDP or DeepSpeed ZeRO, mixed
+precision, trackers: mhe_scale/engine/accelerator.py, launch/README.md).
 parse -> build -> train -> close. Everything else lives in tasks/ and engine/.
 """
 
@@ -26,18 +28,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     import torch
-    from accelerate import Accelerator
+
+    from mhe_scale.engine.accelerator import build_accelerator
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        accelerator = build_accelerator(cfg.dist, cfg.train)
+    except (ValueError, RuntimeError) as exc:  # a config / launcher mismatch, named in the message
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         if cfg.data.name == "synthetic":
             from mhe_scale.tasks.synthetic import run_synthetic
 
             run_synthetic(cfg, accelerator)
+        elif cfg.data.name == "xc":
+            from mhe_scale.tasks.xmc import run_xmc
+
+            run_xmc(cfg, accelerator)
+        elif cfg.data.name == "xmc_text":
+            from mhe_scale.tasks.xmc_text import run_xmc_text
+
+            run_xmc_text(cfg, accelerator)
+        elif cfg.data.name in ("face_recordio", "face_synthetic"):
+            from mhe_scale.tasks.face import run_face
+
+            run_face(cfg, accelerator)
         else:
-            print(f"error: data.name={cfg.data.name!r} has no task yet; known: synthetic", file=sys.stderr)
+            print(f"error: data.name={cfg.data.name!r} has no task yet; known: synthetic, xc", file=sys.stderr)
             return 2
     finally:
         accelerator.end_training()

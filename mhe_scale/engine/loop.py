@@ -1,10 +1,12 @@
-"""Training and evaluation loops on HF accelerate (single process or DDP launches).
+"""Training and evaluation loops on HF accelerate: one process, DDP, or DeepSpeed ZeRO 1/2/3.
 
-The loop knows nothing about a head's math: it calls `model(inputs, targets).loss`,
-`accelerator.backward`, and steps the optimizer, the lr schedule and the EMA once per optimizer
-step (every `grad_accum_steps` micro-batches, when `accelerator.sync_gradients`). Derived numbers
-live in a frozen TrainPlan. Data order is a pure function of (seed, epoch), so a resumed run reads
-exactly the batches an uninterrupted one would. Host syncs happen only at log and save steps.
+The loop knows nothing about a head's math: it calls the head for a loss, `accelerator.backward`,
+and steps the optimizer(s), the lr schedule(s) and the EMA once per optimizer step (every
+`grad_accum_steps` micro-batches, when `accelerator.sync_gradients`). What gets prepared and what
+stays outside (a class-sharded head) is in prepared.py; how the Accelerator is built (DeepSpeed,
+mixed precision, trackers) in accelerator.py. Derived numbers live in a frozen TrainPlan. Data
+order is a pure function of (seed, epoch), so a resumed run reads exactly the batches an
+uninterrupted one would. Host syncs happen only at log, save and evaluation steps.
 See docs/engine.md for checkpoint contents and resume semantics.
 """
 
@@ -17,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,12 +28,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from mhe_scale.config import TrainConfig
+from mhe_scale.engine.accelerator import (NoOptimizerState, NoState, cast_floating, check_prepared,
+                                          deepspeed_state_hooks, full_parameters, grad_norm_tensor, input_dtype,
+                                          is_deepspeed, mark_zero3_leaf, zero_stage)
 from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, find_resumable_everywhere,
                                          list_checkpoints, load_checkpoint, save_checkpoint)
 from mhe_scale.engine.ema import ExponentialMovingAverage
 from mhe_scale.engine.model import Classifier
+from mhe_scale.engine.prepared import (EncoderOnly, EncoderThenHead, Schedulers, ShardedHeadTraining,
+                                       check_optimizers, is_class_sharded)
 from mhe_scale.engine.schedule import build_scheduler, check_schedule
 from mhe_scale.eval.xmc import XMCMetrics
+
+EvalFn = Callable[[ExponentialMovingAverage | None], dict[str, float]]
+"""fit's periodic evaluation: gets the EMA (or None), returns metrics (same on every process)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,8 @@ class FitResult:
     """Step of the checkpoint training resumed from, if any."""
     ema: ExponentialMovingAverage | None
     """Pass to evaluate(..., ema=...) to evaluate the averaged weights."""
+    evaluations: tuple[tuple[int, dict[str, float]], ...] = ()
+    """(step, metrics) of the periodic evaluations run in this call (train.eval_every)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -114,7 +127,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     for key in ("batch_size", "grad_accum_steps", "log_every"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"train.{key}={getattr(cfg, key)} must be >= 1")
-    for key in ("save_every", "keep_last"):
+    for key in ("save_every", "keep_last", "eval_every"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key}={getattr(cfg, key)} must be >= 0")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
@@ -123,19 +136,25 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"train.resume={cfg.resume!r} must be true, false or auto")
 
 
-class StepLog:
-    """Per-step losses kept on device until a log step, then checked and written in one sync."""
+def _trim_jsonl(path: Path, keep_up_to: int) -> None:
+    """Drop the lines of steps a resumed run will redo (or all, on a fresh start)."""
+    old = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in old if line.strip() and json.loads(line)["step"] <= keep_up_to]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in kept))
 
-    def __init__(self, path: Path | None, keep_up_to: int, accelerator, desc: str) -> None:
-        self.path, self.accelerator, self.desc = path, accelerator, desc
+
+class StepLog:
+    """Per-step losses kept on device until a log step, then checked and written in one sync
+    (to loss_log.jsonl and, as `<prefix>train/loss` and `.../lr`, to the accelerator's trackers)."""
+
+    def __init__(self, path: Path | None, keep_up_to: int, accelerator, desc: str, prefix: str) -> None:
+        self.path, self.accelerator, self.desc, self.prefix = path, accelerator, desc, prefix
         self.losses: list[Tensor] = []
         self.norms: list[Tensor] = []
         self.rows: list[dict] = []
-        if path is not None:  # drop lines of steps a resumed run will redo
-            old = path.read_text().splitlines() if path.is_file() else []
-            kept = [line for line in old if line.strip() and json.loads(line)["step"] <= keep_up_to]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(line + "\n" for line in kept))
+        if path is not None:
+            _trim_jsonl(path, keep_up_to)
 
     def add(self, loss: Tensor, grad_norm: Tensor | None, row: dict) -> None:
         self.losses.append(loss)
@@ -154,6 +173,9 @@ class StepLog:
             with open(self.path, "a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
         for r in rows:
+            self.accelerator.log({f"{self.prefix}train/{k}": r[k] for k in ("loss", "lr", "grad_norm") if k in r},
+                                 step=r["step"])
+        for r in rows:
             if not math.isfinite(r["loss"]):
                 raise NonFiniteLossError(
                     f"{self.desc}: loss is {r['loss']} at optimizer step {r['step']} (epoch {r['epoch']}); "
@@ -162,7 +184,7 @@ class StepLog:
 
 
 def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extras: Sequence[ExtraState],
-           plan: TrainPlan) -> tuple[Progress, dict | None]:
+           plan: TrainPlan, engine: str) -> tuple[Progress, dict | None]:
     """Fresh Progress (info None), or the one of the newest valid checkpoint under root (per cfg.resume)."""
     fresh = Progress(0, 0, 0, cfg.seed), None
     if cfg.resume is False:
@@ -175,8 +197,12 @@ def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extr
         if cfg.resume is True:
             raise FileNotFoundError(f"train.resume=true but {root} holds no valid checkpoint")
         return fresh
-    progress = load_checkpoint(found, state, accelerator, extras)
     info = json.loads((found / "trainer_state.json").read_text()).get("info", {})
+    if info.get("engine", "torch") != engine:
+        raise ValueError(f"{found} was written by the {info.get('engine', 'torch')} engine and this run uses {engine} "
+                         "(DeepSpeed keeps weights and optimizer in its own files): resume it the way it was "
+                         "trained, or choose another train.output_dir")
+    progress = load_checkpoint(found, state, accelerator, extras)
     if info.get("plan", {}).get("global_batch") not in (None, plan.global_batch):
         accelerator.print(f"warning: {found} was written with global batch {info['plan']['global_batch']}, "
                           f"now {plan.global_batch}: the data order after resume differs from the original run")
@@ -190,69 +216,131 @@ def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extr
     return progress, info
 
 
+def _refuse_unsupported(cfg: TrainConfig, accelerator, sharded: bool) -> None:
+    stage = zero_stage(accelerator)
+    if stage == 3 and cfg.ema_decay is not None:
+        raise NotImplementedError("train.ema_decay with ZeRO-3: the weights are partitioned, the EMA would average "
+                                  "empty shards; use ZeRO-1/2 or no EMA")
+    if sharded and cfg.ema_decay is not None:
+        raise NotImplementedError("train.ema_decay with a class-sharded head is not supported (the shadows would "
+                                  "need per-rank files); set train.ema_decay=null")
+    if sharded and stage is not None and cfg.clip_grad_norm is not None:
+        raise NotImplementedError("train.clip_grad_norm with DeepSpeed and a class-sharded head: DeepSpeed clips the "
+                                  "encoder alone, so no global norm exists; clip without DeepSpeed or set it to null")
+    if sharded and accelerator.mixed_precision == "fp16":
+        raise NotImplementedError("fp16 with a class-sharded head: the loss scale would reach the head's gradients "
+                                  "unscaled; use bf16")
+
+
 def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset, cfg: TrainConfig,
         accelerator, desc: str = "train", out_dir: str | Path | None = None,
-        extra_state: Sequence[ExtraState] = (), step_callback: Callable[[int], None] | None = None) -> FitResult:
+        extra_state: Sequence[ExtraState] = (), step_callback: Callable[[int], None] | None = None,
+        head_optimizer: torch.optim.Optimizer | None = None, eval_fn: EvalFn | None = None,
+        run_name: str = "") -> FitResult:
     """Train to TrainPlan.total_steps optimizer steps, resuming from out_dir/checkpoints per cfg.resume.
 
-    out_dir defaults to cfg.output_dir (checkpoints/ and loss_log.jsonl go there); extra_state
-    hooks run on every process at each save / load; step_callback(step) runs after every
-    optimizer step (after that step's checkpoint). Raises NonFiniteLossError on a NaN/inf loss.
+    out_dir defaults to cfg.output_dir (checkpoints/, loss_log.jsonl, eval_log.jsonl go there);
+    extra_state hooks run on every process at each save / load; step_callback(step) runs after
+    every optimizer step (after that step's checkpoint and evaluation). A class-sharded head
+    (mhe_scale.parallel) needs its own `head_optimizer`; `optimizer` then holds the encoder only.
+    eval_fn(ema) runs every cfg.eval_every steps on every process. Tracker tags start with
+    `run_name/` when given. Raises NonFiniteLossError on a NaN/inf loss.
     """
-    from accelerate.utils import DistributedType, send_to_device
+    from accelerate.utils import send_to_device
 
     check_train_config(cfg)
     plan = TrainPlan.build(cfg, len(train_set), accelerator.num_processes)
     run_dir = Path(out_dir if out_dir is not None else cfg.output_dir)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if deepspeed and (cfg.save_every > 0 or cfg.resume is True):
-        raise NotImplementedError("checkpoints are not written or read under DeepSpeed yet (ZeRO partitions the "
-                                  "model and optimizer state); set train.save_every=0 and train.resume=auto")
-    if deepspeed and accelerator.gradient_accumulation_steps != plan.grad_accum_steps:
-        raise ValueError(f"train.grad_accum_steps={plan.grad_accum_steps} but the DeepSpeed config says "
-                         f"{accelerator.gradient_accumulation_steps}; make them equal")
+    sharded = is_class_sharded(model.head)
+    check_optimizers(model, optimizer, head_optimizer, sharded)
+    _refuse_unsupported(cfg, accelerator, sharded)
+    deepspeed = is_deepspeed(accelerator)
+    if deepspeed:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        for key, ours, name in (("gradient_accumulation_steps", plan.grad_accum_steps, "grad_accum_steps"),
+                                ("train_micro_batch_size_per_gpu", plan.micro_batch, "batch_size")):
+            if ds_config.get(key) not in ("auto", ours):
+                raise ValueError(f"train.{name}={ours} but the DeepSpeed config says {key}={ds_config.get(key)}; "
+                                 "build the accelerator from this train config (build_accelerator)")
     accelerator.gradient_accumulation_steps = plan.grad_accum_steps
     accelerator.step = 0
-    scheduler = build_scheduler(optimizer, plan.total_steps, plan.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
-                                cfg.poly_power)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
-    ema = ExponentialMovingAverage(core, cfg.ema_decay) if cfg.ema_decay is not None else None
-    state = TrainingState(core, optimizer, scheduler, ema)
-    progress, info = (Progress(0, 0, 0, cfg.seed), None) if deepspeed else \
-        _start(cfg, run_dir / "checkpoints", state, accelerator, extra_state, plan)
+
+    def schedule(opt: torch.optim.Optimizer):
+        return build_scheduler(opt, plan.total_steps, plan.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
+                               cfg.poly_power)
+
+    scheduler = schedule(optimizer)
+    if deepspeed and getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
+        accelerator.free_memory()  # one engine at a time: a second one trains wrongly beside the first
+    trainable = EncoderOnly(model.encoder) if sharded else EncoderThenHead(model)
+    if zero_stage(accelerator) == 3 and not sharded:
+        mark_zero3_leaf(trainable.head_loss)
+    trainable, optimizer = accelerator.prepare(trainable, optimizer)
+    check_prepared(accelerator, trainable)
+    core = accelerator.unwrap_model(trainable)
+    head = None
+    extras = list(extra_state)
+    if sharded:
+        model.head.to(accelerator.device)
+        head = ShardedHeadTraining(model.head, head_optimizer, schedule(head_optimizer))  # type: ignore[arg-type]
+        extras.insert(0, head.extra_state())
+    ema = ExponentialMovingAverage(core.classifier, cfg.ema_decay) if cfg.ema_decay is not None else None
+    schedules = scheduler if head is None else Schedulers(scheduler, head.scheduler)
+    if deepspeed:
+        save_ds, load_ds = deepspeed_state_hooks(trainable)
+        extras.insert(0, ExtraState("deepspeed", save_ds, load_ds))
+        state = TrainingState(NoState(), NoOptimizerState(), schedules, ema)  # type: ignore[arg-type]
+    else:
+        state = TrainingState(core if sharded else core.classifier, optimizer, schedules, ema)
+    engine = "deepspeed" if deepspeed else "torch"
+    progress, info = _start(cfg, run_dir / "checkpoints", state, accelerator, extras, plan, engine)
     resumed = None if info is None else progress.step
     info = info or {}
     accelerator.print(f"{desc}: {plan}")
     sampler = EpochBatchSampler(len(train_set), plan, accelerator.process_index, progress.sampler_seed)
     # its own generator: creating an iterator must not draw from the global RNG (resume would shift it)
     loader = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed))
-    log = StepLog(run_dir / "loss_log.jsonl" if cfg.loss_log and accelerator.is_main_process else None,
-                  progress.step, accelerator, desc)
+    main = accelerator.is_main_process
+    prefix = f"{run_name}/" if run_name else ""
+    log = StepLog(run_dir / "loss_log.jsonl" if cfg.loss_log and main else None, progress.step, accelerator, desc,
+                  prefix)
+    eval_log = run_dir / "eval_log.jsonl"
+    if main and eval_fn is not None and cfg.eval_every > 0:
+        _trim_jsonl(eval_log, progress.step)
     step, epoch, batch = progress.step, progress.epoch, progress.batch_in_epoch
     last = float(info.get("last_loss", float("nan")))
     bar = tqdm(total=plan.total_steps, initial=step, desc=desc, dynamic_ncols=True, mininterval=1.0,
                disable=not accelerator.is_local_main_process)
-    start, steps_run = time.perf_counter(), 0
+    start, steps_run, evaluations = time.perf_counter(), 0, []
     micro_loss = torch.zeros((), device=accelerator.device)
-    model.train()
+    cast = input_dtype(accelerator, core)
+    encoder_params = [p for p in core.parameters() if p.requires_grad]
+    trainable.train()
+    model.head.train()
     while step < plan.total_steps:
         sampler.set_position(epoch, batch)
         for inputs, targets in loader:
             inputs, targets = send_to_device((inputs, targets), accelerator.device)  # nested inputs too
-            with accelerator.accumulate(model):
-                out = model(inputs, targets)
-                accelerator.backward(out.loss)
-            micro_loss += out.loss.detach()
+            inputs = cast_floating(inputs, cast)
+            with accelerator.accumulate(trainable):
+                loss = trainable(inputs, targets) if head is None else head.loss(trainable(inputs), targets)
+                accelerator.backward(loss)
+            micro_loss += loss.detach().float()
             if not accelerator.sync_gradients:
                 continue
-            grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                         if cfg.clip_grad_norm is not None else None)
+            if cfg.clip_grad_norm is None:
+                grad_norm = None
+            elif head is not None:
+                grad_norm = head.clip_(accelerator, encoder_params, cfg.clip_grad_norm)
+            else:  # under DeepSpeed the engine clipped already (gradient_clipping); this reads its norm
+                grad_norm = grad_norm_tensor(accelerator.clip_grad_norm_(trainable.parameters(), cfg.clip_grad_norm))
             lr = float(optimizer.param_groups[0]["lr"])
             optimizer.step()
             if not optimizer.step_was_skipped:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if head is not None:
+                head.step()
             if ema is not None:
                 ema.update()
             step, batch, steps_run = step + 1, batch + 1, steps_run + 1
@@ -263,12 +351,22 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
             saving = cfg.save_every > 0 and (step % cfg.save_every == 0 or step == plan.total_steps)
             if step % cfg.log_every == 0 or step == plan.total_steps or saving:
                 last = log.flush()  # before a save: never checkpoint NaN weights
-                bar.set_postfix(loss=f"{last:.4f}", lr=f"{lr:.2e}",
-                                samples_s=f"{steps_run * plan.global_batch / (time.perf_counter() - start):,.0f}")
+                rate = steps_run * plan.global_batch / (time.perf_counter() - start)
+                accelerator.log({f"{prefix}train/samples_per_s": rate}, step=step)
+                bar.set_postfix(loss=f"{last:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:,.0f}")
             if saving:
                 save_checkpoint(run_dir / "checkpoints", Progress(step, epoch, batch, progress.sampler_seed), state,
-                                accelerator, cfg.keep_last, extra_state,
-                                info={"plan": asdict(plan), "last_loss": last, "desc": desc})
+                                accelerator, cfg.keep_last, extras,
+                                info={"plan": asdict(plan), "last_loss": last, "desc": desc, "engine": engine})
+            if eval_fn is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0:
+                metrics = eval_fn(ema)
+                evaluations.append((step, metrics))
+                accelerator.log({f"{prefix}eval/{k}": v for k, v in metrics.items()}, step=step)
+                if main:
+                    with open(eval_log, "a") as f:
+                        f.write(json.dumps({"step": step, **metrics}) + "\n")
+                trainable.train()
+                model.head.train()
             bar.update(1)
             if step_callback is not None:
                 step_callback(step)
@@ -276,20 +374,58 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
                 break
     bar.close()
     seconds = time.perf_counter() - start
-    return FitResult(steps_run, seconds, steps_run * plan.global_batch / max(seconds, 1e-9), last, resumed, ema)
+    return FitResult(steps_run, seconds, steps_run * plan.global_batch / max(seconds, 1e-9), last, resumed, ema,
+                     tuple(evaluations))
+
+
+def rank_batches(num_samples: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """Process `rank`'s evaluation batches: its contiguous 1/world of [0, N) cut into the SAME number
+    of batches on every rank (sizes differ by at most one; some may be empty), since a class-sharded
+    head's predict is collective."""
+    lo, hi = rank * num_samples // world, (rank + 1) * num_samples // world
+    most = -(-num_samples // world)
+    count = max(1, -(-most // batch_size))
+    return [chunk.tolist() for chunk in torch.arange(lo, hi).tensor_split(count)]
+
+
+def _collate(test_set: Dataset, indices: list[int]) -> Any:
+    from torch.utils.data import default_collate
+
+    if indices:
+        return default_collate([test_set[i] for i in indices])
+    from accelerate.utils import recursively_apply
+
+    return recursively_apply(lambda t: t[:0], default_collate([test_set[0]]))
 
 
 @torch.no_grad()
 def evaluate(model: Classifier, test_set: Dataset, ks: list[int], batch_size: int,
              inv_propensity: Tensor | None = None, desc: str = "eval",
-             ema: ExponentialMovingAverage | None = None) -> dict[str, float]:
-    """P@k, nDCG@k (and PSP@k with propensities) of model.predict over test_set (EMA weights if given)."""
+             ema: ExponentialMovingAverage | None = None, accelerator=None) -> dict[str, float]:
+    """P@k, nDCG@k (and PSP@k with propensities) of model.predict over test_set (EMA weights if given).
+
+    With an accelerator of P processes, each evaluates a contiguous 1/P of test_set and the metric
+    sums are all-reduced: every process returns the metrics of the WHOLE set. `model` is the
+    Classifier given to fit (not the prepared wrapper); every process must call this.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    device = accelerator.device if accelerator is not None else None
+    cast = input_dtype(accelerator, model) if accelerator is not None else None
+    was_training = model.training
     model.eval()
     metrics = XMCMetrics(ks=tuple(ks), inv_propensity=inv_propensity)
-    loader = DataLoader(test_set, batch_size=batch_size)
-    with ema.applied() if ema is not None else contextlib.nullcontext():
-        for inputs, targets in tqdm(loader, desc=desc, leave=False, mininterval=1.0):
-            _, ids = model.predict(inputs, max(ks))
+    gather = full_parameters(accelerator, model) if accelerator is not None else contextlib.nullcontext()
+    with gather, ema.applied() if ema is not None else contextlib.nullcontext():
+        for indices in tqdm(rank_batches(len(test_set), batch_size, rank, world), desc=desc, leave=False,
+                            mininterval=1.0, disable=rank != 0):
+            inputs, targets = _collate(test_set, indices)
+            if device is not None:
+                from accelerate.utils import send_to_device
+
+                inputs, targets = send_to_device((inputs, targets), device)
+            _, ids = model.predict(cast_floating(inputs, cast), max(ks))
             metrics.update(ids, targets)
-    model.train()
+    if world > 1:
+        metrics.load_state(accelerator.reduce(metrics.state().to(accelerator.device), "sum"))
+    model.train(was_training)
     return metrics.compute()

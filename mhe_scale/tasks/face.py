@@ -1,0 +1,178 @@
+"""Face recognition pre-training: a face backbone (IResNet, MobileFaceNet, ViT) + a margin head
+(fc cosine + ArcFace/CosFace, partial_fc, mhs) trained by engine.fit; verification on .bin pair
+files (LFW, CFP-FP, AgeDB-30) when eval.verification lists them.
+
+    mhe-scale train configs/face/casia_r18_mhs.yaml [data.path=... head.name=partial_fc ...]
+
+data.name selects the images:
+- face_recordio: data.path is a .rec (insightface or im2rec layout), data.idx_path its .idx.
+  data.dali=true decodes each batch with DALI (mhe_scale/data/dali_face.py), else PIL + FaceTransform.
+  The head is built for data.num_classes identities, which must cover the file's labels.
+- face_synthetic: random images (SyntheticFaceDataset, data.num_train of them, data.num_classes
+  identities) for throughput runs.
+Mixed precision comes from the launcher (`accelerate launch --mixed_precision fp16|bf16`); heads
+compute their logits in fp32 either way. Output as the other tasks: {output_dir}/config.yaml,
+results.json, results.md, and per head its checkpoints, loss_log.jsonl and (with train.eval_every)
+eval_log.jsonl of the verification accuracies. Verification embeds with the backbone module
+itself, so it is not supported under ZeRO-3 (partitioned weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig, ModelConfig, to_yaml
+from mhe_scale.data.dali_face import DALIRecordDataset, FaceTransform, dali_available
+from mhe_scale.data.face_dataset import RecordIOFaceDataset, SyntheticFaceDataset
+from mhe_scale.engine.accelerator import is_deepspeed
+from mhe_scale.engine.loop import fit
+from mhe_scale.engine.model import Classifier, build_optimizer, count_parameters, optimizer_state_numel
+from mhe_scale.eval.verification import evaluate_bin
+from mhe_scale.eval.xmc import format_table
+from mhe_scale.heads.factory import build_head
+from mhe_scale.models.face import FACE_BACKBONES, build_face_backbone
+from mhe_scale.tasks.synthetic import head_label, run_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FACE_DATA = ("face_recordio", "face_synthetic")
+
+
+@dataclass(frozen=True)
+class FaceData:
+    train: Dataset
+    """Items (image float32 [3, S, S] in [-1, 1], label int)."""
+    num_classes: int
+    """Identities the head is built for (data.num_classes)."""
+    description: str
+
+
+def resolve_file(path: str | None, key: str) -> Path:
+    """A file named by config key `key`: as given (from the working directory), else from the repository root."""
+    if not path:
+        raise ValueError(f"{key} is not set; point it at the file")
+    given = Path(path).expanduser()
+    candidates = [given] if given.is_absolute() else [given, REPO_ROOT / given]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{key}={path!r}: no such file (tried {' and '.join(map(str, candidates))})")
+
+
+def load_face_data(cfg: DataConfig, batch_size: int, device: torch.device) -> FaceData:
+    """The training images of cfg.name (face_recordio or face_synthetic); see the module docstring."""
+    size = cfg.image_size
+    if cfg.name == "face_synthetic":
+        train = SyntheticFaceDataset(cfg.num_train, cfg.num_classes, size, cfg.seed, FaceTransform(cfg.random_flip))
+        return FaceData(train, cfg.num_classes, f"synthetic faces: {len(train):,} images {size}x{size}, "
+                                                f"{cfg.num_classes:,} identities")
+    if cfg.name != "face_recordio":
+        raise ValueError(f"data.name={cfg.name!r} is not a face dataset; choose one of {FACE_DATA}")
+    rec = resolve_file(cfg.path, "data.path")
+    idx = resolve_file(cfg.idx_path, "data.idx_path") if cfg.idx_path else rec.with_suffix(".idx")
+    if not idx.is_file():
+        raise FileNotFoundError(f"{idx} (the .idx of data.path) does not exist; set data.idx_path")
+    use_dali = cfg.dali and dali_available()
+    if cfg.dali and not use_dali:
+        warnings.warn(f"data.dali=true but nvidia.dali cannot be imported; reading {rec} with PIL instead", stacklevel=2)
+    if use_dali:
+        gpu = None if device.type != "cuda" else device.index if device.index is not None else torch.cuda.current_device()
+        train: Any = DALIRecordDataset(rec, idx, max_batch_size=batch_size, flip=cfg.random_flip, size=size,
+                                       device_id=gpu, num_threads=max(1, cfg.num_workers))
+    else:
+        train = RecordIOFaceDataset(rec, idx, transform=FaceTransform(cfg.random_flip, size))
+    if train.num_classes > cfg.num_classes:
+        raise ValueError(f"{rec} holds labels up to {train.num_classes - 1} but data.num_classes={cfg.num_classes}; "
+                         f"set data.num_classes={train.num_classes} (or more)")
+    reader = "DALI" + (" (GPU)" if device.type == "cuda" else " (CPU)") if use_dali else "PIL"
+    return FaceData(train, cfg.num_classes, f"{rec}: {len(train):,} images, labels 0..{train.num_classes - 1}, head "
+                                            f"for {cfg.num_classes:,} identities, {size}x{size}, decoded by {reader}")
+
+
+def build_face_encoder(cfg: ModelConfig, image_size: int) -> nn.Module:
+    """model.name (a face backbone) for image_size inputs; dropout / width_mult only where set."""
+    if cfg.name not in FACE_BACKBONES:
+        raise ValueError(f"model.name={cfg.name!r} is not a face backbone; choose one of {list(FACE_BACKBONES)}")
+    kwargs: dict[str, Any] = {"num_features": cfg.num_features}
+    if not cfg.name.startswith("vit"):
+        kwargs["input_size"] = image_size
+    elif image_size != 112:
+        raise ValueError(f"model.name={cfg.name!r} is built for 112x112 faces; data.image_size={image_size}")
+    if cfg.dropout:
+        kwargs["dropout"] = cfg.dropout
+    if cfg.width_mult != 1.0:
+        kwargs["width_mult"] = cfg.width_mult
+    backbone = build_face_backbone(cfg.name, **kwargs)
+    if cfg.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    return backbone
+
+
+def verify(backbone: nn.Module, paths: list[str], batch_size: int, image_size: int) -> dict[str, float]:
+    """10-fold accuracy on each .bin pair file -> {"<name> acc": accuracy in [0, 1]}."""
+    out = {}
+    for path in paths:
+        result = evaluate_bin(backbone, resolve_file(path, "eval.verification"), batch_size, size=image_size)
+        out[f"{Path(path).stem} acc"] = result.accuracy
+    return out
+
+
+def train_face_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: FaceData, accelerator,
+                    folder: str) -> dict[str, Any]:
+    """Fresh backbone (same seed for every head) + head; train, verify -> {metrics, costs}."""
+    torch.manual_seed(cfg.train.seed)
+    backbone = build_face_encoder(cfg.model, cfg.data.image_size)
+    head = build_head(head_cfg, backbone.num_features, data.num_classes, False)
+    model = Classifier(backbone, head)
+    optimizer = build_optimizer(cfg.optim, model)
+    accelerator.print(f"[{head_label(head_cfg)}] {head!r}")
+    paths = list(cfg.eval.verification)
+    sizes = {"head params (M)": count_parameters(head) / 1e6,  # before prepare: ZeRO-3 leaves empty partitions
+             "backbone params (M)": count_parameters(backbone) / 1e6}
+
+    def verify_now(ema=None) -> dict[str, float]:  # every process scores the pairs (same result everywhere)
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            return verify(backbone, paths, cfg.train.eval_batch_size, cfg.data.image_size)
+
+    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}",
+                 out_dir=Path(cfg.train.output_dir) / folder, eval_fn=verify_now if paths else None, run_name=folder)
+    metrics = verify_now(result.ema) if paths else {}
+    costs = {"train s": result.seconds, "samples/s": result.samples_per_second, **sizes}
+    if not is_deepspeed(accelerator):  # ZeRO keeps the optimizer state in flat partitions, not per parameter
+        costs["head optim state (M)"] = optimizer_state_numel(optimizer, list(head.parameters())) / 1e6
+    costs["final loss"] = result.last_loss
+    return {"metrics": metrics, "costs": costs}
+
+
+def run_face(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
+    """Train cfg.head (and cfg.eval.baseline if set) on the face data; print and save the tables."""
+    start = time.perf_counter()
+    data = load_face_data(cfg.data, cfg.train.batch_size, accelerator.device)
+    accelerator.print(f"{data.description} ({time.perf_counter() - start:.1f}s)")
+    runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
+    results: dict[str, dict[str, Any]] = {}
+    for i, head_cfg in enumerate(runs):
+        name = head_label(head_cfg) + (" (baseline)" if i > 0 and head_label(head_cfg) in results else "")
+        results[name] = train_face_head(cfg, head_cfg, data, accelerator, run_folder(head_cfg) + ("-baseline" if i else ""))
+    tables = [format_table({k: v["costs"] for k, v in results.items()}, percent=False, digits=3)]
+    if any(v["metrics"] for v in results.values()):
+        tables.insert(0, format_table({k: v["metrics"] for k, v in results.items()}))
+    text = "\n\n".join(tables)
+    accelerator.print("\n" + text)
+    if accelerator.is_main_process:
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(text + "\n")
+        accelerator.print(f"\nresolved config and results written to {out}/")
+    return results
