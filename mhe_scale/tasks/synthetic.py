@@ -12,7 +12,8 @@ import torch
 
 from mhe_scale.config import ExperimentConfig, HeadConfig, to_yaml
 from mhe_scale.data.synthetic import make_synthetic
-from mhe_scale.engine.loop import fit, evaluate
+from mhe_scale.engine.accelerator import is_deepspeed
+from mhe_scale.engine.loop import evaluate, fit
 from mhe_scale.engine.model import Classifier, build_optimizer, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import format_table, inverse_propensity
 from mhe_scale.heads.factory import build_head
@@ -36,15 +37,20 @@ def train_one(cfg: ExperimentConfig, head_cfg: HeadConfig, data, accelerator) ->
     optimizer = build_optimizer(cfg.optim, model)
     accelerator.print(f"[{head_cfg.name}] {head!r}")
     run_dir = Path(cfg.train.output_dir) / run_folder(head_cfg)
-    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir)
     propensity = inverse_propensity(data.label_counts, len(data.train))
-    metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, propensity,
-                       desc=f"eval {head_cfg.name}", ema=result.ema)
-    head_params = count_parameters(head)
-    costs = {"train s": result.seconds, "samples/s": result.samples_per_second,
-             "head params (M)": head_params / 1e6,
-             "head optim state (M)": optimizer_state_numel(optimizer, list(head.parameters())) / 1e6,
-             "final loss": result.last_loss}
+
+    def evaluate_now(ema=None) -> dict[str, float]:  # every process evaluates 1/P of the test set
+        return evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, propensity,
+                        desc=f"eval {head_cfg.name}", ema=ema, accelerator=accelerator)
+
+    head_params = count_parameters(head)  # before prepare: ZeRO-3 would leave empty partitions
+    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
+                 eval_fn=evaluate_now, run_name=run_folder(head_cfg))
+    metrics = evaluate_now(result.ema)
+    costs = {"train s": result.seconds, "samples/s": result.samples_per_second, "head params (M)": head_params / 1e6}
+    if not is_deepspeed(accelerator):  # ZeRO keeps the optimizer state in flat partitions, not per parameter
+        costs["head optim state (M)"] = optimizer_state_numel(optimizer, list(head.parameters())) / 1e6
+    costs["final loss"] = result.last_loss
     return {"metrics": metrics, "costs": costs}
 
 

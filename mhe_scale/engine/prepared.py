@@ -1,0 +1,161 @@
+"""What `fit` hands to accelerate.prepare, and the class-sharded head that it must not see.
+
+Replicated head (fc, mhp, ... in one piece on every rank): `EncoderThenHead` is prepared (DDP /
+DeepSpeed), so the head's gradients are averaged like the encoder's. Its forward runs the encoder
+inside accelerate's autocast and the head with autocast OFF: logits and losses stay fp32 under
+bf16 (the heads upcast the features themselves). Under ZeRO-3 `HeadLoss` is a leaf module: all
+of the head's parameters are gathered when it runs (heads read sub-modules' weights directly).
+
+Class-sharded head (mhe_scale.parallel, rank r holds classes [start, end)): only `EncoderOnly`
+is prepared. The head stays outside DDP (its gradients must not be averaged: each rank holds
+different rows) and outside ZeRO (no partitioning of what is already sharded); it all-gathers
+the features itself, with the xW backward that undoes the backbone's gradient averaging.
+`ShardedHeadTraining` holds its optimizer and lr schedule, steps them only when
+`accelerator.sync_gradients`, clips with the global norm over encoder and every shard, and saves /
+loads each rank's shard (+ optimizer state) through an ExtraState (mhe_scale.parallel.checkpoint:
+per-rank files that reshard on load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mhe_scale.engine.checkpoint import ExtraState
+
+
+def is_class_sharded(head: nn.Module) -> bool:
+    """True for the heads of mhe_scale.parallel (a ShardPlan and named sharded parameters)."""
+    from mhe_scale.parallel.sharded_heads import ShardedMixin
+
+    return isinstance(head, ShardedMixin)
+
+
+class HeadLoss(nn.Module):
+    """head(features, targets).loss with autocast off, returned as a plain tensor: ZeRO-3 hooks a
+    module's backward through its tensor outputs, and a HeadOutput dataclass would hide the loss."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: Tensor, targets: Tensor) -> Tensor:
+        with torch.autocast(features.device.type, enabled=False):
+            return self.head(features, targets).loss
+
+
+class EncoderThenHead(nn.Module):
+    """inputs, targets -> loss: model.encoder.forward_features under the caller's autocast, then the
+    head in fp32 (HeadLoss). `classifier` (not a sub-module) is the model as checkpoints name it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+        self.head_loss = HeadLoss(model.head)
+        object.__setattr__(self, "classifier", model)
+
+    def forward(self, inputs: Any, targets: Tensor) -> Tensor:
+        return self.head_loss(self.encoder.forward_features(inputs), targets)
+
+
+class EncoderOnly(nn.Module):
+    """inputs -> encoder.forward_features; state_dict names as in the Classifier ("encoder.*")."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, inputs: Any) -> Tensor:
+        return self.encoder.forward_features(inputs)
+
+
+class Schedulers:
+    """The encoder's and the sharded head's lr schedules, checkpointed as one JSON object."""
+
+    def __init__(self, encoder: Any, head: Any) -> None:
+        self.encoder, self.head = encoder, head
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"encoder": self.encoder.state_dict(), "head": self.head.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"encoder", "head"}:
+            raise ValueError("this checkpoint's lr schedule was saved without a class-sharded head; resume it with "
+                             "the head it was trained with")
+        self.encoder.load_state_dict(state["encoder"])
+        self.head.load_state_dict(state["head"])
+
+
+class ShardedHeadTraining:
+    """A class-sharded head's optimizer, schedule, clipping and per-rank checkpoint files."""
+
+    def __init__(self, head: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        self.head, self.optimizer, self.scheduler = head, optimizer, scheduler
+        self.params = [p for p in head.parameters() if p.requires_grad]
+        self.dtype = next((p.dtype for p in self.params if p.is_floating_point()), torch.float32)
+
+    def loss(self, features: Tensor, targets: Tensor) -> Tensor:
+        """Cast the encoder's features to the head's dtype BEFORE the head all-gathers them (bf16 engines)."""
+        if features.is_floating_point() and features.dtype != self.dtype:
+            features = features.to(self.dtype)
+        with torch.autocast(features.device.type, enabled=False):
+            return self.head(features, targets).loss
+
+    def step(self) -> None:
+        """Optimizer step, schedule step, zero grads: call only when accelerator.sync_gradients."""
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def clip_(self, accelerator, encoder_params: list[nn.Parameter], max_norm: float) -> Tensor:
+        """Clip encoder and head gradients together by their global L2 norm, returned (pre-clip).
+
+        Encoder gradients are identical on every rank after DDP; the head's squared norm is summed
+        over ranks (one all-reduce of one number), so the norm equals the single-process one."""
+        enc = [p.grad for p in encoder_params if p.grad is not None]
+        head = [p.grad for p in self.params if p.grad is not None]
+        device = accelerator.device
+        enc_sq = torch.nn.utils.get_total_norm(enc).float().square().to(device) if enc else torch.zeros((), device=device)
+        head_sq = (torch.stack([g.float().square().sum() for g in head]).sum() if head
+                   else torch.zeros((), device=device))
+        head_sq = accelerator.reduce(head_sq.reshape(1), "sum")[0] if accelerator.num_processes > 1 else head_sq
+        total = (enc_sq + head_sq).sqrt()
+        torch.nn.utils.clip_grads_with_norm_([p for p in encoder_params if p.grad is not None]
+                                             + [p for p in self.params if p.grad is not None], max_norm, total)
+        return total
+
+    def extra_state(self) -> ExtraState:
+        """This rank's `head-shard-{rank}-of-{W}.safetensors` (rows, class range, optimizer state)."""
+        from mhe_scale.parallel.checkpoint import load_head_shard, save_head_shard
+
+        def save(folder: Path) -> None:
+            save_head_shard(folder, self.head, self.optimizer)
+
+        def load(folder: Path) -> None:
+            load_head_shard(folder, self.head, self.optimizer)
+
+        return ExtraState("class-sharded head", save, load)
+
+
+def check_optimizers(model: nn.Module, optimizer: torch.optim.Optimizer,
+                     head_optimizer: torch.optim.Optimizer | None, sharded: bool) -> None:
+    """Raise ValueError unless the parameters are split as the head's kind requires."""
+    head_ids = {id(p) for p in model.head.parameters()}
+    in_main = [p for g in optimizer.param_groups for p in g["params"] if id(p) in head_ids]
+    if sharded:
+        if head_optimizer is None:
+            raise ValueError("the head is class-sharded: pass its own optimizer as fit(..., head_optimizer=...) and "
+                             "keep its parameters out of `optimizer` (which accelerate prepares for the encoder)")
+        if in_main:
+            raise ValueError(f"`optimizer` holds {len(in_main)} parameters of the class-sharded head; give them only "
+                             "to head_optimizer (DDP/ZeRO would average or partition them)")
+        stray = [p for g in head_optimizer.param_groups for p in g["params"] if id(p) not in head_ids]
+        if stray:
+            raise ValueError(f"head_optimizer holds {len(stray)} parameters that are not the head's")
+    elif head_optimizer is not None:
+        raise ValueError("head_optimizer is only for class-sharded heads (mhe_scale.parallel); this head is "
+                         "replicated: give its parameters to `optimizer`")
