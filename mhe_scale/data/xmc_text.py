@@ -1,0 +1,429 @@
+"""Raw-text XMC corpora -> HF `datasets` (columns text, labels) -> tokenised, cached, padded batches.
+
+Readers (every one raises TextFormatError naming the file and line / record, and the fix):
+  raw      AttentionXML / LightXML folder: {train,test}_raw_texts.txt (or {train,test}_texts.txt;
+           raw_texts wins when both exist) with one document per line, and {train,test}_labels.txt
+           with the space-separated label NAMES of that document. Label ids = position of the name
+           in the sorted union of train and test names (save it with `write_label_map`).
+  jsonl    label-feature folder: trn.json.gz / tst.json.gz (or .json), one JSON object per line
+           with uid, title, content, target_ind [, target_rel (ignored)]; text = the `text_fields`
+           joined by a space; label names from lbl.json.gz's titles when present, else the ids.
+  reuters  one JSON array of {"id", "text", "labels": [names]} (the Reuters-21578 ModApte test
+           split in ../shared/data); split here into train / test by a seeded permutation:
+           test = the first round(test_fraction * N) points of randperm(N, seed), train the rest,
+           both kept in file order; labels = sorted names of the whole file.
+
+Each split is written once by `Dataset.from_generator` into the datasets cache (memory-mapped,
+keyed by the files' paths, sizes and mtimes), and `tokenize` caches its output under a key of
+(split fingerprint, tokenizer, max_length), so a second load reads both from disk.
+`split_rows(..., streaming=True)` yields the same rows as a `datasets.IterableDataset` (nothing
+cached; `tokenize` then works lazily and `iter_text_batches` collates) for corpora too large to copy.
+Batches are padded to their longest member: input_ids with the tokenizer's pad id, labels with -1
+(the [B, L] layout of mhe_scale.labels.targets), in one vectorised scatter per column.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mhe_scale.labels.codec import PAD
+
+TEXT_FORMATS = ("raw", "jsonl", "reuters")
+_CACHE_VERSION = "xmc_text-1"  # bump when the row layout or tokenisation changes
+
+
+class TextFormatError(ValueError):
+    """A text-corpus file that cannot be read; the message names the file, the line and the fix."""
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    """train / test as HF datasets with columns text (str) and labels (list of int ids)."""
+
+    train: Any
+    test: Any
+    label_names: list[str]
+    """Name of label id i at position i (ids are 0..C-1)."""
+
+
+def _stamp(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime_ns) of each file: part of every cache key, so edited files are re-read."""
+    return tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text without the line break) of a UTF-8 (optionally .gz) file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise TextFormatError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                                      "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+# ------------------------------------------------------------------ raw (AttentionXML / LightXML) folders
+def raw_files(folder: Path, split: str) -> tuple[Path, Path]:
+    """(texts, labels) files of `split` (train | test) in a raw-text folder."""
+    texts = [folder / f"{split}_raw_texts.txt", folder / f"{split}_texts.txt"]
+    found = [p for p in texts if p.is_file()]
+    labels = folder / f"{split}_labels.txt"
+    if not found or not labels.is_file():
+        raise TextFormatError(f"{folder}: needs {split}_raw_texts.txt (or {split}_texts.txt) and {split}_labels.txt "
+                              "(the AttentionXML / LightXML layout); point data.path at that folder")
+    return found[0], labels
+
+
+def raw_label_names(folder: Path) -> list[str]:
+    """Sorted union of the label names in train_labels.txt and test_labels.txt."""
+    names: set[str] = set()
+    for split in ("train", "test"):
+        for _, line in _lines(raw_files(folder, split)[1]):
+            names.update(line.split())
+    return sorted(names)
+
+
+def _raw_rows(folder: str, split: str, stamp: Any) -> Iterator[dict]:
+    """Rows {text, labels} of one split (stamp only keys the datasets cache)."""
+    index = {name: i for i, name in enumerate(raw_label_names(Path(folder)))}
+    texts, labels = raw_files(Path(folder), split)
+    text_it, label_it = _lines(texts), _lines(labels)
+    count = 0
+    for count, (_, text) in enumerate(text_it, start=1):
+        nxt = next(label_it, None)
+        if nxt is None:
+            raise TextFormatError(f"{texts}:{count}: {labels} ends after {count - 1} lines; the two files must have "
+                                  "one line per document each (fix or drop the unmatched lines)")
+        yield {"text": text, "labels": list(dict.fromkeys(index[n] for n in nxt[1].split()))}
+    if next(label_it, None) is not None:
+        raise TextFormatError(f"{labels}:{count + 1}: {texts} ends after {count} lines; the two files must have "
+                              "one line per document each (fix or drop the unmatched lines)")
+
+
+# ------------------------------------------------------------------ label-feature JSON lines
+def jsonl_file(folder: Path, split: str) -> Path:
+    stem = {"train": "trn", "test": "tst"}[split]
+    for name in (f"{stem}.json.gz", f"{stem}.json"):
+        if (folder / name).is_file():
+            return folder / name
+    raise TextFormatError(f"{folder}: no {stem}.json.gz (or {stem}.json); the label-feature layout holds "
+                          "trn.json.gz and tst.json.gz with one JSON object per line")
+
+
+def _json_line(path: Path, lineno: int, line: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TextFormatError(f"{path}:{lineno}: not a JSON object ({exc.msg} at column {exc.colno}); each line "
+                              "must be one object such as {\"uid\": ..., \"title\": ..., \"content\": ..., "
+                              "\"target_ind\": [3, 17]}") from None
+    if not isinstance(obj, dict):
+        raise TextFormatError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+    return obj
+
+
+def jsonl_label_names(folder: Path) -> list[str] | None:
+    """Titles of lbl.json.gz (line i = label i), or None when the folder has no label file."""
+    path = next((folder / n for n in ("lbl.json.gz", "lbl.json") if (folder / n).is_file()), None)
+    if path is None:
+        return None
+    return [str(_json_line(path, i, ln).get("title", i - 1)) for i, ln in _lines(path) if ln.strip()]
+
+
+def _jsonl_rows(path: str, text_fields: tuple[str, ...], num_labels: int, stamp: Any) -> Iterator[dict]:
+    """Rows {text, labels} of a trn/tst JSON-lines file (num_labels < 0: ids unchecked)."""
+    for lineno, line in _lines(Path(path)):
+        if not line.strip():
+            continue
+        obj = _json_line(Path(path), lineno, line)
+        missing = [k for k in [*text_fields, "target_ind"] if k not in obj]
+        if missing:
+            raise TextFormatError(f"{path}:{lineno}: the object lacks {missing}; every line needs target_ind and the "
+                                  f"text fields {list(text_fields)} (set data.text_fields to the keys the file has)")
+        ids = obj["target_ind"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise TextFormatError(f"{path}:{lineno}: target_ind must be a list of integer label ids, got {ids!r}")
+        bad = [i for i in ids if i < 0 or (num_labels >= 0 and i >= num_labels)]
+        if bad:
+            raise TextFormatError(f"{path}:{lineno}: label ids {bad} outside [0, {num_labels if num_labels >= 0 else 'inf'}) "
+                                  "(lbl.json.gz line count); fix the ids or the label file")
+        yield {"text": " ".join(str(obj[k]) for k in text_fields), "labels": list(dict.fromkeys(ids))}
+
+
+# ------------------------------------------------------------------ Reuters-21578 JSON array
+def read_reuters_records(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(texts, label-name lists) of a JSON array of {"id", "text", "labels"} records."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TextFormatError(f"{path}: not a UTF-8 JSON array ({exc}); expected "
+                              "[{\"id\": ..., \"text\": ..., \"labels\": [...]}, ...]") from None
+    if not isinstance(records, list):
+        raise TextFormatError(f"{path}: the top level must be a JSON array of records, got {type(records).__name__}")
+    for i, r in enumerate(records):
+        if not (isinstance(r, dict) and isinstance(r.get("text"), str) and isinstance(r.get("labels"), list)
+                and all(isinstance(n, str) for n in r["labels"])):
+            raise TextFormatError(f"{path}: record {i} (id {r.get('id') if isinstance(r, dict) else '?'}) needs "
+                                  "\"text\": string and \"labels\": list of label names; fix or drop that record")
+    return [r["text"] for r in records], [r["labels"] for r in records]
+
+
+def reuters_split(num_points: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, test ids), each ascending: test = first round(f * N) of randperm(N) seeded by `seed`."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"data.test_fraction={test_fraction} must be in (0, 1), e.g. 0.25")
+    perm = torch.randperm(num_points, generator=torch.Generator().manual_seed(seed)).numpy()
+    n_test = int(round(test_fraction * num_points))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def _reuters_rows(path: str, split: str, test_fraction: float, seed: int, stamp: Any) -> Iterator[dict]:
+    texts, names = read_reuters_records(Path(path))
+    index = {n: i for i, n in enumerate(sorted({n for row in names for n in row}))}
+    train_ids, test_ids = reuters_split(len(texts), test_fraction, seed)
+    for i in (train_ids if split == "train" else test_ids).tolist():
+        yield {"text": texts[i], "labels": list(dict.fromkeys(index[n] for n in names[i]))}
+
+
+# ------------------------------------------------------------------ loading
+def detect_format(path: Path) -> str:
+    if path.is_file():
+        return "reuters"
+    if any((path / n).is_file() for n in ("trn.json.gz", "trn.json")):
+        return "jsonl"
+    return "raw"
+
+
+def _generate(rows_fn: Any, kwargs: dict, cache_dir: str | None, streaming: bool) -> Any:
+    """Dataset (or IterableDataset) of rows_fn(**kwargs), re-raising our own errors unwrapped."""
+    import datasets
+
+    if streaming:
+        return datasets.IterableDataset.from_generator(rows_fn, gen_kwargs=kwargs)
+    features = datasets.Features({"text": datasets.Value("string"), "labels": datasets.List(datasets.Value("int64"))})
+    try:
+        return datasets.Dataset.from_generator(rows_fn, gen_kwargs=kwargs, features=features, cache_dir=cache_dir)
+    except datasets.exceptions.DatasetGenerationError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, TextFormatError):
+            raise cause from None
+        raise
+
+
+def split_rows(fmt: str, path: Path, split: str, text_fields: Sequence[str] = ("title", "content"),
+               test_fraction: float = 0.25, seed: int = 0, cache_dir: str | None = None,
+               streaming: bool = False) -> Any:
+    """One split (train | test) of a corpus as a Dataset / IterableDataset with columns text, labels."""
+    if fmt == "raw":
+        files = [raw_files(path, split)[0], raw_files(path, "train")[1], raw_files(path, "test")[1]]
+        kwargs = {"folder": str(path), "split": split, "stamp": _stamp(files)}  # no lists here: they would shard
+        return _generate(_raw_rows, kwargs, cache_dir, streaming)
+    if fmt == "jsonl":
+        file = jsonl_file(path, split)
+        names = jsonl_label_names(path)
+        kwargs = {"path": str(file), "text_fields": tuple(text_fields), "num_labels": -1 if names is None else len(names),
+                  "stamp": _stamp([file])}
+        return _generate(_jsonl_rows, kwargs, cache_dir, streaming)
+    if fmt == "reuters":
+        reuters_split(2, test_fraction, seed)  # checks test_fraction before any work
+        kwargs = {"path": str(path), "split": split, "test_fraction": float(test_fraction), "seed": int(seed),
+                  "stamp": _stamp([path])}
+        return _generate(_reuters_rows, kwargs, cache_dir, streaming)
+    raise ValueError(f"data.text_format={fmt!r} is not known; choose one of {TEXT_FORMATS} or auto")
+
+
+def label_names(fmt: str, path: Path, train: Any = None, test: Any = None) -> list[str]:
+    """Names of label ids 0..C-1 (jsonl without lbl.json.gz: '0'..'C-1', C = largest id + 1)."""
+    if fmt == "raw":
+        return raw_label_names(path)
+    if fmt == "reuters":
+        return sorted({n for row in read_reuters_records(path)[1] for n in row})
+    names = jsonl_label_names(path)
+    if names is not None:
+        return names
+    top = max((_max_label(ds) for ds in (train, test) if ds is not None), default=-1)
+    return [str(i) for i in range(top + 1)]
+
+
+def _max_label(ds: Any) -> int:
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(ds.with_format("arrow")[:]["labels"])
+    return -1 if len(flat) == 0 else int(pc.max(flat).as_py())
+
+
+def load_text_splits(fmt: str, path: str | os.PathLike, text_fields: Sequence[str] = ("title", "content"),
+                     test_fraction: float = 0.25, seed: int = 0, cache_dir: str | None = None) -> TextSplits:
+    """Both splits of a corpus (fmt 'auto' detects it: a file is reuters, trn.json.gz means jsonl)."""
+    path = Path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    common = dict(text_fields=text_fields, test_fraction=test_fraction, seed=seed, cache_dir=cache_dir)
+    train, test = split_rows(fmt, path, "train", **common), split_rows(fmt, path, "test", **common)
+    return TextSplits(train, test, label_names(fmt, path, train, test))
+
+
+def write_label_map(path: str | os.PathLike, names: Sequence[str]) -> None:
+    """label_map.json: {"num_labels": C, "names": [name of id 0, ...]}."""
+    Path(path).write_text(json.dumps({"num_labels": len(names), "names": list(names)}, ensure_ascii=False, indent=0))
+
+
+def read_label_map(path: str | os.PathLike) -> list[str]:
+    obj = json.loads(Path(path).read_text())
+    names = obj.get("names") if isinstance(obj, dict) else None
+    if not isinstance(names, list) or len(names) != obj.get("num_labels") or len(set(names)) != len(names):
+        raise TextFormatError(f"{path}: expected {{\"num_labels\": C, \"names\": [C distinct names]}} as written by "
+                              "write_label_map; rewrite it from the data")
+    return names
+
+
+# ------------------------------------------------------------------ tokenisation
+def _tokenize_batch(batch: dict, tokenizer: Any, max_length: int) -> dict:
+    enc = tokenizer(batch["text"], truncation=True, max_length=max_length, return_attention_mask=False,
+                    return_token_type_ids=False)
+    return {"input_ids": enc["input_ids"]}
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """Identity of a tokenizer for cache keys: class, name_or_path, vocabulary size, files' stamps."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "")))
+    files = sorted(p for p in folder.glob("*") if p.is_file() and ("vocab" in p.name or "token" in p.name
+                                                                       or p.suffix in (".model", ".txt")))
+    return json.dumps([type(tokenizer).__name__, str(folder), len(tokenizer), _stamp(files) if folder.is_dir() else []])
+
+
+def tokenize(ds: Any, tokenizer: Any, max_length: int, num_proc: int = 1, cache_dir: str | None = None) -> Any:
+    """(text, labels) -> (labels, input_ids) truncated to max_length tokens, [CLS]/[SEP] included.
+
+    A Dataset is tokenised by batched `map` into a cache file keyed by its fingerprint, the
+    tokenizer and max_length (reused on the next call); an IterableDataset lazily, uncached.
+    """
+    import datasets
+
+    if max_length < 2:
+        raise ValueError(f"data.max_length={max_length} leaves no room for text between [CLS] and [SEP]; use >= 8")
+    kwargs = dict(batched=True, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, remove_columns=["text"])
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.map(_tokenize_batch, **kwargs)
+    key = hashlib.sha1(json.dumps([_CACHE_VERSION, ds._fingerprint, tokenizer_key(tokenizer), max_length]).encode())
+    folder = cache_dir or (os.path.dirname(ds.cache_files[0]["filename"]) if ds.cache_files else None)
+    file = None if folder is None else os.path.join(folder, f"tokenized-{key.hexdigest()[:20]}.arrow")
+    return ds.map(_tokenize_batch, num_proc=num_proc if num_proc > 1 else None, cache_file_name=file,
+                  new_fingerprint=key.hexdigest()[:16], desc="tokenize", **kwargs)
+
+
+# ------------------------------------------------------------------ padding and batches
+def pad_ragged(values: Tensor, lengths: Tensor, pad: int) -> Tensor:
+    """Concatenated rows values [sum(lengths)] -> [B, max(1, max length)] padded at the end with `pad`."""
+    b = lengths.numel()
+    out = torch.full((b, max(1, int(lengths.max()) if b else 1)), pad, dtype=values.dtype)
+    if values.numel():
+        rows = torch.repeat_interleave(torch.arange(b), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        out[rows, torch.arange(values.numel()) - starts[rows]] = values
+    return out
+
+
+def _arrow_ragged(column: Any) -> tuple[Tensor, Tensor]:
+    """pyarrow list column -> (flat values int64, lengths int64), without Python per-row work."""
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    values = torch.from_numpy(pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64))
+    lengths = torch.from_numpy(pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64))
+    return values, lengths
+
+
+def make_batch(ids: tuple[Tensor, Tensor], labels: tuple[Tensor, Tensor],
+               pad_token_id: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+    """(flat ids, lengths) x2 -> ({input_ids [B, T], attention_mask [B, T]}, targets [B, L] padded with -1)."""
+    input_ids = pad_ragged(ids[0], ids[1], pad_token_id)
+    mask = (torch.arange(input_ids.shape[1]) < ids[1].unsqueeze(1)).long()
+    return {"input_ids": input_ids, "attention_mask": mask}, pad_ragged(labels[0], labels[1], PAD)
+
+
+def collate_text(rows: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+    """Rows {input_ids: [...], labels: [...]} -> ({input_ids, attention_mask} [B, T], targets [B, L] (-1 pads))."""
+    def ragged(key: str) -> tuple[Tensor, Tensor]:
+        lists = [r[key] for r in rows]
+        lengths = torch.tensor([len(x) for x in lists], dtype=torch.long)
+        return torch.tensor([v for x in lists for v in x], dtype=torch.long), lengths
+
+    return make_batch(ragged("input_ids"), ragged("labels"), pad_token_id)
+
+
+def iter_text_batches(stream: Any, batch_size: int, pad_token_id: int = 0) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+    """Collated batches from a tokenised IterableDataset (stream mode; the last batch may be short)."""
+    rows: list[Mapping] = []
+    for row in stream:
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield collate_text(rows, pad_token_id)
+            rows = []
+    if rows:
+        yield collate_text(rows, pad_token_id)
+
+
+class TokenizedTextDataset(Dataset):
+    """(inputs {input_ids [T], attention_mask [T]}, labels [L]) per point of a tokenised HF dataset.
+
+    `__getitems__` (called by torch's DataLoader with a whole batch) fetches the rows as one Arrow
+    table and pads them together to the batch's longest text and label list, so the DataLoader's
+    default collate only stacks equal-shaped rows. `__getitem__` (one point) pads to the split's
+    longest text and label list, so a default_collate of single points works too (at the cost of
+    padding short batches to T = the longest text of the split).
+    """
+
+    def __init__(self, hf: Any, pad_token_id: int = 0) -> None:
+        import pyarrow.compute as pc
+
+        missing = {"input_ids", "labels"} - set(hf.column_names)
+        if missing:
+            raise ValueError(f"the dataset lacks columns {sorted(missing)}; pass the output of tokenize()")
+        self.hf = hf.with_format("arrow")
+        self.pad_token_id = int(pad_token_id)
+        table = self.hf[:]
+        widths = [pc.max(pc.list_value_length(table[c])).as_py() if len(table) else 0 for c in ("input_ids", "labels")]
+        self.max_tokens, self.max_labels = (max(1, int(w or 0)) for w in widths)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def batch(self, indices: Sequence[int]) -> tuple[dict[str, Tensor], Tensor]:
+        """Padded (inputs, targets) of the points `indices`."""
+        table = self.hf[[int(i) for i in indices]]
+        return make_batch(_arrow_ragged(table["input_ids"]), _arrow_ragged(table["labels"]), self.pad_token_id)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[dict[str, Tensor], Tensor]]:
+        inputs, targets = self.batch(indices)
+        return [({"input_ids": a, "attention_mask": m}, y)
+                for a, m, y in zip(inputs["input_ids"].unbind(0), inputs["attention_mask"].unbind(0), targets.unbind(0))]
+
+    def __getitem__(self, i: int) -> tuple[dict[str, Tensor], Tensor]:
+        inputs, targets = self.batch([i])
+        t, l = inputs["input_ids"].shape[1], targets.shape[1]
+        ids = torch.nn.functional.pad(inputs["input_ids"][0], (0, self.max_tokens - t), value=self.pad_token_id)
+        mask = torch.nn.functional.pad(inputs["attention_mask"][0], (0, self.max_tokens - t))
+        return {"input_ids": ids, "attention_mask": mask}, torch.nn.functional.pad(targets[0], (0, self.max_labels - l),
+                                                                                   value=PAD)
+
+    def flat_labels(self) -> tuple[Tensor, Tensor]:
+        """All label ids (flat [nnz]) and the number per point [N], read column-wise."""
+        return _arrow_ragged(self.hf[:]["labels"])
+
+    def label_batches(self, batch_size: int = 8192) -> Iterator[Tensor]:
+        """Targets [b, L] padded with -1, chunk by chunk (never the whole [N, L_max] at once)."""
+        for start in range(0, len(self), batch_size):
+            yield pad_ragged(*_arrow_ragged(self.hf[start:start + batch_size]["labels"]), PAD)

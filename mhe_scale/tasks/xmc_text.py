@@ -1,0 +1,144 @@
+"""XMC on raw text: a HF transformer encoder (last-k [CLS] features) + an MHE head (and optionally a
+baseline head, e.g. full BCE `fc`), fine-tuned end to end and scored with P@k, nDCG@k, PSP@k.
+
+    mhe-scale train configs/xmc/reuters_minilm.yaml [head.name=mhp ...]
+
+Data: data.text_format raw | jsonl | reuters (see mhe_scale.data.xmc_text), tokenised once with the
+model's own tokenizer into the datasets cache. The engine's loop feeds the model
+(inputs = {input_ids, attention_mask}, targets [B, L] padded with -1): TokenizedTextDataset pads
+each batch to its longest member in `__getitems__`, so fit / evaluate need no collate argument.
+Output as the other tasks: {output_dir}/config.yaml, results.json, results.md, plus label_map.json.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig
+from mhe_scale.data.xmc_text import (TokenizedTextDataset, detect_format, load_text_splits, tokenize,
+                                     write_label_map)
+from mhe_scale.engine.loop import evaluate, fit
+from mhe_scale.engine.model import Classifier, build_optimizer, count_parameters, optimizer_state_numel
+from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity
+from mhe_scale.heads.factory import build_head
+from mhe_scale.models.text import build_text_encoder, load_tokenizer
+from mhe_scale.tasks.synthetic import head_label, run_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+POPULARITY = "most frequent (train)"
+
+
+@dataclass(frozen=True)
+class TextXMCData:
+    """Tokenised splits of a text corpus and the training label statistics."""
+
+    train: TokenizedTextDataset
+    test: TokenizedTextDataset
+    label_names: list[str]
+    label_counts: Tensor
+    """Training frequency N_l of each label [C]."""
+    inv_propensity: Tensor
+    """w_l = 1 / p_l [C] float64 for PSP@k."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+def resolve_text_path(path: str | None) -> Path:
+    """data.path from the working directory, else from the repository root."""
+    if not path:
+        raise ValueError("data.path is not set; point it at the corpus folder (raw / jsonl) or the Reuters JSON file, "
+                         "e.g. data.path=../shared/data/reuters21578-modapte-test/test_data.json")
+    given = Path(path).expanduser()
+    for candidate in (given,) if given.is_absolute() else (given, REPO_ROOT / given):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"data.path={path!r} exists neither as {given} nor as {REPO_ROOT / given}; download the "
+                            "dataset (see the config's header) and point data.path at it")
+
+
+def load_text_xmc(cfg: DataConfig, tokenizer: Any) -> TextXMCData:
+    """Read, split (reuters), tokenise (cached) and count labels; propensities from the training split."""
+    path = resolve_text_path(cfg.path)
+    splits = load_text_splits(cfg.text_format, path, list(cfg.text_fields), cfg.test_fraction, cfg.seed, cfg.cache_dir)
+    out = []
+    for ds, limit in ((splits.train, cfg.max_train_points), (splits.test, cfg.max_test_points)):
+        if limit is not None:
+            ds = ds.select(range(min(int(limit), len(ds))))
+        tokens = tokenize(ds, tokenizer, cfg.max_length, cfg.num_proc, cfg.cache_dir)
+        out.append(TokenizedTextDataset(tokens, tokenizer.pad_token_id or 0))
+    train, test = out
+    num_classes = len(splits.label_names)
+    flat, _ = train.flat_labels()
+    counts = torch.bincount(flat, minlength=num_classes)
+    w = inverse_propensity(counts, len(train), cfg.propensity_a, cfg.propensity_b)
+    return TextXMCData(train, test, splits.label_names, counts, w)
+
+
+def popularity_metrics(data: TextXMCData, ks: list[int]) -> dict[str, float]:
+    """Metrics of predicting the max(ks) most frequent training labels for every test point."""
+    top = data.label_counts.topk(min(max(ks), data.num_classes)).indices
+    metrics = XMCMetrics(ks=tuple(ks), inv_propensity=data.inv_propensity)
+    for targets in data.test.label_batches():
+        metrics.update(top.expand(len(targets), -1), targets)
+    return metrics.compute()
+
+
+def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCData, accelerator,
+                    folder: str | None = None) -> dict[str, Any]:
+    """Fresh encoder from the pretrained weights (same seed for every head) + the head; train, evaluate."""
+    torch.manual_seed(cfg.train.seed)
+    encoder = build_text_encoder(cfg.model)
+    head = build_head(head_cfg, encoder.num_features, data.num_classes, multilabel=True)
+    model = Classifier(encoder, head)
+    optimizer = build_optimizer(cfg.optim, model)
+    accelerator.print(f"[{head_label(head_cfg)}] {type(encoder.model).__name__}({encoder.extra_repr()})\n{head!r}")
+    run_dir = Path(cfg.train.output_dir) / (folder or run_folder(head_cfg))
+    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir)
+    start = time.perf_counter()
+    metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
+                       desc=f"eval {head_cfg.name}", ema=result.ema, accelerator=accelerator)
+    trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    costs = {"train s": result.seconds, "eval s": time.perf_counter() - start,
+             "samples/s": result.samples_per_second,
+             "head params (K)": count_parameters(head) / 1e3,
+             "encoder params (M)": count_parameters(encoder) / 1e6,
+             "encoder trainable (M)": trainable / 1e6,
+             "head optim state (K)": optimizer_state_numel(optimizer, list(head.parameters())) / 1e3,
+             "final loss": result.last_loss}
+    return {"metrics": metrics, "costs": costs}
+
+
+def run_xmc_text(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
+    """Train cfg.head (and cfg.eval.baseline if set) on the text corpus at cfg.data.path; print and save tables."""
+    from mhe_scale.tasks.xmc import write_results
+
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model.path)
+    data = load_text_xmc(cfg.data, tokenizer)
+    fmt = cfg.data.text_format if cfg.data.text_format != "auto" else detect_format(resolve_text_path(cfg.data.path))
+    flat, per_point = data.test.flat_labels()
+    accelerator.print(f"{fmt} text {cfg.data.path}: {len(data.train):,} train / {len(data.test):,} test documents, "
+                      f"C={data.num_classes:,} labels, {float(per_point.float().mean()):.2f} labels per test document, "
+                      f"max_length={cfg.data.max_length} ({time.perf_counter() - start:.1f}s)")
+    if accelerator.is_main_process:
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_label_map(out / "label_map.json", data.label_names)
+    runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
+    results: dict[str, dict[str, Any]] = {}
+    for i, head_cfg in enumerate(runs):
+        name = head_label(head_cfg)
+        folder = run_folder(head_cfg) + ("-baseline" if i > 0 else "")
+        key = name if name not in results else f"{name} (baseline)"
+        results[key] = train_text_head(cfg, head_cfg, data, accelerator, folder)
+    results[POPULARITY] = {"metrics": popularity_metrics(data, list(cfg.eval.ks)), "costs": {}}
+    write_results(cfg, results, accelerator)
+    return results
