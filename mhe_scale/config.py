@@ -48,7 +48,8 @@ class DataConfig:
     input_dim: int = 64
     """Synthetic: dimension of the input vectors."""
     labels_per_point: int = 1
-    """Synthetic: 1 = single-label; >1 = multi-label with this many labels on average."""
+    """Synthetic: 1 = single-label; >1 = multi-label, about this many labels drawn per point
+    (uniform 1..2n-1 draws by label frequency; repeats within a point are dropped)."""
     zipf_exponent: float = 1.1
     """Synthetic: label frequency of the r-th most frequent label is proportional to r^-exponent."""
     noise: float = 0.35

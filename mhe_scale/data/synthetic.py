@@ -67,14 +67,18 @@ def label_prototypes(num_classes: int, dim: int, gen: torch.Generator) -> Tensor
 def _sample_labels(n: int, per_point: int, weights: Tensor, gen: torch.Generator) -> Tensor:
     if per_point == 1:
         return torch.multinomial(weights, n, replacement=True, generator=gen)
-    # multi-label: 1..2*per_point-1 distinct labels per point (mean per_point), padded with -1
+    # multi-label: draw 1..2*per_point-1 labels per point (mean per_point) with replacement, in
+    # one vectorised call, then drop repeats within a row; rows are padded with PAD at the end
     counts = torch.randint(1, 2 * per_point, (n,), generator=gen)
     width = int(counts.max())
-    drawn = torch.multinomial(weights.expand(n, -1), width, replacement=False, generator=gen) \
-        if weights.numel() * n <= 50_000_000 else torch.stack(
-            [torch.multinomial(weights, width, replacement=False, generator=gen) for _ in range(n)])
+    drawn = torch.multinomial(weights, n * width, replacement=True, generator=gen).view(n, width)
     keep = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)
-    return torch.where(keep, drawn, torch.full_like(drawn, PAD))
+    rows = torch.where(keep, drawn, torch.full_like(drawn, PAD)).sort(dim=1).values
+    repeat = torch.zeros_like(rows, dtype=torch.bool)
+    repeat[:, 1:] = rows[:, 1:] == rows[:, :-1]
+    rows = rows.masked_fill(repeat, PAD)
+    pads_last = (rows == PAD).to(torch.int8).argsort(dim=1, stable=True)
+    return rows.gather(1, pads_last)
 
 
 def _inputs(targets: Tensor, proto: Tensor, noise: float, gen: torch.Generator) -> Tensor:
