@@ -70,3 +70,48 @@ class ExponentialMovingAverage:
             with torch.no_grad():
                 for p, b in zip(self.params, backup):
                     p.copy_(b)
+
+
+class StochasticWeightAverage(ExponentialMovingAverage):
+    """SWA: the equal-weight mean of the parameters taken every `every` optimizer steps from
+    step `start` on (Izmailov et al. 2018), with the same interface as the EMA.
+
+    `update()` is called after every optimizer step; it counts steps itself. The n-th sample
+    enters as shadow += (param - shadow) / n, so the shadow is exactly the mean of the samples.
+    Before the first sample the shadows follow the live weights (evaluating early is harmless).
+    """
+
+    COUNT_KEY = "__swa_samples__"
+    STEP_KEY = "__swa_steps__"
+
+    def __init__(self, model: nn.Module, start: int, every: int = 1) -> None:
+        if start < 0 or every < 1:
+            raise ValueError(f"SWA needs train.swa_start >= 0 and train.swa_every >= 1, got {start}, {every}")
+        super().__init__(model, decay=0.5)
+        self.start, self.every = int(start), int(every)
+        self.steps = 0
+        self.samples = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        if self.steps < self.start or (self.steps - self.start) % self.every != 0:
+            if self.samples == 0:
+                self.reset()
+            return
+        self.samples += 1
+        current = [p.detach().to(s.dtype) for p, s in zip(self.params, self.shadows)]
+        torch._foreach_lerp_(self.shadows, current, 1.0 / self.samples)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = super().state_dict()
+        state[self.COUNT_KEY] = torch.tensor(self.samples, dtype=torch.int64)
+        state[self.STEP_KEY] = torch.tensor(self.steps, dtype=torch.int64)
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        state = dict(state)
+        self.samples = int(state.pop(self.COUNT_KEY))
+        self.steps = int(state.pop(self.STEP_KEY))
+        super().load_state_dict(state)

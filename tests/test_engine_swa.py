@@ -1,0 +1,37 @@
+import torch
+from torch import nn
+
+from mhe_scale.engine.ema import StochasticWeightAverage
+
+
+def test_swa_is_the_mean_of_the_sampled_weights_and_round_trips():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    swa = StochasticWeightAverage(model, start=3, every=2)
+    snapshots = []
+    for step in range(1, 10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        swa.update()
+        if step >= 3 and (step - 3) % 2 == 0:  # steps 3, 5, 7, 9
+            snapshots.append(model.weight.detach().clone())
+    assert swa.samples == 4
+    expected = torch.stack(snapshots).mean(0)
+    with swa.applied():
+        assert torch.allclose(model.weight, expected, atol=1e-12)
+    assert not torch.allclose(model.weight, expected)  # live weights restored afterwards
+
+    other = StochasticWeightAverage(model, start=3, every=2)
+    other.load_state_dict(swa.state_dict())
+    assert (other.samples, other.steps) == (4, 9)
+    assert torch.equal(other.shadows[0], swa.shadows[0])
+
+
+def test_swa_follows_live_weights_before_it_starts():
+    model = nn.Linear(2, 1)
+    swa = StochasticWeightAverage(model, start=5)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    swa.update()
+    assert swa.samples == 0 and torch.equal(swa.shadows[0], model.weight.detach())
