@@ -1,0 +1,158 @@
+"""XMC on real sparse data (Extreme Classification Repository format): an MLP over BoW / TF-IDF
+features, an MHE head (and optionally a baseline head, e.g. full BCE `fc`), trained the same way
+and scored with P@k, nDCG@k, PSP@k, PSnDCG@k and R@k. A "most frequent labels" row (every test
+point gets the k most frequent training labels) is printed beside them as the floor to beat.
+
+    mhe-scale train configs/xmc/bibtex.yaml [head.name=mhp ...]
+
+Output layout as the synthetic task: {output_dir}/config.yaml, results.json, results.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig, to_yaml
+from mhe_scale.data.xc_format import read_xc_format
+from mhe_scale.data.xmc_dataset import LABEL_ORDERS, XMCDataset, cluster_label_order, idf_weights, relabel
+from mhe_scale.engine.loop import evaluate, fit
+from mhe_scale.engine.model import Classifier, build_optimizer, count_parameters, optimizer_state_numel
+from mhe_scale.eval.xmc import XMCMetrics, format_table, inverse_propensity, label_counts
+from mhe_scale.heads.factory import build_head
+from mhe_scale.models import build_encoder
+from mhe_scale.tasks.synthetic import head_label, run_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+POPULARITY = "most frequent (train)"
+
+
+@dataclass(frozen=True)
+class XMCData:
+    """Both splits of an XC dataset, scaled alike, and the training label statistics."""
+
+    train: XMCDataset
+    test: XMCDataset
+    num_features: int
+    num_classes: int
+    label_counts: Tensor
+    """Training frequency N_l of each label [C]."""
+    inv_propensity: Tensor
+    """w_l = 1 / p_l [C] float64 for PSP@k (from label_counts and the training size)."""
+    label_map: Tensor | None = None
+    """new_id [C] when labels were renumbered (data.label_order=cluster): file label y is new_id[y]."""
+    multilabel: bool = True
+
+
+def resolve_data_path(path: str | None) -> Path:
+    """data.path as given (from the working directory), else relative to the repository root."""
+    if not path:
+        raise ValueError("data.path is not set; point it at a folder holding train.txt and test.txt, e.g. "
+                         "data.path=../shared/data/mulan-bibtex/xc_format")
+    given = Path(path).expanduser()
+    for candidate in (given,) if given.is_absolute() else (given, REPO_ROOT / given):
+        if (candidate / "train.txt").is_file() and (candidate / "test.txt").is_file():
+            return candidate
+    tried = [str(given)] + ([] if given.is_absolute() else [str(REPO_ROOT / given)])
+    raise FileNotFoundError(f"data.path={path!r}: no train.txt and test.txt in {' or '.join(tried)}; set data.path to "
+                            f"the XC-format folder, e.g. ../shared/data/mulan-bibtex/xc_format")
+
+
+def load_xmc(cfg: DataConfig) -> XMCData:
+    """Read {path}/train.txt and test.txt; idf (for tfidf), the label order and propensities come
+    from the training split only. Metrics do not depend on the label order (both splits are renumbered)."""
+    if cfg.label_order not in LABEL_ORDERS:
+        raise ValueError(f"data.label_order={cfg.label_order!r} is not known; choose one of {LABEL_ORDERS}")
+    folder = resolve_data_path(cfg.path)
+    train_xc, test_xc = read_xc_format(folder / "train.txt"), read_xc_format(folder / "test.txt")
+    if (train_xc.num_features, train_xc.num_labels) != (test_xc.num_features, test_xc.num_labels):
+        raise ValueError(f"{folder}: train.txt has F={train_xc.num_features}, L={train_xc.num_labels} but test.txt has "
+                         f"F={test_xc.num_features}, L={test_xc.num_labels}; both headers must agree")
+    assert train_xc.features is not None
+    idf = idf_weights(train_xc.features) if cfg.normalize == "tfidf" else None
+    train = XMCDataset.from_xc(train_xc, cfg.normalize, idf)
+    test = XMCDataset.from_xc(test_xc, cfg.normalize, idf)
+    new_id = None
+    if cfg.label_order == "cluster":
+        new_id = cluster_label_order(train, train_xc.num_labels, seed=cfg.seed)
+        train, test = train.with_labels(relabel(train.labels, new_id)), test.with_labels(relabel(test.labels, new_id))
+    counts = label_counts(train.labels, train_xc.num_labels)
+    w = inverse_propensity(counts, len(train), cfg.propensity_a, cfg.propensity_b)
+    return XMCData(train, test, train_xc.num_features, train_xc.num_labels, counts, w, new_id)
+
+
+def popularity_metrics(data: XMCData, ks: list[int]) -> dict[str, float]:
+    """Metrics of predicting the max(ks) most frequent training labels (ties: lower id first) for
+    every test point."""
+    top = data.label_counts.sort(descending=True, stable=True).indices[:max(ks)]
+    metrics = XMCMetrics(ks=tuple(ks), inv_propensity=data.inv_propensity)
+    metrics.update(top.expand(len(data.test), -1), data.test.labels)
+    return metrics.compute()
+
+
+def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accelerator,
+               folder: str | None = None) -> dict[str, Any]:
+    """Fresh encoder (same seed for every head) + the head; train, evaluate -> {metrics, costs}.
+
+    Checkpoints and the loss log go to output_dir/folder (default: named after the head)."""
+    torch.manual_seed(cfg.train.seed)
+    encoder = build_encoder(cfg.model, data.num_features)
+    head = build_head(head_cfg, encoder.num_features, data.num_classes, data.multilabel)
+    model = Classifier(encoder, head)
+    optimizer = build_optimizer(cfg.optim, model)
+    accelerator.print(f"[{head_label(head_cfg)}] {head!r}")
+    run_dir = Path(cfg.train.output_dir) / (folder or run_folder(head_cfg))  # per head: checkpoints, loss log
+    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir)
+    start = time.perf_counter()
+    metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
+                       desc=f"eval {head_cfg.name}", ema=result.ema)
+    costs = {"train s": result.seconds, "eval s": time.perf_counter() - start,
+             "samples/s": result.samples_per_second,
+             "head params (K)": count_parameters(head) / 1e3,
+             "encoder params (K)": count_parameters(encoder) / 1e3,
+             "head optim state (K)": optimizer_state_numel(optimizer, list(head.parameters())) / 1e3,
+             "final loss": result.last_loss}
+    return {"metrics": metrics, "costs": costs}
+
+
+def write_results(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], accelerator) -> str:
+    """Print the metric and cost tables; save config.yaml, results.json, results.md (main process)."""
+    metric_table = format_table({k: v["metrics"] for k, v in results.items()})
+    cost_table = format_table({k: v["costs"] for k, v in results.items() if v["costs"]}, percent=False, digits=3)
+    text = metric_table + "\n\n" + cost_table
+    accelerator.print("\n" + text)
+    if accelerator.is_main_process:
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(text + "\n")
+        accelerator.print(f"\nresolved config and results written to {out}/")
+    return text
+
+
+def run_xmc(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
+    """Train cfg.head (and cfg.eval.baseline if set) on the XC dataset at cfg.data.path; print and save tables."""
+    start = time.perf_counter()
+    data = load_xmc(cfg.data)
+    per_point = float((data.test.labels >= 0).sum()) / max(1, len(data.test))
+    accelerator.print(f"xc data {cfg.data.path}: {len(data.train):,} train / {len(data.test):,} test points, "
+                      f"F={data.num_features:,} features ({cfg.data.normalize}), C={data.num_classes:,} labels "
+                      f"({cfg.data.label_order} order), "
+                      f"{per_point:.2f} labels per test point ({time.perf_counter() - start:.1f}s)")
+    runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
+    results: dict[str, dict[str, Any]] = {}
+    for i, head_cfg in enumerate(runs):
+        name = head_label(head_cfg)
+        folder = run_folder(head_cfg) + ("-baseline" if i > 0 else "")
+        results[name if name not in results else f"{name} (baseline)"] = train_head(cfg, head_cfg, data, accelerator,
+                                                                                     folder)
+    results[POPULARITY] = {"metrics": popularity_metrics(data, list(cfg.eval.ks)), "costs": {}}
+    write_results(cfg, results, accelerator)
+    return results
