@@ -11,7 +11,7 @@ The launcher decides how many processes run (`accelerate launch`, `torchrun`, `d
     clipping, bf16/fp16) so the YAML stays the single source of truth; `gradient_clipping` is
     always written (DeepSpeed's default is 1.0, accelerate's "auto" fill is 1.0 too).
   * DeepSpeed's shared-memory all-reduce op is JIT-compiled on first use: TORCH_EXTENSIONS_DIR
-    defaults to ~/.cache/mhe_scale/torch_extensions so that happens once per machine.
+    defaults to ~/.cache/mhe_scale/torch_extensions/<key> so that happens once per machine.
 DeepSpeed checkpoints keep DeepSpeed's layout but are written and read without pickle
 (deepspeed_files.py; docs/engine.md, "DeepSpeed").
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import socket
@@ -82,6 +83,13 @@ def _set(cfg: dict, dotted: str, value: Any) -> None:
     cfg[leaf] = value
 
 
+def owned_values(train: TrainConfig, mixed_precision: str) -> dict[str, Any]:
+    """The DEEPSPEED_OWNED keys' values according to our config."""
+    return {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": train.grad_accum_steps,
+            "gradient_clipping": float(train.clip_grad_norm or 0.0),
+            "bf16.enabled": mixed_precision == "bf16", "fp16.enabled": mixed_precision == "fp16"}
+
+
 def resolve_deepspeed_config(dist: DistConfig, train: TrainConfig, mixed_precision: str,
                              world_size: int = 1) -> dict[str, Any]:
     """The DeepSpeed config dict to train with: the JSON file (dist.deepspeed_config, else the launcher's
@@ -106,19 +114,16 @@ def resolve_deepspeed_config(dist: DistConfig, train: TrainConfig, mixed_precisi
         if section in cfg:
             raise ValueError(f"{source} has an {section!r} section; the engine builds torch optimizers (optim.*) and "
                              f"its own lr schedule (train.schedule): remove it")
-    wanted = {"train_micro_batch_size_per_gpu": train.batch_size,
-              "gradient_accumulation_steps": train.grad_accum_steps,
-              "gradient_clipping": float(train.clip_grad_norm or 0.0),
-              "bf16.enabled": mixed_precision == "bf16", "fp16.enabled": mixed_precision == "fp16"}
-    ours = {"train_micro_batch_size_per_gpu": f"train.batch_size={train.batch_size}",
-            "gradient_accumulation_steps": f"train.grad_accum_steps={train.grad_accum_steps}",
-            "gradient_clipping": f"train.clip_grad_norm={train.clip_grad_norm}",
-            "bf16.enabled": f"dist.mixed_precision={mixed_precision}",
-            "fp16.enabled": f"dist.mixed_precision={mixed_precision}"}
+    wanted = owned_values(train, mixed_precision)
+    labels = {"train_micro_batch_size_per_gpu": f"train.batch_size={train.batch_size}",
+              "gradient_accumulation_steps": f"train.grad_accum_steps={train.grad_accum_steps}",
+              "gradient_clipping": f"train.clip_grad_norm={train.clip_grad_norm}",
+              "bf16.enabled": f"dist.mixed_precision={mixed_precision}",
+              "fp16.enabled": f"dist.mixed_precision={mixed_precision}"}
     for key in DEEPSPEED_OWNED:
         have = _get(cfg, key)
         if have is not None and have != "auto" and have != wanted[key]:
-            raise ValueError(f"{source} sets {key}={have!r} but {ours[key]}; set it to \"auto\" (filled from our "
+            raise ValueError(f"{source} sets {key}={have!r} but {labels[key]}; set it to \"auto\" (filled from our "
                              "config) or make them agree")
         _set(cfg, key, wanted[key])
     global_batch = train.batch_size * train.grad_accum_steps * world_size
@@ -138,11 +143,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def extensions_dir() -> Path:
+    """EXTENSIONS_DIR/<key of torch's path as Python sees it>: one venv reached through a symlink and
+    through its real path (`python -m ...` vs an entry-point script) compiles into different
+    command lines, which would otherwise rebuild the op (30 s - minutes) each time they alternate."""
+    key = hashlib.sha256(str(Path(torch.__file__).parent).encode()).hexdigest()[:12]
+    return EXTENSIONS_DIR / key
+
+
 def _prepare_deepspeed_environment() -> None:
     if _env_true("ACCELERATE_USE_CPU"):
         raise RuntimeError("DeepSpeed was asked for but ACCELERATE_USE_CPU is set: accelerate would silently drop "
                            "the DeepSpeed plugin and train with plain DDP. Unset it (CPU is detected anyway)")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     if "WORLD_SIZE" not in os.environ:  # one process without a launcher: DeepSpeed would look for mpi4py
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -207,6 +220,16 @@ def check_prepared(accelerator, prepared: nn.Module) -> None:
     if wants != is_engine:
         raise RuntimeError(f"DeepSpeed {'was' if wants else 'was not'} asked for but accelerator.prepare returned "
                            f"a {type(prepared).__name__}; build the accelerator with build_accelerator(cfg.dist, ...)")
+
+
+def check_deepspeed_agrees(accelerator, train: TrainConfig) -> None:
+    """Raise ValueError if the accelerator's DeepSpeed config was resolved from another train config."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ours = owned_values(train, "no")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        if config.get(key) not in ("auto", ours[key]):
+            raise ValueError(f"train.* asks for {key}={ours[key]} but the accelerator's DeepSpeed config says "
+                             f"{config.get(key)}; build the accelerator from this train config (build_accelerator)")
 
 
 def mark_zero3_leaf(module: nn.Module) -> None:

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from mhe_scale.config import TrainConfig
-from mhe_scale.engine.accelerator import (NoOptimizerState, NoState, cast_floating, check_prepared,
-                                          deepspeed_state_hooks, full_parameters, grad_norm_tensor, input_dtype,
-                                          is_deepspeed, mark_zero3_leaf, zero_stage)
+from mhe_scale.engine.accelerator import (NoOptimizerState, NoState, cast_floating, check_deepspeed_agrees,
+                                          check_prepared, deepspeed_state_hooks, full_parameters, grad_norm_tensor,
+                                          input_dtype, is_deepspeed, mark_zero3_leaf, zero_stage)
 from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, find_resumable_everywhere,
                                          list_checkpoints, load_checkpoint, save_checkpoint)
 from mhe_scale.engine.ema import ExponentialMovingAverage
@@ -256,12 +256,7 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
     _refuse_unsupported(cfg, accelerator, sharded)
     deepspeed = is_deepspeed(accelerator)
     if deepspeed:
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        for key, ours, name in (("gradient_accumulation_steps", plan.grad_accum_steps, "grad_accum_steps"),
-                                ("train_micro_batch_size_per_gpu", plan.micro_batch, "batch_size")):
-            if ds_config.get(key) not in ("auto", ours):
-                raise ValueError(f"train.{name}={ours} but the DeepSpeed config says {key}={ds_config.get(key)}; "
-                                 "build the accelerator from this train config (build_accelerator)")
+        check_deepspeed_agrees(accelerator, cfg)
     accelerator.gradient_accumulation_steps = plan.grad_accum_steps
     accelerator.step = 0
 

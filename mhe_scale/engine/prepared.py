@@ -116,16 +116,20 @@ class ShardedHeadTraining:
 
         Encoder gradients are identical on every rank after DDP; the head's squared norm is summed
         over ranks (one all-reduce of one number), so the norm equals the single-process one."""
-        enc = [p.grad for p in encoder_params if p.grad is not None]
-        head = [p.grad for p in self.params if p.grad is not None]
-        device = accelerator.device
-        enc_sq = torch.nn.utils.get_total_norm(enc).float().square().to(device) if enc else torch.zeros((), device=device)
-        head_sq = (torch.stack([g.float().square().sum() for g in head]).sum() if head
-                   else torch.zeros((), device=device))
-        head_sq = accelerator.reduce(head_sq.reshape(1), "sum")[0] if accelerator.num_processes > 1 else head_sq
-        total = (enc_sq + head_sq).sqrt()
-        torch.nn.utils.clip_grads_with_norm_([p for p in encoder_params if p.grad is not None]
-                                             + [p for p in self.params if p.grad is not None], max_norm, total)
+        params = [p for p in encoder_params + self.params if p.grad is not None]
+        owned = {id(p) for p in self.params}
+
+        def squared_norm(grads: list[Tensor]) -> Tensor:
+            if not grads:
+                return torch.zeros((), device=accelerator.device)
+            return torch.nn.utils.get_total_norm(grads).float().square().to(accelerator.device)
+
+        encoder_sq = squared_norm([p.grad for p in params if id(p) not in owned])
+        head_sq = squared_norm([p.grad for p in params if id(p) in owned])
+        if accelerator.num_processes > 1:
+            head_sq = accelerator.reduce(head_sq.reshape(1), "sum")[0]
+        total = (encoder_sq + head_sq).sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
     def extra_state(self) -> ExtraState:
