@@ -201,6 +201,10 @@ class TrainConfig:
     """poly: exponent of (1 - progress); 1.0 is linear decay."""
     ema_decay: Optional[float] = None
     """Exponential moving average of the weights with this decay, used for evaluation (None: off)."""
+    swa_start: Optional[int] = None
+    """Stochastic weight averaging from this optimizer step on, used for evaluation (None: off)."""
+    swa_every: int = 1
+    """SWA: average the weights every this many optimizer steps."""
     save_every: int = 0
     """Optimizer steps between checkpoints under output_dir/.../checkpoints (0: no checkpoints); the last step is saved too."""
     keep_last: int = 3

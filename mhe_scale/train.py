@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run_face(cfg, accelerator)
         else:
-            print(f"error: data.name={cfg.data.name!r} has no task yet; known: synthetic, xc", file=sys.stderr)
+            print(f"error: data.name={cfg.data.name!r} has no task yet; known: synthetic, xc, xmc_text, face_recordio, face_synthetic", file=sys.stderr)
             return 2
     finally:
         accelerator.end_training()

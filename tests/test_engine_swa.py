@@ -35,3 +35,19 @@ def test_swa_follows_live_weights_before_it_starts():
         model.weight.fill_(3.0)
     swa.update()
     assert swa.samples == 0 and torch.equal(swa.shadows[0], model.weight.detach())
+
+
+def test_build_weight_average_from_config():
+    from mhe_scale.config import load_config
+    from mhe_scale.engine.ema import ExponentialMovingAverage, build_weight_average
+
+    model = nn.Linear(2, 1)
+    assert build_weight_average(model, load_config(None).train) is None
+    ema = build_weight_average(model, load_config(None, ["train.ema_decay=0.9"]).train)
+    assert type(ema) is ExponentialMovingAverage
+    swa = build_weight_average(model, load_config(None, ["train.swa_start=10", "train.swa_every=5"]).train)
+    assert isinstance(swa, StochasticWeightAverage) and (swa.start, swa.every) == (10, 5)
+    import pytest
+
+    with pytest.raises(ValueError, match="not both"):
+        build_weight_average(model, load_config(None, ["train.ema_decay=0.9", "train.swa_start=1"]).train)

@@ -115,3 +115,15 @@ class StochasticWeightAverage(ExponentialMovingAverage):
         self.samples = int(state.pop(self.COUNT_KEY))
         self.steps = int(state.pop(self.STEP_KEY))
         super().load_state_dict(state)
+
+
+def build_weight_average(model: nn.Module, cfg) -> ExponentialMovingAverage | None:
+    """The weight average a TrainConfig asks for: EMA (train.ema_decay), SWA (train.swa_start,
+    train.swa_every) or none; asking for both is an error."""
+    if cfg.ema_decay is not None and cfg.swa_start is not None:
+        raise ValueError("set either train.ema_decay (EMA) or train.swa_start (SWA), not both")
+    if cfg.ema_decay is not None:
+        return ExponentialMovingAverage(model, cfg.ema_decay)
+    if cfg.swa_start is not None:
+        return StochasticWeightAverage(model, cfg.swa_start, cfg.swa_every)
+    return None

@@ -111,7 +111,7 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir)
     start = time.perf_counter()
     metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
-                       desc=f"eval {head_cfg.name}", ema=result.ema)
+                       desc=f"eval {head_cfg.name}", ema=result.ema, accelerator=accelerator)
     costs = {"train s": result.seconds, "eval s": time.perf_counter() - start,
              "samples/s": result.samples_per_second,
              "head params (K)": count_parameters(head) / 1e3,
