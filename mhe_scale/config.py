@@ -234,6 +234,9 @@ class DistConfig:
     replaces the file's stage. None and no deepspeed_config: no DeepSpeed (unless the launcher asked for it)."""
     log_with: Optional[str] = None
     """Experiment tracker: tensorboard (event files under train.output_dir/tensorboard) or None (off)."""
+    shard_head: bool = False
+    """Split the head's classes (or groups, or label table) across all processes (mhe_scale.parallel):
+    fc, partial_fc, mhs and mhc; kept out of DDP / ZeRO with its own optimizer and per-rank files."""
 
 
 @dataclass(kw_only=True)

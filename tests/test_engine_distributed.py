@@ -97,6 +97,27 @@ def test_demo_on_two_processes_matches_one_process(tmp_path):
     assert {"mhp/train/loss", "mhp/train/lr", "mhp/train/samples_per_s", "mhp/eval/P@1", "mhp/eval/nDCG@5"} <= tags
 
 
+def test_demo_with_a_class_sharded_head_matches_one_process(tmp_path):
+    """dist.shard_head=true through the task wiring: the fc head split over 2 processes (kept out of
+    DDP, its own optimizer) trains the same curve as one process holding the whole shard."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    sharded = [*DEMO, "head.name=fc", "head.num_heads=null", "dist.shard_head=true", "train.eval_every=32"]
+    run([sys.executable, "-m", "mhe_scale.train", *sharded, "train.batch_size=64", f"train.output_dir={one}"], {})
+    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port(2),
+         "-m", "mhe_scale.train", *sharded, "train.batch_size=32", f"train.output_dir={two}"],
+        {"ACCELERATE_USE_CPU": "1"})
+    log1, log2 = read_log(one / "fc" / "loss_log.jsonl"), read_log(two / "fc" / "loss_log.jsonl")
+    assert [r["step"] for r in log2] == [r["step"] for r in log1] == list(range(1, 33))
+    close([r["loss"] for r in log2], [r["loss"] for r in log1], rtol=1e-4, atol=1e-5)
+    assert log1[-1]["loss"] < log1[0]["loss"] - 0.5  # it learns
+    res1 = json.loads((one / "results.json").read_text())["fc"]
+    res2 = json.loads((two / "results.json").read_text())["fc"]
+    assert res2["metrics"] == pytest.approx(res1["metrics"], abs=2 / 301)
+    # each rank holds half of the 200 classes: the reported head size is the local shard's
+    assert res2["costs"]["head params (M)"] == pytest.approx(res1["costs"]["head params (M)"] / 2)
+
+
 # ---------------------------------------------------------------- children under torchrun
 def sharded_model(group):
     """Encoder + class-sharded fc head holding the rows of the single-process reference's head."""

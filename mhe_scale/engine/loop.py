@@ -279,7 +279,8 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
         model.head.to(accelerator.device)
         head = ShardedHeadTraining(model.head, head_optimizer, schedule(head_optimizer))  # type: ignore[arg-type]
         extras.insert(0, head.extra_state())
-    ema = build_weight_average(core.classifier, cfg)
+    averaging = cfg.ema_decay is not None or cfg.swa_start is not None  # refused above for sharded heads
+    ema = build_weight_average(core.classifier, cfg) if averaging else None
     schedules = scheduler if head is None else Schedulers(scheduler, head.scheduler)
     if deepspeed:
         save_ds, load_ds = deepspeed_state_hooks(trainable)

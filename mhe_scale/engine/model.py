@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mhe_scale.config import OptimConfig
+from mhe_scale.config import HeadConfig, OptimConfig
 from mhe_scale.heads.base import ClassifierHead, HeadOutput
+from mhe_scale.heads.factory import build_head
 
 
 class Classifier(nn.Module):
@@ -30,16 +31,23 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_optimizer(cfg: OptimConfig, model: Classifier) -> torch.optim.Optimizer:
-    """Two parameter groups, encoder and head (the head may have its own lr)."""
+def _parameter_groups(cfg: OptimConfig, model: Classifier) -> tuple[dict, dict]:
     head_lr = cfg.head_lr if cfg.head_lr is not None else cfg.lr
-    groups = [{"params": list(model.encoder.parameters()), "lr": cfg.lr, "name": "encoder"},
-              {"params": list(model.head.parameters()), "lr": head_lr, "name": "head"}]
+    return ({"params": list(model.encoder.parameters()), "lr": cfg.lr, "name": "encoder"},
+            {"params": list(model.head.parameters()), "lr": head_lr, "name": "head"})
+
+
+def _make_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"optim.name={cfg.name!r} is not supported; choose adamw or sgd")
+
+
+def build_optimizer(cfg: OptimConfig, model: Classifier) -> torch.optim.Optimizer:
+    """Two parameter groups, encoder and head (the head may have its own lr)."""
+    return _make_optimizer(cfg, list(_parameter_groups(cfg, model)))
 
 
 def optimizer_state_numel(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> int:
@@ -50,3 +58,26 @@ def optimizer_state_numel(optimizer: torch.optim.Optimizer, params: list[nn.Para
         if id(p) in wanted:
             total += sum(v.numel() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
     return total
+
+
+def build_run_head(cfg: HeadConfig, shard: bool, in_features: int, num_classes: int, multilabel: bool,
+                   seed: int = 0) -> ClassifierHead:
+    """The head a run trains: class-sharded over all processes when `shard` (dist.shard_head)."""
+    if not shard:
+        return build_head(cfg, in_features, num_classes, multilabel)
+    from mhe_scale.parallel.collectives import world_group
+    from mhe_scale.parallel.factory import build_sharded_head
+
+    return build_sharded_head(cfg, in_features, num_classes, multilabel, world_group(), init_seed=seed)
+
+
+def build_optimizers(cfg: OptimConfig, model: Classifier) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """(optimizer, head_optimizer): one optimizer with encoder and head groups for a replicated
+    head; for a class-sharded head, the encoder's optimizer and a separate one for the shard
+    (which stays out of DDP / ZeRO, see docs/engine.md)."""
+    from mhe_scale.engine.prepared import is_class_sharded
+
+    if not is_class_sharded(model.head):
+        return build_optimizer(cfg, model), None
+    encoder, head = _parameter_groups(cfg, model)
+    return _make_optimizer(cfg, [encoder]), _make_optimizer(cfg, [head])

@@ -25,6 +25,13 @@ def is_sharded(group: ProcessGroup | None) -> bool:
     return group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def world_group() -> ProcessGroup | None:
+    """The default (WORLD) group when torch.distributed runs with more than one rank, else None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
 def get_world_size(group: ProcessGroup | None) -> int:
     """Number of ranks in `group`; 1 for group=None or without torch.distributed."""
     return dist.get_world_size(group) if is_sharded(group) else 1

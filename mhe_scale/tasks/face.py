@@ -36,10 +36,9 @@ from mhe_scale.data.dali_face import DALIRecordDataset, FaceTransform, dali_avai
 from mhe_scale.data.face_dataset import RecordIOFaceDataset, SyntheticFaceDataset
 from mhe_scale.engine.accelerator import is_deepspeed
 from mhe_scale.engine.loop import fit
-from mhe_scale.engine.model import Classifier, build_optimizer, count_parameters, optimizer_state_numel
+from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.verification import evaluate_bin
 from mhe_scale.eval.xmc import format_table
-from mhe_scale.heads.factory import build_head
 from mhe_scale.models.face import FACE_BACKBONES, build_face_backbone
 from mhe_scale.tasks.synthetic import head_label, run_folder
 
@@ -131,9 +130,10 @@ def train_face_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: FaceData,
     """Fresh backbone (same seed for every head) + head; train, verify -> {metrics, costs}."""
     torch.manual_seed(cfg.train.seed)
     backbone = build_face_encoder(cfg.model, cfg.data.image_size)
-    head = build_head(head_cfg, backbone.num_features, data.num_classes, False)
+    head = build_run_head(head_cfg, cfg.dist.shard_head, backbone.num_features, data.num_classes, False,
+                          seed=cfg.train.seed)
     model = Classifier(backbone, head)
-    optimizer = build_optimizer(cfg.optim, model)
+    optimizer, head_optimizer = build_optimizers(cfg.optim, model)
     accelerator.print(f"[{head_label(head_cfg)}] {head!r}")
     paths = list(cfg.eval.verification)
     sizes = {"head params (M)": count_parameters(head) / 1e6,  # before prepare: ZeRO-3 leaves empty partitions
@@ -144,11 +144,12 @@ def train_face_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: FaceData,
             return verify(backbone, paths, cfg.train.eval_batch_size, cfg.data.image_size)
 
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}",
-                 out_dir=Path(cfg.train.output_dir) / folder, eval_fn=verify_now if paths else None, run_name=folder)
+                 out_dir=Path(cfg.train.output_dir) / folder, eval_fn=verify_now if paths else None, run_name=folder,
+                 head_optimizer=head_optimizer)
     metrics = verify_now(result.ema) if paths else {}
     costs = {"train s": result.seconds, "samples/s": result.samples_per_second, **sizes}
     if not is_deepspeed(accelerator):  # ZeRO keeps the optimizer state in flat partitions, not per parameter
-        costs["head optim state (M)"] = optimizer_state_numel(optimizer, list(head.parameters())) / 1e6
+        costs["head optim state (M)"] = optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e6
     costs["final loss"] = result.last_loss
     return {"metrics": metrics, "costs": costs}
 

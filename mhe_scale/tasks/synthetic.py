@@ -14,9 +14,8 @@ from mhe_scale.config import ExperimentConfig, HeadConfig, to_yaml
 from mhe_scale.data.synthetic import make_synthetic
 from mhe_scale.engine.accelerator import is_deepspeed
 from mhe_scale.engine.loop import evaluate, fit
-from mhe_scale.engine.model import Classifier, build_optimizer, count_parameters, optimizer_state_numel
+from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import format_table, inverse_propensity
-from mhe_scale.heads.factory import build_head
 from mhe_scale.models import build_encoder
 
 
@@ -32,9 +31,10 @@ def run_folder(cfg: HeadConfig) -> str:
 def train_one(cfg: ExperimentConfig, head_cfg: HeadConfig, data, accelerator) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     encoder = build_encoder(cfg.model, data.train.inputs.shape[1])
-    head = build_head(head_cfg, encoder.num_features, data.num_classes, data.multilabel)
+    head = build_run_head(head_cfg, cfg.dist.shard_head, encoder.num_features, data.num_classes, data.multilabel,
+                          seed=cfg.train.seed)
     model = Classifier(encoder, head)
-    optimizer = build_optimizer(cfg.optim, model)
+    optimizer, head_optimizer = build_optimizers(cfg.optim, model)
     accelerator.print(f"[{head_cfg.name}] {head!r}")
     run_dir = Path(cfg.train.output_dir) / run_folder(head_cfg)
     propensity = inverse_propensity(data.label_counts, len(data.train))
@@ -45,11 +45,11 @@ def train_one(cfg: ExperimentConfig, head_cfg: HeadConfig, data, accelerator) ->
 
     head_params = count_parameters(head)  # before prepare: ZeRO-3 would leave empty partitions
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
-                 eval_fn=evaluate_now, run_name=run_folder(head_cfg))
+                 eval_fn=evaluate_now, run_name=run_folder(head_cfg), head_optimizer=head_optimizer)
     metrics = evaluate_now(result.ema)
     costs = {"train s": result.seconds, "samples/s": result.samples_per_second, "head params (M)": head_params / 1e6}
     if not is_deepspeed(accelerator):  # ZeRO keeps the optimizer state in flat partitions, not per parameter
-        costs["head optim state (M)"] = optimizer_state_numel(optimizer, list(head.parameters())) / 1e6
+        costs["head optim state (M)"] = optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e6
     costs["final loss"] = result.last_loss
     return {"metrics": metrics, "costs": costs}
 
