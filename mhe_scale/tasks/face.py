@@ -20,7 +20,6 @@ itself, so it is not supported under ZeRO-3 (partitioned weights).
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,14 +30,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig, ModelConfig, to_yaml
+from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig, ModelConfig
 from mhe_scale.data.dali_face import DALIRecordDataset, FaceTransform, dali_available
 from mhe_scale.data.face_dataset import RecordIOFaceDataset, SyntheticFaceDataset
 from mhe_scale.engine.accelerator import is_deepspeed
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.verification import evaluate_bin
-from mhe_scale.eval.xmc import format_table
+from mhe_scale.tasks.report import write_results
 from mhe_scale.models.face import FACE_BACKBONES, build_face_backbone
 from mhe_scale.tasks.synthetic import head_label, run_folder
 
@@ -164,16 +163,5 @@ def run_face(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
     for i, head_cfg in enumerate(runs):
         name = head_label(head_cfg) + (" (baseline)" if i > 0 and head_label(head_cfg) in results else "")
         results[name] = train_face_head(cfg, head_cfg, data, accelerator, run_folder(head_cfg) + ("-baseline" if i else ""))
-    tables = [format_table({k: v["costs"] for k, v in results.items()}, percent=False, digits=3)]
-    if any(v["metrics"] for v in results.values()):
-        tables.insert(0, format_table({k: v["metrics"] for k, v in results.items()}))
-    text = "\n\n".join(tables)
-    accelerator.print("\n" + text)
-    if accelerator.is_main_process:
-        out = Path(cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "results.md").write_text(text + "\n")
-        accelerator.print(f"\nresolved config and results written to {out}/")
+    write_results(cfg, results, accelerator)
     return results

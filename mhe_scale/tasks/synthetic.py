@@ -3,19 +3,19 @@ extreme-label data and print P@k / nDCG@k / PSP@k next to training time and head
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mhe_scale.config import ExperimentConfig, HeadConfig, to_yaml
+from mhe_scale.config import ExperimentConfig, HeadConfig
 from mhe_scale.data.synthetic import make_synthetic
 from mhe_scale.engine.accelerator import is_deepspeed
 from mhe_scale.engine.loop import evaluate, fit
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
-from mhe_scale.eval.xmc import format_table, inverse_propensity
+from mhe_scale.eval.xmc import inverse_propensity
+from mhe_scale.tasks.report import write_results
 from mhe_scale.models import build_encoder
 
 
@@ -64,14 +64,5 @@ def run_synthetic(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any
                       f"({time.perf_counter() - start:.1f}s)")
     runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
     results = {head_label(h): train_one(cfg, h, data, accelerator) for h in runs}
-    metric_table = format_table({k: v["metrics"] for k, v in results.items()})
-    cost_table = format_table({k: v["costs"] for k, v in results.items()}, percent=False, digits=3)
-    accelerator.print("\n" + metric_table + "\n\n" + cost_table)
-    if accelerator.is_main_process:
-        out = Path(cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "results.md").write_text(metric_table + "\n\n" + cost_table + "\n")
-        accelerator.print(f"\nresolved config and results written to {out}/")
+    write_results(cfg, results, accelerator)
     return results

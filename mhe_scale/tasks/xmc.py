@@ -10,7 +10,6 @@ Output layout as the synthetic task: {output_dir}/config.yaml, results.json, res
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig, to_yaml
+from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig
 from mhe_scale.data.xc_format import read_xc_format
 from mhe_scale.data.xmc_dataset import LABEL_ORDERS, XMCDataset, cluster_label_order, idf_weights, relabel
 from mhe_scale.engine.loop import evaluate, fit
 from mhe_scale.engine.model import Classifier, build_optimizer, count_parameters, optimizer_state_numel
-from mhe_scale.eval.xmc import XMCMetrics, format_table, inverse_propensity, label_counts
+from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity, label_counts
 from mhe_scale.heads.factory import build_head
+from mhe_scale.tasks.report import write_results
 from mhe_scale.models import build_encoder
 from mhe_scale.tasks.synthetic import head_label, run_folder
 
@@ -119,22 +119,6 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
              "head optim state (K)": optimizer_state_numel(optimizer, list(head.parameters())) / 1e3,
              "final loss": result.last_loss}
     return {"metrics": metrics, "costs": costs}
-
-
-def write_results(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], accelerator) -> str:
-    """Print the metric and cost tables; save config.yaml, results.json, results.md (main process)."""
-    metric_table = format_table({k: v["metrics"] for k, v in results.items()})
-    cost_table = format_table({k: v["costs"] for k, v in results.items() if v["costs"]}, percent=False, digits=3)
-    text = metric_table + "\n\n" + cost_table
-    accelerator.print("\n" + text)
-    if accelerator.is_main_process:
-        out = Path(cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "results.md").write_text(text + "\n")
-        accelerator.print(f"\nresolved config and results written to {out}/")
-    return text
 
 
 def run_xmc(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:

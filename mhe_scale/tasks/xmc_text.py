@@ -118,7 +118,7 @@ def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCDa
 
 def run_xmc_text(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
     """Train cfg.head (and cfg.eval.baseline if set) on the text corpus at cfg.data.path; print and save tables."""
-    from mhe_scale.tasks.xmc import write_results
+    from mhe_scale.tasks.report import write_results
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model.path)

@@ -1,0 +1,31 @@
+"""How every task reports a run: print the tables, save the resolved config and the results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mhe_scale.config import ExperimentConfig, to_yaml
+from mhe_scale.eval.xmc import format_table
+
+
+def write_results(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], accelerator) -> str:
+    """results {run name: {"metrics": {...}, "costs": {...}}} -> a metric table (percent) and a cost
+    table, printed; config.yaml, results.json and results.md saved by the main process."""
+    tables = []
+    if any(v["metrics"] for v in results.values()):
+        tables.append(format_table({k: v["metrics"] for k, v in results.items()}))
+    costs = {k: v["costs"] for k, v in results.items() if v["costs"]}
+    if costs:
+        tables.append(format_table(costs, percent=False, digits=3))
+    text = "\n\n".join(tables)
+    accelerator.print("\n" + text)
+    if accelerator.is_main_process:
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(text + "\n")
+        accelerator.print(f"\nresolved config and results written to {out}/")
+    return text
