@@ -22,9 +22,8 @@ from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig
 from mhe_scale.data.xc_format import read_xc_format
 from mhe_scale.data.xmc_dataset import LABEL_ORDERS, XMCDataset, cluster_label_order, idf_weights, relabel
 from mhe_scale.engine.loop import evaluate, fit
-from mhe_scale.engine.model import Classifier, build_optimizer, count_parameters, optimizer_state_numel
+from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity, label_counts
-from mhe_scale.heads.factory import build_head
 from mhe_scale.tasks.report import write_results
 from mhe_scale.models import build_encoder
 from mhe_scale.tasks.synthetic import head_label, run_folder
@@ -103,12 +102,14 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
     Checkpoints and the loss log go to output_dir/folder (default: named after the head)."""
     torch.manual_seed(cfg.train.seed)
     encoder = build_encoder(cfg.model, data.num_features)
-    head = build_head(head_cfg, encoder.num_features, data.num_classes, data.multilabel)
+    head = build_run_head(head_cfg, cfg.dist.shard_head, encoder.num_features, data.num_classes, data.multilabel,
+                          seed=cfg.train.seed)
     model = Classifier(encoder, head)
-    optimizer = build_optimizer(cfg.optim, model)
+    optimizer, head_optimizer = build_optimizers(cfg.optim, model)
     accelerator.print(f"[{head_label(head_cfg)}] {head!r}")
     run_dir = Path(cfg.train.output_dir) / (folder or run_folder(head_cfg))  # per head: checkpoints, loss log
-    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir)
+    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
+                 head_optimizer=head_optimizer)
     start = time.perf_counter()
     metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
                        desc=f"eval {head_cfg.name}", ema=result.ema, accelerator=accelerator)
@@ -116,7 +117,7 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
              "samples/s": result.samples_per_second,
              "head params (K)": count_parameters(head) / 1e3,
              "encoder params (K)": count_parameters(encoder) / 1e3,
-             "head optim state (K)": optimizer_state_numel(optimizer, list(head.parameters())) / 1e3,
+             "head optim state (K)": optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e3,
              "final loss": result.last_loss}
     return {"metrics": metrics, "costs": costs}
 

@@ -24,9 +24,8 @@ from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig
 from mhe_scale.data.xmc_text import (TokenizedTextDataset, detect_format, load_text_splits, tokenize,
                                      write_label_map)
 from mhe_scale.engine.loop import evaluate, fit
-from mhe_scale.engine.model import Classifier, build_optimizer, count_parameters, optimizer_state_numel
+from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity
-from mhe_scale.heads.factory import build_head
 from mhe_scale.models.text import build_text_encoder, load_tokenizer
 from mhe_scale.tasks.synthetic import head_label, run_folder
 
@@ -96,12 +95,14 @@ def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCDa
     """Fresh encoder from the pretrained weights (same seed for every head) + the head; train, evaluate."""
     torch.manual_seed(cfg.train.seed)
     encoder = build_text_encoder(cfg.model)
-    head = build_head(head_cfg, encoder.num_features, data.num_classes, multilabel=True)
+    head = build_run_head(head_cfg, cfg.dist.shard_head, encoder.num_features, data.num_classes, True,
+                          seed=cfg.train.seed)
     model = Classifier(encoder, head)
-    optimizer = build_optimizer(cfg.optim, model)
+    optimizer, head_optimizer = build_optimizers(cfg.optim, model)
     accelerator.print(f"[{head_label(head_cfg)}] {type(encoder.model).__name__}({encoder.extra_repr()})\n{head!r}")
     run_dir = Path(cfg.train.output_dir) / (folder or run_folder(head_cfg))
-    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir)
+    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
+                 head_optimizer=head_optimizer)
     start = time.perf_counter()
     metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
                        desc=f"eval {head_cfg.name}", ema=result.ema, accelerator=accelerator)
@@ -111,7 +112,7 @@ def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCDa
              "head params (K)": count_parameters(head) / 1e3,
              "encoder params (M)": count_parameters(encoder) / 1e6,
              "encoder trainable (M)": trainable / 1e6,
-             "head optim state (K)": optimizer_state_numel(optimizer, list(head.parameters())) / 1e3,
+             "head optim state (K)": optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e3,
              "final loss": result.last_loss}
     return {"metrics": metrics, "costs": costs}
 
