@@ -8,7 +8,7 @@ Costs D*C parameters: this is the head that does not scale, kept as the referenc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,22 @@ def build_margin(cosine: bool, margin: Sequence[float] | None, scale: float,
         return None
     m1, m2, m3 = margin if margin is not None else (1.0, 0.0, 0.0)
     return CombinedMargin(scale, m1, m2, m3, straight_through)
+
+
+def class_logits(features: Tensor, weight: Tensor, bias: Tensor | None, margin: CombinedMargin | None,
+                 target_cols: Callable[[], Tensor] | None = None) -> Tensor:
+    """features [B, D] x weight [N, D] -> logits [B, N] in fp32 (fp64 stays).
+
+    margin None: plain F W^T + b. Otherwise cosine logits through the margin; `target_cols()`
+    gives the rows' target columns (LongTensor [B], -1 none, or BoolTensor [B, N]) and is only
+    called then; without it (prediction) the logits are the scaled cosines.
+    """
+    if margin is None:
+        return F.linear(upcast(features), upcast(weight), None if bias is None else upcast(bias))
+    cos = cosine_similarity(features, weight)
+    if target_cols is None:
+        return cos * margin.scale
+    return margin(cos, target_cols())
 
 
 def cosine_similarity(features: Tensor, weight: Tensor) -> Tensor:
@@ -72,14 +88,9 @@ class FullyConnectedHead(ClassifierHead):
 
     def logits(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
         """features [B, D] -> logits [B, C] in fp32; the margin applies only when targets are given."""
-        if not self.cosine:
-            return F.linear(upcast(features), upcast(self.weight), None if self.bias is None else upcast(self.bias))
-        assert self.margin is not None
-        cos = cosine_similarity(features, self.weight)
-        if targets is None:
-            return cos * self.margin.scale
-        mask = multi_hot(targets, self.num_classes).bool() if self.multilabel else targets
-        return self.margin(cos, mask)
+        cols = None if targets is None else (
+            lambda: multi_hot(targets, self.num_classes).bool() if self.multilabel else targets)
+        return class_logits(features, self.weight, self.bias, self.margin, cols)
 
     def forward(self, features: Tensor, targets: Tensor) -> HeadOutput:
         self.check_inputs(features, targets)

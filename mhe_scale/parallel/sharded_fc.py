@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from mhe_scale.heads.base import HeadOutput, upcast
-from mhe_scale.heads.linear import build_margin, cosine_similarity
+from mhe_scale.heads.base import HeadOutput
+from mhe_scale.heads.linear import build_margin, class_logits, cosine_similarity
 from mhe_scale.heads.partial_fc import sample_classes
 from mhe_scale.parallel.losses import local_multi_hot, sharded_bce_with_logits, sharded_cross_entropy, sharded_topk
 from mhe_scale.parallel.sharded_heads import (ShardedHead, block_seed, distinct_per_rank, global_logsumexp,
@@ -70,14 +70,9 @@ class ShardedFullyConnectedHead(ShardedHead):
     def local_logits(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
         """Global batch features [B, D] -> this rank's logits [B, C_r] fp32 (fp64 stays); the margin
         applies when the global targets are given."""
-        if not self.cosine:
-            return F.linear(upcast(features), upcast(self.weight), None if self.bias is None else upcast(self.bias))
-        assert self.margin is not None
-        cos = cosine_similarity(features, self.weight)
-        if targets is None:
-            return cos * self.margin.scale
-        mask = local_multi_hot(targets, self.plan).bool() if self.multilabel else self.plan.to_local(targets)
-        return self.margin(cos, mask)
+        cols = None if targets is None else (
+            lambda: local_multi_hot(targets, self.plan).bool() if self.multilabel else self.plan.to_local(targets))
+        return class_logits(features, self.weight, self.bias, self.margin, cols)
 
     def forward(self, features: Tensor, targets: Tensor) -> HeadOutput:
         """features [b_r, D], targets [b_r] or [b_r, L] -> the global mean loss (same on every rank)."""
