@@ -33,11 +33,10 @@ from torch.utils.data import Dataset
 from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig, ModelConfig
 from mhe_scale.data.dali_face import DALIRecordDataset, FaceTransform, dali_available
 from mhe_scale.data.face_dataset import RecordIOFaceDataset, SyntheticFaceDataset
-from mhe_scale.engine.accelerator import is_deepspeed
 from mhe_scale.engine.loop import fit
-from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
+from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
 from mhe_scale.eval.verification import evaluate_bin
-from mhe_scale.tasks.report import write_results
+from mhe_scale.tasks.report import training_costs, write_results
 from mhe_scale.models.face import FACE_BACKBONES, build_face_backbone
 from mhe_scale.tasks.synthetic import head_label, run_folder
 
@@ -146,11 +145,7 @@ def train_face_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: FaceData,
                  out_dir=Path(cfg.train.output_dir) / folder, eval_fn=verify_now if paths else None, run_name=folder,
                  head_optimizer=head_optimizer)
     metrics = verify_now(result.ema) if paths else {}
-    costs = {"train s": result.seconds, "samples/s": result.samples_per_second, **sizes}
-    if not is_deepspeed(accelerator):  # ZeRO keeps the optimizer state in flat partitions, not per parameter
-        costs["head optim state (M)"] = optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e6
-    costs["final loss"] = result.last_loss
-    return {"metrics": metrics, "costs": costs}
+    return {"metrics": metrics, "costs": training_costs(result, head, optimizer, head_optimizer, accelerator, **sizes)}
 
 
 def run_face(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:

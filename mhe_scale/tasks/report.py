@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from mhe_scale.config import ExperimentConfig, to_yaml
+from mhe_scale.engine.accelerator import is_deepspeed
+from mhe_scale.engine.model import optimizer_state_numel
 from mhe_scale.eval.xmc import format_table
 
 
@@ -29,3 +34,14 @@ def write_results(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], acc
         (out / "results.md").write_text(text + "\n")
         accelerator.print(f"\nresolved config and results written to {out}/")
     return text
+
+
+def training_costs(result, head: nn.Module, optimizer: torch.optim.Optimizer,
+                   head_optimizer: torch.optim.Optimizer | None, accelerator, **sizes: float) -> dict[str, float]:
+    """The cost columns of a run: time, throughput, the given sizes, the head's optimizer state
+    (in millions of elements) and the last logged loss."""
+    costs = {"train s": result.seconds, "samples/s": result.samples_per_second, **sizes}
+    if not is_deepspeed(accelerator):  # ZeRO keeps the optimizer state in flat partitions, not per parameter
+        costs["head optim state (M)"] = optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e6
+    costs["final loss"] = result.last_loss
+    return costs

@@ -11,11 +11,10 @@ import torch
 
 from mhe_scale.config import ExperimentConfig, HeadConfig
 from mhe_scale.data.synthetic import make_synthetic
-from mhe_scale.engine.accelerator import is_deepspeed
 from mhe_scale.engine.loop import evaluate, fit
-from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
+from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
 from mhe_scale.eval.xmc import inverse_propensity
-from mhe_scale.tasks.report import write_results
+from mhe_scale.tasks.report import training_costs, write_results
 from mhe_scale.models import build_encoder
 
 
@@ -47,10 +46,8 @@ def train_one(cfg: ExperimentConfig, head_cfg: HeadConfig, data, accelerator) ->
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
                  eval_fn=evaluate_now, run_name=run_folder(head_cfg), head_optimizer=head_optimizer)
     metrics = evaluate_now(result.ema)
-    costs = {"train s": result.seconds, "samples/s": result.samples_per_second, "head params (M)": head_params / 1e6}
-    if not is_deepspeed(accelerator):  # ZeRO keeps the optimizer state in flat partitions, not per parameter
-        costs["head optim state (M)"] = optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e6
-    costs["final loss"] = result.last_loss
+    costs = training_costs(result, head, optimizer, head_optimizer, accelerator,
+                           **{"head params (M)": head_params / 1e6})
     return {"metrics": metrics, "costs": costs}
 
 
