@@ -155,6 +155,8 @@ class HeadConfig:
     """mhc single-label: groups searched at prediction."""
     label_bias: Optional[bool] = None
     """mhc: per-label bias."""
+    level_weights: Optional[list[float]] = None
+    """mhc: loss weight of each level (group level first); default all 1."""
 
 
 @dataclass(kw_only=True)

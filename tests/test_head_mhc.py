@@ -45,8 +45,9 @@ def ref_logit(head, f, h, code):
     return z + head.prefix_bias[h - 1][code] if head.prefix_bias is not None else z
 
 
-def naive_multilabel(head, features, targets, k):
+def naive_multilabel(head, features, targets, k, weights=None):
     """Loss and, per row and level < H-1, the kept prefix codes (one row at a time)."""
+    weights = weights or [1.0] * len(head.sizes)
     sizes, c, depth = head.sizes, head.num_classes, len(head.sizes)
     strides, n = layout(sizes, c)
     sums, counts, kept_all = [0.0] * depth, [0] * depth, []
@@ -72,11 +73,12 @@ def naive_multilabel(head, features, targets, k):
             row_kept.append(sorted(s[0] for s in kept))
             cands = [(p * sizes[h + 1] + j, path) for p, path, _ in kept for j in range(sizes[h + 1])]
         kept_all.append(row_kept)
-    return sum(s / n_ for s, n_ in zip(sums, counts)), kept_all
+    return sum(w * s / n_ for w, s, n_ in zip(weights, sums, counts)), kept_all
 
 
-def naive_single(head, features, targets):
+def naive_single(head, features, targets, weights=None):
     sizes, c, depth = head.sizes, head.num_classes, len(head.sizes)
+    weights = weights or [1.0] * depth
     strides, n = layout(sizes, c)
     total = 0.0
     for i in range(features.shape[0]):
@@ -88,7 +90,7 @@ def naive_single(head, features, targets):
                 parent = y // strides[h - 1]
                 codes = [parent * sizes[h] + j for j in range(sizes[h]) if parent * sizes[h] + j < n[h]]
             z = torch.stack([ref_logit(head, features[i], h, code) for code in codes])
-            total = total - F.log_softmax(z, 0)[codes.index(y // strides[h])]
+            total = total - weights[h] * F.log_softmax(z, 0)[codes.index(y // strides[h])]
     return total / features.shape[0]
 
 
@@ -157,27 +159,32 @@ def test_cascade_keeps_true_prefixes_and_hard_negatives(sizes, c, k):
 @pytest.mark.parametrize("sizes,c", CASES)
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("label_bias", [True, False])
-def test_multilabel_loss_and_grads_match_naive(sizes, c, k, label_bias):
-    head = make_head(sizes, c, True, top_k_groups=k, label_bias=label_bias)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_multilabel_loss_and_grads_match_naive(sizes, c, k, label_bias, weighted):
+    weights = [0.25 + 0.5 * h for h in range(len(sizes))] if weighted else None
+    head = make_head(sizes, c, True, top_k_groups=k, label_bias=label_bias, level_weights=weights)
     features, targets = make_batch(2, 6, c, True)
     features.requires_grad_(True)
     out = head(features, targets)
-    ref, _ = naive_multilabel(head, features, targets, k)
+    ref, _ = naive_multilabel(head, features, targets, k, weights)
     assert out.loss.dtype == torch.float64
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-10)
-    assert sum(out.metrics.values()).item() == pytest.approx(ref.item(), rel=1e-10)
+    level_sum = sum(w * x for w, x in zip(head.level_weights, out.metrics.values()))  # metrics: unweighted terms
+    assert level_sum.item() == pytest.approx(ref.item(), rel=1e-10)
     for g, r in zip(grads(out.loss, head, features), grads(ref, head, features)):
         assert torch.allclose(g, r, atol=1e-10)
 
 
 @pytest.mark.parametrize("sizes,c", CASES)
-def test_single_label_loss_and_grads_match_naive(sizes, c):
-    head = make_head(sizes, c, False)
+@pytest.mark.parametrize("weights", [None, "zero_first"])
+def test_single_label_loss_and_grads_match_naive(sizes, c, weights):
+    weights = [0.0] + [1.5] * (len(sizes) - 1) if weights else None
+    head = make_head(sizes, c, False, level_weights=weights)
     features, targets = make_batch(3, 8, c, False)
     targets[0] = c - 1  # the label next to the padding codes
     features.requires_grad_(True)
     out = head(features, targets)
-    ref = naive_single(head, features, targets)
+    ref = naive_single(head, features, targets, weights)
     assert out.loss.item() == pytest.approx(ref.item(), rel=1e-10)
     for g, r in zip(grads(out.loss, head, features), grads(ref, head, features)):
         assert torch.allclose(g, r, atol=1e-10)
@@ -295,6 +302,10 @@ def test_num_groups_convention_and_factorize_default():
     (dict(top_k_groups=0), "top_k_groups must be >= 1"),
     (dict(hidden=0), "hidden must be >= 1"),
     (dict(beam=0), "beam must be >= 1"),
+    (dict(sizes=[4, 3], level_weights=[1.0]), "level_weights must be 2 finite"),
+    (dict(sizes=[4, 3], level_weights=[-0.1, 1.0]), "level_weights must be 2 finite"),
+    (dict(sizes=[4, 3], level_weights=[0.0, 0.0]), "not all zero"),
+    (dict(sizes=[4, 3], level_weights=[float("nan"), 1.0]), "level_weights must be 2 finite"),
 ])
 def test_bad_configuration_errors_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):

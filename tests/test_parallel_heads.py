@@ -56,7 +56,7 @@ CASES = {
     "mhs_eval": (MultiHeadSamplingHead, ShardedMultiHeadSamplingHead, 23, dict(mode="batch_union", bias=True, **MHS),
                  False, False),
     "mhc_ml": (MultiHeadCascadeHead, ShardedMultiHeadCascadeHead, 23,
-               dict(multilabel=True, sizes=(5, 5), top_k_groups=2, hidden=4), True, True),
+               dict(multilabel=True, sizes=(5, 5), top_k_groups=2, hidden=4, level_weights=(0.3, 1.0)), True, True),
     "mhc_sl": (MultiHeadCascadeHead, ShardedMultiHeadCascadeHead, 23, dict(sizes=(5, 5), hidden=4, beam=3),
                False, True),
     "mhc_sl3": (MultiHeadCascadeHead, ShardedMultiHeadCascadeHead, 23, dict(sizes=(3, 3, 3), hidden=4, beam=2),

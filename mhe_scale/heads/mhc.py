@@ -11,7 +11,9 @@ selected or returned.
 Multi-label (BCE): every level keeps K = top_k_groups prefixes. In training the row's true prefixes
 come first (a row with more than K keeps the K with the best path score), then the best-scoring
 false ones (hard negatives, LightXML style). Loss = sum_h mean over level h's real candidates of
-BCE(logit, is-true); level 0's candidates are all groups. Path score = sum_h logsigmoid(logit_h),
+BCE(logit, is-true); level 0's candidates are all groups. `level_weights` w_h scale the terms
+(default all 1): the levels share the encoder, and on small label sets an unweighted group term
+can dominate it (docs/benchmarks.md, Bibtex). Path score = sum_h logsigmoid(logit_h),
 for two levels log(sigmoid(group) * sigmoid(label)); selection and prediction rank by it.
 Single-label (CE, teacher forcing, K = 1): CE over all groups + sum_h CE over the children of the
 row's true prefix. Path score = sum_h log_softmax over siblings.
@@ -22,6 +24,7 @@ Memory per step: O(B * n_0 + B * K * c_h * hidden), never O(B * C).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,6 +67,17 @@ def select_candidates(scores: Tensor, is_true: Tensor, k: int) -> Tensor:
     return order.gather(1, truth_first[:, :k])
 
 
+def check_level_weights(weights: Sequence[float] | None, levels: int) -> list[float]:
+    """One finite weight >= 0 per level, not all zero; None -> all 1."""
+    if weights is None:
+        return [1.0] * levels
+    out = [float(w) for w in weights]
+    if len(out) != levels or not all(math.isfinite(w) and w >= 0 for w in out) or not any(out):
+        raise ValueError(f"mhc level_weights must be {levels} finite numbers >= 0 (one per level, not all "
+                         f"zero), got {list(weights)}; e.g. {[0.3] + [1.0] * (levels - 1)}")
+    return out
+
+
 @dataclass
 class CascadeLevel:
     """What one level scored in training: prefix codes [B, M], logits [B, M] (garbage where not
@@ -88,18 +102,20 @@ class MultiHeadCascadeHead(ClassifierHead):
         hidden: width of the projections and prefix embeddings of levels 1..H-1.
         beam: prefixes kept per level by predict; default 10 single-label, top_k_groups multi-label.
         label_bias: a learned bias per prefix on levels 1..H-1.
+        level_weights: w_h >= 0 per level, loss = sum_h w_h * loss_h; default all 1.
     """
 
     def __init__(self, in_features: int, num_classes: int, multilabel: bool = False,
                  sizes: Sequence[int] | None = None, num_heads: int = 2, num_groups: int | None = None,
                  top_k_groups: int = 10, hidden: int = 300, beam: int | None = None,
-                 label_bias: bool = True) -> None:
+                 label_bias: bool = True, level_weights: Sequence[float] | None = None) -> None:
         super().__init__(in_features, num_classes, multilabel)
         for name, value in (("top_k_groups", top_k_groups), ("hidden", hidden), ("beam", beam)):
             if value is not None and value < 1:
                 raise ValueError(f"mhc {name} must be >= 1, got {value}")
         self.codec = LabelCodec(cascade_sizes(num_classes, sizes, num_heads, num_groups), num_classes)
         self.sizes = list(self.codec.sizes)
+        self.level_weights = check_level_weights(level_weights, len(self.sizes))
         self.num_prefixes = [-(-num_classes // s) for s in self.codec.strides]  # n_h; last = C
         self.top_k_groups = int(top_k_groups)
         self.hidden = int(hidden)
@@ -121,7 +137,8 @@ class MultiHeadCascadeHead(ClassifierHead):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, sizes={self.sizes}, prefixes={self.num_prefixes}, "
-                f"top_k_groups={self.top_k_groups}, hidden={self.hidden}, beam={self.beam}")
+                f"top_k_groups={self.top_k_groups}, hidden={self.hidden}, beam={self.beam}, "
+                f"level_weights={self.level_weights}")
 
     # ------------------------------------------------------------------ scoring pieces
     def _dtype(self, features: Tensor) -> torch.dtype:
@@ -219,7 +236,7 @@ class MultiHeadCascadeHead(ClassifierHead):
             digits = self.codec.encode(targets.long(), check=False)  # position of the true child
             for h, lv in enumerate(levels):
                 losses.append(F.cross_entropy(lv.logits.masked_fill(~lv.valid, float("-inf")), digits[:, h]))
-        loss = torch.stack(losses).sum()
+        loss = sum(w * x for w, x in zip(self.level_weights, losses))
         return HeadOutput(loss, {f"loss_level{h}": x.detach() for h, x in enumerate(losses)})
 
     # ------------------------------------------------------------------ prediction

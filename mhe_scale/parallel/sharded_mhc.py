@@ -126,10 +126,11 @@ class ShardedMultiHeadCascadeHead(ShardedMixin, MultiHeadCascadeHead):
     def __init__(self, in_features: int, num_classes: int, multilabel: bool = False,
                  sizes: Sequence[int] | None = None, num_heads: int = 2, num_groups: int | None = None,
                  top_k_groups: int = 10, hidden: int = 300, beam: int | None = None, label_bias: bool = True,
-                 group: ProcessGroup | None = None, grad_scale: float | None = None, init_seed: int = 0) -> None:
+                 level_weights: Sequence[float] | None = None, group: ProcessGroup | None = None,
+                 grad_scale: float | None = None, init_seed: int = 0) -> None:
         with torch.device("meta"):  # the single-process head would allocate the full [C, hidden] table
             super().__init__(in_features, num_classes, multilabel, sizes, num_heads, num_groups, top_k_groups,
-                             hidden, beam, label_bias)
+                             hidden, beam, label_bias, level_weights)
         self.embed = nn.ModuleList(list(self.embed)[:-1])  # the last level lives in self.table
         if self.prefix_bias is not None:
             self.prefix_bias = nn.ParameterList(list(self.prefix_bias)[:-1])
