@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,11 +45,20 @@ def head_configs(cfg: Any, names: list[str]) -> list[Any]:
     return out
 
 
+def average(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean metrics and costs over seeds, plus the standard deviation of P@1 and the runs themselves."""
+    mean = lambda key: {k: statistics.fmean(r[key][k] for r in runs) for k in runs[0][key]}  # noqa: E731
+    return {"metrics": mean("metrics"), "costs": mean("costs"), "seeds": len(runs),
+            "p1_std": statistics.pstdev(r["metrics"]["P@1"] for r in runs), "runs": runs}
+
+
 def markdown(rows: dict[str, dict[str, Any]]) -> str:
     lines = ["| head | " + " | ".join(COLUMNS) + " | train s | eval s | head params | encoder params trained |",
              "|---|" + "---:|" * (len(COLUMNS) + 4)]
     for name, row in rows.items():
         cells = [f"{100 * row['metrics'][c]:.2f}" for c in COLUMNS]
+        if row.get("seeds", 1) > 1:
+            cells[0] += f" ± {100 * row['p1_std']:.2f}"
         costs = row.get("costs") or {}
         extra = [f"{costs['train s']:.0f}", f"{costs['eval s']:.0f}", f"{round(costs['head params (K)'] * 1e3):,}",
                  f"{costs['encoder trainable (M)']:.2f}M of {costs['encoder params (M)']:.2f}M"] if costs else ["-"] * 4
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--freeze-layers", type=int, default=5, help="frozen lower MiniLM layers (of 6)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="train.seed values; the table gives means (P@1 also ± its std over seeds)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="HF datasets cache (default: datasets' own)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/bench_xmc_reuters"))
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -95,13 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     for head_cfg in head_configs(cfg, args.heads):
         label = head_cfg.name if head_cfg.sizes is None and head_cfg.num_groups is None else \
             f"{head_cfg.name} {head_cfg.sizes or [head_cfg.num_groups, -(-data.num_classes // head_cfg.num_groups)]}"
-        rows[label] = train_text_head(cfg, head_cfg, data, accelerator)
-        m, c = rows[label]["metrics"], rows[label]["costs"]
-        print(f"  {label}: P@1 {100 * m['P@1']:.2f}  P@5 {100 * m['P@5']:.2f}  train {c['train s']:.0f}s", flush=True)
+        runs = []
+        for seed in args.seeds:
+            runs.append(train_text_head(load_config(CONFIG, [*overrides, f"train.seed={seed}"]), head_cfg, data,
+                                        accelerator))
+            m, c = runs[-1]["metrics"], runs[-1]["costs"]
+            print(f"  {label} seed {seed}: P@1 {100 * m['P@1']:.2f}  P@5 {100 * m['P@5']:.2f}  "
+                  f"train {c['train s']:.0f}s", flush=True)
+        rows[label] = average(runs)
     rows["most frequent (train)"] = {"metrics": popularity_metrics(data, list(cfg.eval.ks))}
     table = markdown(rows)
     print(f"\n{table}\n\n(total {time.perf_counter() - start:.0f}s, torch {torch.__version__}, {args.threads} "
-          f"thread(s), {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})")
+          f"thread(s), {platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, seeds {args.seeds}"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "") + ")")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
