@@ -218,6 +218,10 @@ class TrainConfig:
     eval_every: int = 0
     """Optimizer steps between evaluations on the test set during training (0: only at the end);
     the metrics go to the trackers (dist.log_with) and to eval_log.jsonl in the run's folder."""
+    num_workers: int = 0
+    """DataLoader worker processes that build the training batches (0: the training process itself).
+    Use them when batches are costly to make (decoding face images with PIL); the data order and
+    the datasets' own per-point randomness (seeded by index) do not depend on it."""
 
 
 @dataclass(kw_only=True)

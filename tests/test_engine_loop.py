@@ -99,6 +99,38 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class WorkerStampedData(torch.utils.data.Dataset):
+    """tiny_data that notes in a file which loader worker built each point ('main' if none)."""
+
+    def __init__(self, data: SyntheticSplit, stamp: Path) -> None:
+        self.data, self.stamp = data, stamp
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        info = torch.utils.data.get_worker_info()
+        with open(self.stamp, "a") as f:
+            f.write(f"{'main' if info is None else info.id}\n")
+        return self.data[i]
+
+
+def test_loader_workers_change_nothing_but_who_builds_the_batches(tmp_path):
+    runs = {}
+    for workers in (0, 2):
+        model = tiny_model("mhp", dropout=0.2)
+        optimizer = build_optimizer(OptimConfig(lr=5e-3), model)
+        cfg = train_cfg(epochs=2.5, num_workers=workers)  # three loader passes, the last one cut short
+        data = WorkerStampedData(tiny_data(100), tmp_path / f"stamp{workers}")
+        fit(model, optimizer, data, cfg, Accelerator(cpu=True), out_dir=tmp_path / f"w{workers}")
+        runs[workers] = (read_log(tmp_path / f"w{workers}" / "loss_log.jsonl"), flat_params(model))
+    assert set((tmp_path / "stamp0").read_text().split()) == {"main"}
+    assert set((tmp_path / "stamp2").read_text().split()) == {"0", "1"}
+    assert [r["step"] for r in runs[0][0]] == list(range(1, 16))
+    assert runs[2][0] == runs[0][0]
+    assert torch.equal(runs[2][1], runs[0][1])
+
+
 # ---------------------------------------------------------------- gradient accumulation
 def test_k_micro_batches_give_the_update_of_one_big_batch(tmp_path):
     data = tiny_data(64)
@@ -215,6 +247,7 @@ def test_bad_config_values_name_the_key(tmp_path):
     model = tiny_model("fc")
     optimizer = build_optimizer(OptimConfig(), model)
     for kw, key in (({"grad_accum_steps": 0}, "grad_accum_steps"), ({"resume": "yes"}, "resume"),
-                    ({"clip_grad_norm": 0.0}, "clip_grad_norm"), ({"batch_size": 500}, "batch_size")):
+                    ({"clip_grad_norm": 0.0}, "clip_grad_norm"), ({"batch_size": 500}, "batch_size"),
+                    ({"num_workers": -1}, "num_workers")):
         with pytest.raises(ValueError, match=key):
             fit(model, optimizer, tiny_data(64), train_cfg(**kw), Accelerator(cpu=True), out_dir=tmp_path)

@@ -127,7 +127,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     for key in ("batch_size", "grad_accum_steps", "log_every"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"train.{key}={getattr(cfg, key)} must be >= 1")
-    for key in ("save_every", "keep_last", "eval_every"):
+    for key in ("save_every", "keep_last", "eval_every", "num_workers"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key}={getattr(cfg, key)} must be >= 0")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
@@ -295,7 +295,8 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
     accelerator.print(f"{desc}: {plan}")
     sampler = EpochBatchSampler(len(train_set), plan, accelerator.process_index, progress.sampler_seed)
     # its own generator: creating an iterator must not draw from the global RNG (resume would shift it)
-    loader = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed),
+                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     main = accelerator.is_main_process
     prefix = f"{run_name}/" if run_name else ""
     log = StepLog(run_dir / "loss_log.jsonl" if cfg.loss_log and main else None, progress.step, accelerator, desc,
