@@ -88,6 +88,11 @@ class DataConfig:
     """'xmc_text': keep only the first N training documents (smoke runs); None = all."""
     max_test_points: Optional[int] = None
     """'xmc_text': keep only the first N test documents (smoke runs); None = all."""
+    streaming: bool = False
+    """'xmc_text': read the training split as a stream while training (nothing cached; one counting pass
+    first) instead of caching it as Arrow files; the test split is cached either way."""
+    shuffle_buffer: int = 10000
+    """'xmc_text' streaming: rows in the seeded shuffle buffer (<= 1: file order every epoch)."""
 
 
 @dataclass(kw_only=True)

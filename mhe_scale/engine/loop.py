@@ -5,8 +5,9 @@ and steps the optimizer(s), the lr schedule(s) and the EMA once per optimizer st
 `grad_accum_steps` micro-batches, when `accelerator.sync_gradients`). What gets prepared and what
 stays outside (a class-sharded head) is in prepared.py; how the Accelerator is built (DeepSpeed,
 mixed precision, trackers) in accelerator.py. Derived numbers live in a frozen TrainPlan. Data
-order is a pure function of (seed, epoch), so a resumed run reads exactly the batches an
-uninterrupted one would. Host syncs happen only at log, save and evaluation steps.
+order is a pure function of (seed, epoch) (a streamed training set, stream.BatchStream, promises
+the same), so a resumed run reads exactly the batches an uninterrupted one would. Host syncs
+happen only at log, save and evaluation steps.
 See docs/engine.md for checkpoint contents and resume semantics.
 """
 
@@ -18,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from mhe_scale.engine.model import Classifier
 from mhe_scale.engine.prepared import (EncoderOnly, EncoderThenHead, Schedulers, ShardedHeadTraining,
                                        check_optimizers, is_class_sharded)
 from mhe_scale.engine.schedule import build_scheduler, check_schedule
+from mhe_scale.engine.stream import BatchStream
 from mhe_scale.eval.xmc import XMCMetrics
 
 EvalFn = Callable[[ExponentialMovingAverage | None], dict[str, float]]
@@ -232,6 +235,27 @@ def _refuse_unsupported(cfg: TrainConfig, accelerator, sharded: bool) -> None:
                                   "unscaled; use bf16")
 
 
+def train_loader(train_set: Dataset, plan: TrainPlan, cfg: TrainConfig, rank: int,
+                 seed: int) -> tuple[DataLoader, Callable[[int, int], None]]:
+    """The DataLoader of this rank's training micro-batches and set_position(epoch, start_step),
+    called before each pass: index batches of a map-style dataset, or a BatchStream's own batches."""
+    # every loader has its own generator: creating an iterator must not draw from the global RNG
+    # (a resumed run would then see other dropout masks)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if not isinstance(train_set, BatchStream):
+        sampler = EpochBatchSampler(len(train_set), plan, rank, seed)
+        loader = DataLoader(train_set, batch_sampler=sampler, generator=generator, num_workers=cfg.num_workers,
+                            persistent_workers=cfg.num_workers > 0)
+        return loader, sampler.set_position
+    if cfg.num_workers > 1:
+        raise ValueError(f"train.num_workers={cfg.num_workers}: every worker would read the whole stream "
+                         f"({type(train_set).__name__}), repeating its rows; use 0 or 1 for a streamed training set")
+    position = partial(train_set.set_position, micro_per_epoch=plan.steps_per_epoch * plan.grad_accum_steps,
+                       grad_accum_steps=plan.grad_accum_steps, rank=rank, world=plan.num_processes,
+                       micro_batch=plan.micro_batch, seed=seed)
+    return DataLoader(train_set, batch_size=None, num_workers=cfg.num_workers, generator=generator), position
+
+
 def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset, cfg: TrainConfig,
         accelerator, desc: str = "train", out_dir: str | Path | None = None,
         extra_state: Sequence[ExtraState] = (), step_callback: Callable[[int], None] | None = None,
@@ -293,10 +317,7 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
     resumed = None if info is None else progress.step
     info = info or {}
     accelerator.print(f"{desc}: {plan}")
-    sampler = EpochBatchSampler(len(train_set), plan, accelerator.process_index, progress.sampler_seed)
-    # its own generator: creating an iterator must not draw from the global RNG (resume would shift it)
-    loader = DataLoader(train_set, batch_sampler=sampler, generator=torch.Generator().manual_seed(cfg.seed),
-                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    loader, set_position = train_loader(train_set, plan, cfg, accelerator.process_index, progress.sampler_seed)
     main = accelerator.is_main_process
     prefix = f"{run_name}/" if run_name else ""
     log = StepLog(run_dir / "loss_log.jsonl" if cfg.loss_log and main else None, progress.step, accelerator, desc,
@@ -315,7 +336,7 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
     trainable.train()
     model.head.train()
     while step < plan.total_steps:
-        sampler.set_position(epoch, batch)
+        set_position(epoch, batch)
         for inputs, targets in loader:
             inputs, targets = send_to_device((inputs, targets), accelerator.device)  # nested inputs too
             inputs = cast_floating(inputs, cast)

@@ -4,7 +4,8 @@ baseline head, e.g. full BCE `fc`), fine-tuned end to end and scored with P@k, n
     mhe-scale train configs/xmc/reuters_minilm.yaml [head.name=mhp ...]
 
 Data: data.text_format raw | jsonl | reuters (see mhe_scale.data.xmc_text), tokenised once with the
-model's own tokenizer into the datasets cache. The engine's loop feeds the model
+model's own tokenizer into the datasets cache; with data.streaming=true the training split is read
+and tokenised as training goes instead (mhe_scale.data.text_stream). The engine's loop feeds the model
 (inputs = {input_ids, attention_mask}, targets [B, L] padded with -1): TokenizedTextDataset pads
 each batch to its longest member in `__getitems__`, so fit / evaluate need no collate argument.
 Output as the other tasks: {output_dir}/config.yaml, results.json, results.md, plus label_map.json.
@@ -21,8 +22,9 @@ import torch
 from torch import Tensor
 
 from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig
-from mhe_scale.data.xmc_text import (TokenizedTextDataset, detect_format, load_text_splits, tokenize,
-                                     write_label_map)
+from mhe_scale.data.text_stream import TextBatchStream, count_rows_and_labels
+from mhe_scale.data.xmc_text import (TextFormatError, TokenizedTextDataset, detect_format, jsonl_label_names,
+                                     label_names, load_text_splits, split_rows, tokenize, write_label_map)
 from mhe_scale.engine.loop import evaluate, fit
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity
@@ -37,7 +39,7 @@ POPULARITY = "most frequent (train)"
 class TextXMCData:
     """Tokenised splits of a text corpus and the training label statistics."""
 
-    train: TokenizedTextDataset
+    train: TokenizedTextDataset | TextBatchStream
     test: TokenizedTextDataset
     label_names: list[str]
     label_counts: Tensor
@@ -66,6 +68,8 @@ def resolve_text_path(path: str | None) -> Path:
 def load_text_xmc(cfg: DataConfig, tokenizer: Any) -> TextXMCData:
     """Read, split (reuters), tokenise (cached) and count labels; propensities from the training split."""
     path = resolve_text_path(cfg.path)
+    if cfg.streaming:
+        return load_streamed_text_xmc(cfg, path, tokenizer)
     splits = load_text_splits(cfg.text_format, path, list(cfg.text_fields), cfg.test_fraction, cfg.seed, cfg.cache_dir)
     out = []
     for ds, limit in ((splits.train, cfg.max_train_points), (splits.test, cfg.max_test_points)):
@@ -79,6 +83,32 @@ def load_text_xmc(cfg: DataConfig, tokenizer: Any) -> TextXMCData:
     counts = torch.bincount(flat, minlength=num_classes)
     w = inverse_propensity(counts, len(train), cfg.propensity_a, cfg.propensity_b)
     return TextXMCData(train, test, splits.label_names, counts, w)
+
+
+def load_streamed_text_xmc(cfg: DataConfig, path: Path, tokenizer: Any) -> TextXMCData:
+    """data.streaming: the training split as a TextBatchStream (one counting pass), the test split cached."""
+    fmt = detect_format(path) if cfg.text_format == "auto" else cfg.text_format
+    common = dict(text_fields=list(cfg.text_fields), test_fraction=cfg.test_fraction, seed=cfg.seed,
+                  cache_dir=cfg.cache_dir)
+    rows = split_rows(fmt, path, "train", streaming=True, **common)
+    if cfg.max_train_points is not None:
+        rows = rows.take(int(cfg.max_train_points))
+    test_rows = split_rows(fmt, path, "test", **common)
+    if cfg.max_test_points is not None:
+        test_rows = test_rows.select(range(min(int(cfg.max_test_points), len(test_rows))))
+    num_train, counts = count_rows_and_labels(rows)
+    names = label_names(fmt, path, test=test_rows)
+    if counts.numel() > len(names):
+        if fmt != "jsonl" or jsonl_label_names(path) is not None:
+            raise TextFormatError(f"{path}: the training split uses label id {counts.numel() - 1} but the corpus "
+                                  f"names only {len(names)} labels")
+        names = names + [str(i) for i in range(len(names), counts.numel())]  # ids without a label file
+    counts = torch.cat([counts, counts.new_zeros(len(names) - counts.numel())])
+    test = TokenizedTextDataset(tokenize(test_rows, tokenizer, cfg.max_length, cfg.num_proc, cfg.cache_dir),
+                                tokenizer.pad_token_id or 0)
+    train = TextBatchStream(rows, num_train, tokenizer, cfg.max_length, cfg.shuffle_buffer)
+    w = inverse_propensity(counts, num_train, cfg.propensity_a, cfg.propensity_b)
+    return TextXMCData(train, test, names, counts, w)
 
 
 def popularity_metrics(data: TextXMCData, ks: list[int]) -> dict[str, float]:
