@@ -1,6 +1,9 @@
 """fit on a BatchStream (a training set read as a stream): the same run as the map-style dataset it
 streams, an exact resume mid-epoch, and clear errors. Tiny CPU models, one thread."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from mhe_scale.engine import build_optimizer, fit
 from mhe_scale.engine.loop import epoch_permutation
 from mhe_scale.engine.stream import BatchStream, StreamTooShortError
 
-from test_engine_loop import flat_params, read_log, tiny_data, tiny_model, train_cfg
+from test_engine_loop import REPO, flat_params, read_log, tiny_data, tiny_model, train_cfg
 
 
 class TensorStream(BatchStream):
@@ -98,3 +101,37 @@ def test_a_stream_shorter_than_declared_names_epoch_and_rank(tmp_path):
 def test_stream_refuses_several_loader_workers(tmp_path):
     with pytest.raises(ValueError, match="num_workers=2.*repeating its rows"):
         train(TensorStream(tiny_data(100)), tmp_path, num_workers=2)
+
+
+# ---------------------------------------------------------------- two processes (gloo, DDP)
+def child_two_ranks(out: str) -> None:
+    """Under torchrun: each rank reads its own rows of the stream; DDP averages the gradients."""
+    torch.set_num_threads(1)
+    acc = Accelerator(cpu=True)
+    model = tiny_model("mhp")
+    optimizer = build_optimizer(OptimConfig(lr=5e-3), model)
+    fit(model, optimizer, TensorStream(tiny_data(100)), train_cfg(epochs=2.0, batch_size=8), acc, out_dir=out)
+    Path(f"{out}/params-{acc.process_index}.json").write_text(json.dumps(flat_params(model).tolist()))
+
+
+def test_two_ranks_read_disjoint_rows_and_train_like_one_process_with_their_union(tmp_path):
+    # rank r reads positions r, r + 2, ... of the epoch's order in micro-batches of 8, so step j of
+    # the two ranks covers positions [16 j, 16 j + 16): the batch of one process at batch size 16
+    model = tiny_model("mhp")
+    fit(model, build_optimizer(OptimConfig(lr=5e-3), model), TensorStream(tiny_data(100)),
+        train_cfg(epochs=2.0, batch_size=16), Accelerator(cpu=True), out_dir=tmp_path / "one")
+    script = tmp_path / "child.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+                      f"from test_engine_stream import child_two_ranks; child_two_ranks({str(tmp_path / 'two')!r})\n")
+    env = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29950 + hash(str(tmp_path)) % 40), str(script)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = read_log(tmp_path / "one" / "loss_log.jsonl"), read_log(tmp_path / "two" / "loss_log.jsonl")
+    assert [r["step"] for r in two] == list(range(1, 13))  # 100 // 16 = 6 steps per epoch
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]),
+                               rtol=1e-5, atol=1e-6)
+    ranks = [torch.tensor(json.loads((tmp_path / "two" / f"params-{r}.json").read_text())) for r in (0, 1)]
+    assert torch.equal(ranks[0], ranks[1])
+    torch.testing.assert_close(ranks[0], flat_params(model), rtol=1e-4, atol=1e-5)

@@ -52,7 +52,8 @@ STALE = re.compile(r"^(ckpt-\d{8,}\.tmp-\d+|step-\d{8,}\.old-\d+)$")
 @dataclass(frozen=True)
 class ExtraState:
     """State outside the replicated model, saved and loaded by EVERY process into the checkpoint
-    folder (e.g. a class-sharded head writes `head-rank{r}.safetensors` with its class range).
+    folder (e.g. a class-sharded head writes `head-shard-{r}-of-{W}.safetensors`, its rows and class
+    range).
     Files they write are covered by the manifest. `save(dir)` runs after the barrier that follows
     the folder's creation; `load(dir)` runs after the model and optimizer are restored."""
 

@@ -13,7 +13,8 @@ the features itself, with the xW backward that undoes the backbone's gradient av
 `ShardedHeadTraining` holds its optimizer and lr schedule, steps them only when
 `accelerator.sync_gradients`, clips with the global norm over encoder and every shard, and saves /
 loads each rank's shard (+ optimizer state) through an ExtraState (mhe_scale.parallel.checkpoint:
-per-rank files that reshard on load).
+per-rank files that reshard on load), plus the state of a sampling head's own generator so that a
+resumed run draws the same groups / negatives as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -133,14 +134,18 @@ class ShardedHeadTraining:
         return total
 
     def extra_state(self) -> ExtraState:
-        """This rank's `head-shard-{rank}-of-{W}.safetensors` (rows, class range, optimizer state)."""
+        """This rank's `head-shard-{rank}-of-{W}.safetensors` (rows, class range, optimizer state) and,
+        for a head that samples, `head-rng-rank{rank}-of-{W}.safetensors` (its generator's state)."""
         from mhe_scale.parallel.checkpoint import load_head_shard, save_head_shard
+        from mhe_scale.parallel.head_rng import load_head_rng, save_head_rng
 
         def save(folder: Path) -> None:
             save_head_shard(folder, self.head, self.optimizer)
+            save_head_rng(folder, self.head)
 
         def load(folder: Path) -> None:
             load_head_shard(folder, self.head, self.optimizer)
+            load_head_rng(folder, self.head)
 
         return ExtraState("class-sharded head", save, load)
 
