@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from mhe_scale.config import load_config
-from mhe_scale.data import xmc_text
-from mhe_scale.data.xmc_text import (TextFormatError, TokenizedTextDataset, collate_text, detect_format,
-                                     iter_text_batches, load_text_splits, pad_ragged, read_label_map,
-                                     reuters_split, split_rows, tokenize, write_label_map)
+from mhe_scale.data import text_batches
+from mhe_scale.data.text_batches import TokenizedTextDataset, collate_text, iter_text_batches, pad_ragged, tokenize
+from mhe_scale.data.xmc_text import (TextFormatError, detect_format, load_text_splits, read_label_map, reuters_split,
+                                     split_rows, write_label_map)
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["grain", "wheat", "oil", "crude", "gold", "money", "ship", "trade"]
@@ -184,7 +184,7 @@ def test_tokenize_second_load_is_a_cache_hit(tmp_path, tokenizer, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("tokenised again although the cache holds this split")
 
-    monkeypatch.setattr(xmc_text, "_tokenize_batch", refuse)
+    monkeypatch.setattr(text_batches, "_tokenize_batch", refuse)
     again = tokenize(load_text_splits("raw", tmp_path / "data", cache_dir=cache).train, tokenizer, 6, cache_dir=cache)
     assert again.cache_files == first.cache_files and list(again["input_ids"]) == want
     with pytest.raises(Exception):  # another max_length is another cache entry: tokenises (and refuses)

@@ -1,8 +1,8 @@
 """Training on a raw-text XMC corpus read as a stream (`data.streaming=true`): nothing is cached.
 
-The map-style path (xmc_text.load_text_splits + tokenize) writes the corpus and its tokens to
-memory-mapped Arrow files once and then reads them at random; that needs disk for them and a
-full pass before the first step. Streaming reads the text files as training goes: per epoch the
+The map-style path (xmc_text.load_text_splits + text_batches.tokenize) writes the corpus and its
+tokens to memory-mapped Arrow files once and then reads them at random; that needs disk for them
+and a full pass before the first step. Streaming reads the text files as training goes: per epoch the
 rows pass a shuffle buffer (`datasets.IterableDataset.shuffle`) seeded by (seed, epoch), rank r of
 W keeps every W-th row after it (`split_dataset_by_node`), tokenises them lazily and yields full
 micro-batches. `engine.fit` drives it as a `BatchStream`: one counting pass up front
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mhe_scale.data.xmc_text import iter_text_batches, tokenize
+from mhe_scale.data.text_batches import iter_text_batches, tokenize
 from mhe_scale.engine.stream import BatchStream
 
 
@@ -43,7 +43,7 @@ class TextBatchStream(BatchStream):
     Args:
         rows: `split_rows(..., streaming=True)`: a datasets.IterableDataset of {text, labels}.
         num_rows: rows in one pass (count_rows_and_labels).
-        tokenizer, max_length: as xmc_text.tokenize.
+        tokenizer, max_length: as text_batches.tokenize.
         shuffle_buffer: rows held by the shuffle buffer (<= 1: the file order every epoch).
     """
 
