@@ -195,6 +195,9 @@ def test_aligned_crops_recover_the_canonical_face(mini) -> None:
     m = similarity_transform(lm)
     assert (apply_transform(m, lm.double()) - ARCFACE_TEMPLATE).abs().max() < 1e-3  # 4-decimal landmarks
     faces = AlignedFaces(root / "IJBC/loose_crop", names, lm)
+    bgr_faces = AlignedFaces(root / "IJBC/loose_crop", names, lm, channels="bgr")
+    with pytest.raises(ValueError, match="channels='gbr'"):
+        AlignedFaces(root / "IJBC/loose_crop", names, lm, channels="gbr")
     ys, xs = np.mgrid[0:112, 0:112].astype(np.float64)
     for i in range(0, len(names), 7):
         want = canonical_face(xs, ys, info["faces"][i][3]).clip(0, 255) / 127.5 - 1
@@ -206,6 +209,8 @@ def test_aligned_crops_recover_the_canonical_face(mini) -> None:
         inside = (sx >= 1) & (sx <= w - 2) & (sy >= 1) & (sy <= h - 2)
         err = np.abs(got - want)[inside]
         assert err.mean() < 0.03 and inside.mean() > 0.6, (i, err.mean())
+        bgr = bgr_faces[i].permute(1, 2, 0).numpy()  # channel 0 is blue: the third function of the face
+        assert np.abs(bgr - want[..., ::-1])[inside].mean() < 0.03 and np.abs(bgr - want)[inside].mean() > 0.1
 
 
 # ---------------------------------------------------------------- readers

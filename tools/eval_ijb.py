@@ -6,7 +6,9 @@
 
 --root holds IJBC/ (or IJBB/) in insightface's layout (meta/ + loose_crop/; see mhe_scale/eval/ijb.py).
 --model-module 'package.module:function' or 'path/to/file.py:function': the function (called with
---model-kwargs) returns an nn.Module mapping aligned faces [B, 3, 112, 112] (RGB, in [-1, 1]) to [B, D].
+--model-kwargs) returns an nn.Module mapping aligned faces [B, 3, 112, 112] in [-1, 1] to [B, D];
+channels RGB, as this project's face readers feed them in training, or BGR with --channels bgr
+(models trained on OpenCV-decoded images).
 --features skips extraction: a .npy [N, D] of per-face features (model(x) + model(flip x)) in the
 order of the face_tid_mid file; --save-features writes the extracted ones in that format.
 Writes to --out: results.json, scores.npy (one score per line of the pair file), roc.png.
@@ -64,7 +66,7 @@ def face_features(args: argparse.Namespace, paths: dict, names: list[str], need_
                              f"{paths['faces']}), got {tuple(feats.shape)}")
     else:
         model = load_model(args.model_module, json.loads(args.model_kwargs))
-        faces = AlignedFaces(paths["images"], names, lm)
+        faces = AlignedFaces(paths["images"], names, lm, channels=args.channels)
         feats = extract_features(model, faces, args.batch_size, args.device, not args.no_flip, args.num_workers)
         if args.save_features is not None:
             np.save(args.save_features, feats.numpy())
@@ -141,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--face-score", action="store_true", help="weight each face by its detector score")
     p.add_argument("--keep-norm", action="store_true", help="do not L2-normalise faces before pooling")
     p.add_argument("--no-flip", action="store_true", help="features of the image only, without its mirror")
+    p.add_argument("--channels", choices=("rgb", "bgr"), default="rgb",
+                   help="channel order fed to the model: rgb for models trained here (the RecordIO readers "
+                        "decode to RGB), bgr for models trained on OpenCV-decoded images")
     p.add_argument("--far-rule", choices=("at_most", "nearest"), default="at_most",
                    help="TAR@FAR read-out: best TAR with FAR <= target, or insightface's nearest-FAR point")
     p.add_argument("--batch-size", type=int, default=128, help="faces per forward pass")

@@ -95,10 +95,14 @@ def warp_pil(image: Image.Image, m: Tensor | np.ndarray, size: tuple[int, int] =
     return image.transform((size[1], size[0]), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR)
 
 
-def to_model_input(image: Image.Image) -> Tensor:
-    """RGB PIL image -> float [3, H, W] in [-1, 1] ((x / 255 - 0.5) / 0.5)."""
+CHANNEL_ORDERS = ("rgb", "bgr")
+
+
+def to_model_input(image: Image.Image, channels: str = "rgb") -> Tensor:
+    """PIL image -> float [3, H, W] in [-1, 1] ((x / 255 - 0.5) / 0.5), channels in `channels` order."""
     arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    x = arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return x.flip(0) if channels == "bgr" else x
 
 
 class AlignedFaces(Dataset):
@@ -110,10 +114,15 @@ class AlignedFaces(Dataset):
         landmarks: [N, 5, 2] (x, y) pixel coordinates in each image.
         template: target points [5, 2] in the output crop.
         size: output (H, W).
+        channels: "rgb" (what this project's face readers feed in training) or "bgr" (OpenCV order,
+            what models trained on cv2-decoded images expect).
     """
 
     def __init__(self, folder: str | os.PathLike, names: Sequence[str], landmarks: Tensor,
-                 template: Tensor = ARCFACE_TEMPLATE, size: tuple[int, int] = (112, 112)) -> None:
+                 template: Tensor = ARCFACE_TEMPLATE, size: tuple[int, int] = (112, 112),
+                 channels: str = "rgb") -> None:
+        if channels not in CHANNEL_ORDERS:
+            raise ValueError(f"channels={channels!r}: choose one of {CHANNEL_ORDERS}")
         if landmarks.shape != (len(names), template.shape[0], 2):
             raise ValueError(f"landmarks must be [{len(names)}, {template.shape[0]}, 2] (one set per name), "
                              f"got {tuple(landmarks.shape)}")
@@ -121,6 +130,7 @@ class AlignedFaces(Dataset):
         self.names = list(names)
         self.transforms = similarity_transform(landmarks, template)  # [N, 2, 3], all at once
         self.size = size
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.names)
@@ -132,4 +142,4 @@ class AlignedFaces(Dataset):
                 img = img.convert("RGB")
         except OSError as err:
             raise OSError(f"{path}: cannot read image {i} ({err}); check the image folder") from err
-        return to_model_input(warp_pil(img, self.transforms[i], self.size))
+        return to_model_input(warp_pil(img, self.transforms[i], self.size), self.channels)
