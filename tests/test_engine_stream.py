@@ -58,19 +58,25 @@ class Interrupt(Exception):
     pass
 
 
+def stop_then_resume(data, out: Path, stop: int, **cfg):
+    """Train until `stop` raises after step `stop`, then resume with a fresh stream -> (result, model, stream)."""
+    def interrupt(step: int) -> None:
+        if step == stop:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(TensorStream(data), out, interrupt, **cfg)
+    stream = TensorStream(data)
+    result, model = train(stream, out, **cfg)
+    return result, model, stream
+
+
 def test_resume_mid_epoch_replays_the_stream_to_the_same_run(tmp_path):
     data = tiny_data(100)
     cfg = dict(epochs=2.0, batch_size=8, save_every=4, resume="auto")  # 12 steps per epoch, 24 in all
     _, reference = train(TensorStream(data), tmp_path / "ref", **cfg)
-
-    def stop_at_15(step: int) -> None:
-        if step == 15:  # epoch 1, batch 3; the newest checkpoint is step 12 (= epoch 1, batch 0)
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(TensorStream(data), tmp_path / "run", stop_at_15, **cfg)
-    stream = TensorStream(data)
-    result, resumed = train(stream, tmp_path / "run", **cfg)
+    # stopped at epoch 1, batch 3; the newest checkpoint is step 12 (= epoch 1, batch 0)
+    result, resumed, stream = stop_then_resume(data, tmp_path / "run", 15, **cfg)
     assert result.resumed_from == 12 and result.steps == 12
     assert stream.batches_made == 12  # epoch 1 read once, from its start: nothing skipped at step 12
     assert read_log(tmp_path / "run" / "loss_log.jsonl") == read_log(tmp_path / "ref" / "loss_log.jsonl")
@@ -78,17 +84,8 @@ def test_resume_mid_epoch_replays_the_stream_to_the_same_run(tmp_path):
 
 
 def test_resume_inside_an_epoch_skips_what_was_trained(tmp_path):
-    data = tiny_data(100)
     cfg = dict(epochs=1.0, batch_size=8, save_every=5, resume="auto")  # 12 steps, checkpoint at 5
-
-    def stop_at_7(step: int) -> None:
-        if step == 7:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(TensorStream(data), tmp_path / "run", stop_at_7, **cfg)
-    stream = TensorStream(data)
-    result, _ = train(stream, tmp_path / "run", **cfg)
+    result, _, stream = stop_then_resume(tiny_data(100), tmp_path / "run", 7, **cfg)
     assert result.resumed_from == 5 and result.steps == 7
     assert stream.batches_made == 12  # batches 0-4 read again and dropped, 5-11 trained
 

@@ -12,7 +12,7 @@ from mhe_scale.data.text_stream import TextBatchStream, count_rows_and_labels
 from mhe_scale.data.xmc_text import split_rows
 from mhe_scale.tasks.xmc_text import load_text_xmc
 
-from test_xmc_text import REPO, WORDS, toy_raw, write_raw
+from test_xmc_text import REPO, WORDS, toy_raw, train_on_toy_corpus, write_raw
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +83,8 @@ def test_streamed_data_has_the_cached_statistics(tmp_path, tokenizer):
 
 
 def test_streamed_text_task_end_to_end(tmp_path):
-    from mhe_scale.train import main
-
-    toy_raw(tmp_path / "data", n_train=32, n_test=12)
-    out = tmp_path / "run"
-    code = main([str(REPO / "configs" / "xmc" / "reuters_minilm.yaml"), f"data.path={tmp_path / 'data'}",
-                 "data.text_format=raw", "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}",
-                 "data.streaming=true", "data.shuffle_buffer=16", "head.num_groups=3", "head.top_k_groups=2",
-                 "head.hidden=16", "eval.baseline=null", "train.batch_size=8", "train.eval_batch_size=16",
-                 "train.epochs=2", "train.log_every=1", "train.threads=1", f"train.output_dir={out}"])
-    assert code == 0
+    out = train_on_toy_corpus(tmp_path, "data.streaming=true", "data.shuffle_buffer=16", "eval.baseline=null",
+                              "train.epochs=2", "train.log_every=1")
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"mhc", "most frequent (train)"}
     assert all(0.0 <= v <= 1.0 for v in results["mhc"]["metrics"].values())

@@ -301,7 +301,8 @@ def test_text_configs_load_and_heads_cover_the_labels(name):
             assert sizes[0] * sizes[1] >= c and sizes[0] * sizes[1] - c < sizes[1]  # no all-padding group
 
 
-def test_text_task_end_to_end(tmp_path):
+def train_on_toy_corpus(tmp_path: Path, *overrides: str) -> Path:
+    """The Reuters MiniLM config on a 32 + 12 document toy corpus, tiny head; returns the run folder."""
     from mhe_scale.train import main
 
     toy_raw(tmp_path / "data", n_train=32, n_test=12)
@@ -309,8 +310,14 @@ def test_text_task_end_to_end(tmp_path):
     code = main([str(REPO / "configs" / "xmc" / "reuters_minilm.yaml"), f"data.path={tmp_path / 'data'}",
                  "data.text_format=raw", "data.max_length=32", f"data.cache_dir={tmp_path / 'cache'}",
                  "head.num_groups=3", "head.top_k_groups=2", "head.hidden=16", "train.batch_size=8",
-                 "train.eval_batch_size=16", "train.epochs=1", "train.threads=1", f"train.output_dir={out}"])
+                 "train.eval_batch_size=16", "train.epochs=1", "train.threads=1", f"train.output_dir={out}",
+                 *overrides])
     assert code == 0
+    return out
+
+
+def test_text_task_end_to_end(tmp_path):
+    out = train_on_toy_corpus(tmp_path)
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"mhc", "fc", "most frequent (train)"}
     for row in results.values():
