@@ -46,6 +46,39 @@ def sample_groups_per_row(groups: Tensor, num_groups: int, num_sampled: int,
     return scores.topk(count, dim=1).indices  # sorted: the true group is column 0
 
 
+def finish_logits(logits: Tensor, margin: nn.Module | None, cols: Tensor | None) -> Tensor:
+    """Cosine heads (margin given): the margin at target columns `cols`, or just its scale when there
+    are none; plain logits (margin None) pass through."""
+    if margin is None:
+        return logits
+    if cols is None or logits.shape[1] == 0:
+        return logits * margin.scale
+    return margin(logits, cols)
+
+
+def shared_group_logits(weight: Tensor, bias: Tensor | None, features: Tensor, groups: Tensor,
+                        margin: nn.Module | None, cols: Tensor | None = None) -> Tensor:
+    """weight [G, c_2, D]: one softmax for all rows over the codes of `groups` [N] -> [B, N * c_2]
+    fp32 (padding not masked); cosine logits when `margin` is given, else linear (+ bias)."""
+    rows = weight[groups].flatten(0, 1)
+    if margin is not None:
+        return finish_logits(cosine_similarity(features, rows), margin, cols)
+    return F.linear(upcast(features), upcast(rows), None if bias is None else upcast(bias[groups].flatten()))
+
+
+def per_row_group_logits(weight: Tensor, bias: Tensor | None, features: Tensor, groups: Tensor,
+                         margin: nn.Module | None, cols: Tensor) -> Tensor:
+    """Per-row groups [B, M] -> [B, M * c_2] fp32 by a gather + bmm (padding not masked)."""
+    rows = upcast(weight[groups].flatten(1, 2))  # [B, M * c_2, D]
+    feats = upcast(features)
+    if margin is not None:
+        rows, feats = F.normalize(rows, dim=2), F.normalize(feats, dim=1)
+    logits = torch.bmm(rows, feats.unsqueeze(2)).squeeze(2)
+    if margin is not None:
+        return finish_logits(logits, margin, cols)
+    return logits if bias is None else logits + upcast(bias[groups].flatten(1))
+
+
 @register_head("mhs")
 class MultiHeadSamplingHead(ClassifierHead):
     """Args:
@@ -109,30 +142,15 @@ class MultiHeadSamplingHead(ClassifierHead):
                 f"num_sampled_groups={self.num_sampled_groups}, cosine={self.cosine}")
 
     def _finish(self, cos_or_logits: Tensor, cols: Tensor | None) -> Tensor:
-        """Cosine heads: apply the margin at target columns (or just the scale when cols is None)."""
-        if not self.cosine:
-            return cos_or_logits
-        assert self.margin is not None
-        return cos_or_logits * self.margin.scale if cols is None else self.margin(cos_or_logits, cols)
+        return finish_logits(cos_or_logits, self.margin if self.cosine else None, cols)
 
     def group_logits(self, features: Tensor, groups: Tensor, cols: Tensor | None = None) -> Tensor:
         """Shared softmax over the codes of `groups` [N] -> logits [B, N * c_2] fp32 (padding not masked)."""
-        rows = self.weight[groups].flatten(0, 1)
-        if self.cosine:
-            return self._finish(cosine_similarity(features, rows), cols)
-        bias = None if self.bias is None else upcast(self.bias[groups].flatten())
-        return F.linear(upcast(features), upcast(rows), bias)
+        return shared_group_logits(self.weight, self.bias, features, groups, self.margin if self.cosine else None, cols)
 
     def row_logits(self, features: Tensor, groups: Tensor, cols: Tensor) -> Tensor:
         """Per-row groups [B, M] -> logits [B, M * c_2] fp32 via a gather + bmm (padding not masked)."""
-        rows = upcast(self.weight[groups].flatten(1, 2))  # [B, M * c_2, D]
-        feats = upcast(features)
-        if self.cosine:
-            rows, feats = F.normalize(rows, dim=2), F.normalize(feats, dim=1)
-        logits = torch.bmm(rows, feats.unsqueeze(2)).squeeze(2)
-        if self.cosine:
-            return self._finish(logits, cols)
-        return logits if self.bias is None else logits + upcast(self.bias[groups].flatten(1))
+        return per_row_group_logits(self.weight, self.bias, features, groups, self.margin if self.cosine else None, cols)
 
     def sampled_logits(self, features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training softmax -> (logits [B, N] fp32 with padding at -inf, target column [B],

@@ -30,8 +30,9 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from mhe_scale.heads.base import HeadOutput, pad_topk, upcast
-from mhe_scale.heads.linear import build_margin, cosine_similarity
-from mhe_scale.heads.mhs import MHS_MODES, PREDICT_CHUNK_COLUMNS, sample_groups_per_row
+from mhe_scale.heads.linear import build_margin
+from mhe_scale.heads.mhs import (MHS_MODES, PREDICT_CHUNK_COLUMNS, per_row_group_logits, sample_groups_per_row,
+                                  shared_group_logits)
 from mhe_scale.heads.partial_fc import sample_classes
 from mhe_scale.labels.codec import LabelCodec, factorize
 from mhe_scale.parallel.sharded_heads import (ShardedHead, block_seed, distinct_per_rank, global_logaddexp, init_rows_,
@@ -107,14 +108,6 @@ class ShardedMultiHeadSamplingHead(ShardedHead):
         return self.generator
 
     # ------------------------------------------------------------------ scoring pieces (local groups)
-    def _finish(self, cos_or_logits: Tensor, cols: Tensor | None) -> Tensor:
-        if not self.cosine:
-            return cos_or_logits
-        assert self.margin is not None
-        if cols is None or cos_or_logits.shape[1] == 0:  # no columns here: nothing to put a margin on
-            return cos_or_logits * self.margin.scale
-        return self.margin(cos_or_logits, cols)
-
     def _codes(self, local_groups: Tensor) -> Tensor:
         """Local group indices [...] -> global codes [..., c_2] flattened into the last dim."""
         members = torch.arange(self.group_size, device=local_groups.device)
@@ -122,25 +115,14 @@ class ShardedMultiHeadSamplingHead(ShardedHead):
 
     def shared_logits(self, features: Tensor, local_groups: Tensor, cols: Tensor | None = None) -> Tensor:
         """One softmax for all rows over local groups [N] -> [B, N * c_2] fp32, padding codes -inf."""
-        rows = self.weight[local_groups].flatten(0, 1)
-        if self.cosine:
-            logits = self._finish(cosine_similarity(features, rows), cols)
-        else:
-            bias = None if self.bias is None else upcast(self.bias[local_groups].flatten())
-            logits = F.linear(upcast(features), upcast(rows), bias)
+        logits = shared_group_logits(self.weight, self.bias, features, local_groups,
+                                     self.margin if self.cosine else None, cols)
         return logits.masked_fill(self._codes(local_groups) >= self.num_classes, NEG_INF)
 
     def row_logits(self, features: Tensor, local_groups: Tensor, cols: Tensor) -> Tensor:
         """Per-row local groups [B, m] -> [B, m * c_2] fp32 (gather + bmm), padding codes -inf."""
-        rows = upcast(self.weight[local_groups].flatten(1, 2))  # [B, m * c_2, D]
-        feats = upcast(features)
-        if self.cosine:
-            rows, feats = F.normalize(rows, dim=2), F.normalize(feats, dim=1)
-        logits = torch.bmm(rows, feats.unsqueeze(2)).squeeze(2)
-        if self.cosine:
-            logits = self._finish(logits, cols)
-        elif self.bias is not None:
-            logits = logits + upcast(self.bias[local_groups].flatten(1))
+        logits = per_row_group_logits(self.weight, self.bias, features, local_groups,
+                                      self.margin if self.cosine else None, cols)
         return logits.masked_fill(self._codes(local_groups) >= self.num_classes, NEG_INF)
 
     # ------------------------------------------------------------------ the three softmaxes
