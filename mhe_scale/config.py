@@ -210,6 +210,9 @@ class TrainConfig:
     """Exponential moving average of the weights with this decay, used for evaluation (None: off)."""
     swa_start: Optional[int] = None
     """Stochastic weight averaging from this optimizer step on, used for evaluation (None: off)."""
+    swa_start_epoch: Optional[float] = None
+    """SWA from this epoch on (LightXML's swa_warmup), converted to a step with the run's steps per
+    epoch; give it or swa_start, not both."""
     swa_every: int = 1
     """SWA: average the weights every this many optimizer steps."""
     save_every: int = 0

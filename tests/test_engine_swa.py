@@ -51,3 +51,27 @@ def test_build_weight_average_from_config():
 
     with pytest.raises(ValueError, match="not both"):
         build_weight_average(model, load_config(None, ["train.ema_decay=0.9", "train.swa_start=1"]).train)
+    by_epoch = load_config(None, ["train.swa_start_epoch=2.5", "train.swa_every=3"]).train
+    swa = build_weight_average(model, by_epoch, steps_per_epoch=38)
+    assert isinstance(swa, StochasticWeightAverage) and (swa.start, swa.every) == (95, 3)
+    with pytest.raises(ValueError, match="steps per epoch"):
+        build_weight_average(model, by_epoch)
+    with pytest.raises(ValueError, match="not both"):
+        build_weight_average(model, load_config(None, ["train.swa_start_epoch=1", "train.swa_start=1"]).train, 4)
+
+
+def test_fit_starts_swa_at_the_epoch_asked(tmp_path):
+    from accelerate import Accelerator
+
+    from mhe_scale.config import OptimConfig
+    from mhe_scale.engine import build_optimizer, fit
+    from test_engine_loop import tiny_data, tiny_model, train_cfg
+
+    shadows = {}
+    for name, kw in (("epoch", {"swa_start_epoch": 1.5}), ("step", {"swa_start": 9})):  # 100 // 16 = 6 steps/epoch
+        model = tiny_model("mhp")
+        result = fit(model, build_optimizer(OptimConfig(lr=5e-3), model), tiny_data(100),
+                     train_cfg(epochs=3.0, swa_every=2, **kw), Accelerator(cpu=True), out_dir=tmp_path / name)
+        assert (result.ema.start, result.ema.samples) == (9, 5)  # steps 9, 11, 13, 15, 17 of 18
+        shadows[name] = torch.cat([s.reshape(-1) for s in result.ema.shadows])
+    assert torch.equal(shadows["epoch"], shadows["step"])

@@ -117,13 +117,26 @@ class StochasticWeightAverage(ExponentialMovingAverage):
         super().load_state_dict(state)
 
 
-def build_weight_average(model: nn.Module, cfg) -> ExponentialMovingAverage | None:
-    """The weight average a TrainConfig asks for: EMA (train.ema_decay), SWA (train.swa_start,
-    train.swa_every) or none; asking for both is an error."""
-    if cfg.ema_decay is not None and cfg.swa_start is not None:
-        raise ValueError("set either train.ema_decay (EMA) or train.swa_start (SWA), not both")
+def uses_weight_average(cfg) -> bool:
+    """Does the TrainConfig ask for EMA or SWA?"""
+    return cfg.ema_decay is not None or cfg.swa_start is not None or cfg.swa_start_epoch is not None
+
+
+def build_weight_average(model: nn.Module, cfg, steps_per_epoch: int | None = None) -> ExponentialMovingAverage | None:
+    """The weight average a TrainConfig asks for: EMA (train.ema_decay), SWA (train.swa_start or
+    train.swa_start_epoch x steps_per_epoch, train.swa_every) or none; asking for two is an error."""
+    asked = [k for k in ("ema_decay", "swa_start", "swa_start_epoch") if getattr(cfg, k) is not None]
+    if len(asked) > 1:
+        raise ValueError(f"set one of train.ema_decay (EMA), train.swa_start or train.swa_start_epoch (SWA), not "
+                         f"both: {asked} are set")
     if cfg.ema_decay is not None:
         return ExponentialMovingAverage(model, cfg.ema_decay)
+    if cfg.swa_start_epoch is not None:
+        if steps_per_epoch is None:
+            raise ValueError("train.swa_start_epoch needs the run's steps per epoch (engine.fit passes them)")
+        if cfg.swa_start_epoch < 0:
+            raise ValueError(f"train.swa_start_epoch={cfg.swa_start_epoch} must be >= 0")
+        return StochasticWeightAverage(model, round(cfg.swa_start_epoch * steps_per_epoch), cfg.swa_every)
     if cfg.swa_start is not None:
         return StochasticWeightAverage(model, cfg.swa_start, cfg.swa_every)
     return None

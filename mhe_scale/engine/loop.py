@@ -35,7 +35,7 @@ from mhe_scale.engine.accelerator import (NoOptimizerState, NoState, cast_floati
                                           input_dtype, is_deepspeed, mark_zero3_leaf, zero_stage)
 from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, find_resumable_everywhere,
                                          list_checkpoints, load_checkpoint, save_checkpoint)
-from mhe_scale.engine.ema import ExponentialMovingAverage, build_weight_average
+from mhe_scale.engine.ema import ExponentialMovingAverage, build_weight_average, uses_weight_average
 from mhe_scale.engine.model import Classifier
 from mhe_scale.engine.prepared import (EncoderOnly, EncoderThenHead, Schedulers, ShardedHeadTraining,
                                        check_optimizers, is_class_sharded)
@@ -221,10 +221,10 @@ def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extr
 
 def _refuse_unsupported(cfg: TrainConfig, accelerator, sharded: bool) -> None:
     stage = zero_stage(accelerator)
-    if stage == 3 and (cfg.ema_decay is not None or cfg.swa_start is not None):
+    if stage == 3 and uses_weight_average(cfg):
         raise NotImplementedError("train.ema_decay with ZeRO-3: the weights are partitioned, the EMA would average "
                                   "empty shards; use ZeRO-1/2 or no EMA")
-    if sharded and (cfg.ema_decay is not None or cfg.swa_start is not None):
+    if sharded and uses_weight_average(cfg):
         raise NotImplementedError("train.ema_decay with a class-sharded head is not supported (the shadows would "
                                   "need per-rank files); set train.ema_decay=null")
     if sharded and stage is not None and cfg.clip_grad_norm is not None:
@@ -303,8 +303,8 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
         model.head.to(accelerator.device)
         head = ShardedHeadTraining(model.head, head_optimizer, schedule(head_optimizer))  # type: ignore[arg-type]
         extras.insert(0, head.extra_state())
-    averaging = cfg.ema_decay is not None or cfg.swa_start is not None  # refused above for sharded heads
-    ema = build_weight_average(core.classifier, cfg) if averaging else None
+    # refused above for sharded heads
+    ema = build_weight_average(core.classifier, cfg, plan.steps_per_epoch) if uses_weight_average(cfg) else None
     schedules = scheduler if head is None else Schedulers(scheduler, head.scheduler)
     if deepspeed:
         save_ds, load_ds = deepspeed_state_hooks(trainable)
