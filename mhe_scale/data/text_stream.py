@@ -17,16 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from mhe_scale.data.text_batches import iter_text_batches, tokenize
 from mhe_scale.engine.stream import BatchStream
 
 
-def count_rows_and_labels(rows: Any) -> tuple[int, Tensor]:
+def count_rows_and_labels(rows: Any, progress: bool = True) -> tuple[int, Tensor]:
     """One pass over a stream of {text, labels} rows -> (rows, label frequencies [max id + 1])."""
     counts = torch.zeros(0, dtype=torch.long)
     n = 0
-    for row in rows:
+    for row in tqdm(rows, desc="count training rows", unit=" rows", mininterval=2.0, disable=not progress):
         n += 1
         labels = torch.as_tensor(row["labels"], dtype=torch.long)
         if labels.numel():
