@@ -1,7 +1,8 @@
 """Samples/s and peak memory of one face training step (backbone + head) per head at C classes.
 
     python tools/bench_face_throughput.py [--classes 2059906] [--backbone mobilefacenet] [--batch 16]
-        [--steps 3] [--heads fc partial_fc mhs] [--mhs-sizes 4096 503] [--device cpu|cuda] [--markdown]
+        [--steps 3] [--heads fc partial_fc mhs] [--mhs-sizes 4096 503] [--device cpu|cuda]
+        [--precision fp32|bf16] [--markdown]
 
 Each head runs in its own subprocess (so peak memory is that head's alone): synthetic 112x112 faces
 (SyntheticFaceDataset + FaceTransform), the backbone, the head with an ArcFace margin (1.0, 0.5, 0.0)
@@ -87,7 +88,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        out = model(images, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            out = model(images, labels)  # heads compute their logits and loss in fp32 either way
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -119,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mhs-sizes", type=int, nargs=2, default=[4096, 503], help="MHS (groups, members)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the step's forward under torch.autocast(bfloat16), as dist.mixed_precision=bf16 trains")
     parser.add_argument("--memory-gb", type=float, default=None, help="memory budget (default: available now)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     columns = ["head", "samples/s", "step s", "peak GB", "head params (M)", "softmax columns", "note"]
     print(f"C={args.classes:,} D={args.dim} backbone={args.backbone} batch={args.batch} steps={args.steps} "
-          f"device={args.device} threads={args.threads}")
+          f"device={args.device} precision={args.precision} threads={args.threads}")
     if args.markdown:
         print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
