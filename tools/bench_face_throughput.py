@@ -89,7 +89,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
                 torch.cuda.synchronize()
             start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            out = model(images, labels)  # heads compute their logits and loss in fp32 either way
+            features = model.encoder.forward_features(images)
+        out = model.head(features.float(), labels)  # the head in fp32, autocast off, as engine/prepared.py runs it
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -122,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="bf16: the step's forward under torch.autocast(bfloat16), as dist.mixed_precision=bf16 trains")
+                        help="bf16: the backbone under torch.autocast(bfloat16), the head in fp32, as "
+                             "dist.mixed_precision=bf16 trains")
     parser.add_argument("--memory-gb", type=float, default=None, help="memory budget (default: available now)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
