@@ -50,3 +50,17 @@ def test_bf16_features_give_fp32_loss(name):
     head = create_head(name, in_features=8, num_classes=23)
     out = head(torch.randn(4, 8).bfloat16(), torch.tensor([0, 5, 22, 9]))
     assert out.loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_a_head_called_inside_autocast_computes_in_fp32(name):
+    kwargs = {"cosine": True, "margin": [1.0, 0.5, 0.0]} if name in ("fc", "mhs") else {}
+    torch.manual_seed(0)
+    head = create_head(name, in_features=8, num_classes=23, **kwargs)
+    features, targets = torch.randn(6, 8), torch.tensor([0, 5, 22, 9, 9, 1])
+    torch.manual_seed(1)  # sampling heads draw the same groups / negatives in both calls
+    plain = head(features, targets).loss
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(features, targets).loss
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)

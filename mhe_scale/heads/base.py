@@ -17,7 +17,7 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,12 @@ class HeadOutput:
 
 
 class ClassifierHead(nn.Module, ABC):
-    """Base class: maps features [B, D] to a training loss and to top-k predictions."""
+    """Base class: maps features [B, D] to a training loss and to top-k predictions.
+
+    A head always computes with autocast off, also when called inside torch.autocast (the
+    encoder's mixed precision ends at the features): its logits, margins and losses stay in the
+    head's own dtype (fp32), the precision the softmax over millions of classes needs.
+    """
 
     in_features: int
     num_classes: int
@@ -53,6 +58,13 @@ class ClassifierHead(nn.Module, ABC):
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
         self.multilabel = bool(multilabel)
+
+    def __call__(self, features: Tensor, *args: Any, **kwargs: Any) -> Any:
+        device = features.device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return super().__call__(features, *args, **kwargs)
+        return super().__call__(features, *args, **kwargs)
 
     @abstractmethod
     def forward(self, features: Tensor, targets: Tensor) -> HeadOutput:
