@@ -222,11 +222,11 @@ def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extr
 def _refuse_unsupported(cfg: TrainConfig, accelerator, sharded: bool) -> None:
     stage = zero_stage(accelerator)
     if stage == 3 and uses_weight_average(cfg):
-        raise NotImplementedError("train.ema_decay with ZeRO-3: the weights are partitioned, the EMA would average "
-                                  "empty shards; use ZeRO-1/2 or no EMA")
+        raise NotImplementedError("train.ema_decay / train.swa_start(_epoch) with ZeRO-3: the weights are "
+                                  "partitioned, the average would cover empty shards; use ZeRO-1/2 or no EMA/SWA")
     if sharded and uses_weight_average(cfg):
-        raise NotImplementedError("train.ema_decay with a class-sharded head is not supported (the shadows would "
-                                  "need per-rank files); set train.ema_decay=null")
+        raise NotImplementedError("train.ema_decay / train.swa_start(_epoch) with a class-sharded head is not "
+                                  "supported (the shadows would need per-rank files); set them to null")
     if sharded and stage is not None and cfg.clip_grad_norm is not None:
         raise NotImplementedError("train.clip_grad_norm with DeepSpeed and a class-sharded head: DeepSpeed clips the "
                                   "encoder alone, so no global norm exists; clip without DeepSpeed or set it to null")
