@@ -11,6 +11,11 @@ torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# Subprocesses (torchrun, accelerate launch, python -c) must import THIS checkout: the cached venv
+# (scripts/install.sh) is shared by every checkout on the machine, and its editable install points
+# at whichever one ran install.sh last.
+_inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *_inherited])
 
 
 @pytest.fixture

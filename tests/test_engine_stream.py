@@ -2,6 +2,7 @@
 streams, an exact resume mid-epoch, and clear errors. Tiny CPU models, one thread."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +121,7 @@ def test_two_ranks_read_disjoint_rows_and_train_like_one_process_with_their_unio
     script = tmp_path / "child.py"
     script.write_text(f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
                       f"from test_engine_stream import child_two_ranks; child_two_ranks({str(tmp_path / 'two')!r})\n")
-    env = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PATH": "/usr/bin:/bin"}
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(29950 + hash(str(tmp_path)) % 40), str(script)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
