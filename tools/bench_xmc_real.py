@@ -85,6 +85,7 @@ def run_dataset(name: str, data_root: Path, heads: list[str], seeds: list[int], 
             "train s": statistics.fmean(r["costs"]["train s"] for r in runs),
             "head params": round(runs[0]["costs"]["head params (K)"] * 1e3),
             "config": {k: v for k, v in vars(head_cfg).items() if v is not None},
+            "per seed": {seed: r["metrics"] | {"train s": r["costs"]["train s"]} for seed, r in zip(seeds, runs)},
         }
     rows["most frequent"] = {"metrics": popularity_metrics(data, list(cfg.eval.ks))}
     return rows
