@@ -262,6 +262,10 @@ class EvalConfig:
     verification: list[str] = field(default_factory=list)
     """face: .bin pair files (LFW, CFP-FP, AgeDB-30 layout) scored with the 10-fold protocol after training
     and every train.eval_every steps; empty: no verification."""
+    prediction_k: int = 0
+    """XMC tasks: also write the top-k test predictions of each head to its run folder
+    (predictions.txt, 'id:score' pairs best first, one line per test point, the format
+    tools/eval_xmc.py reads); 0: none."""
 
 
 @dataclass(kw_only=True)

@@ -24,6 +24,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 
 from mhe_scale.config import DistConfig, OptimConfig, TrainConfig
+from mhe_scale.data.xc_format import read_predictions
 from mhe_scale.data.synthetic import SyntheticSplit
 from mhe_scale.engine import Classifier, build_optimizer, evaluate, fit
 from mhe_scale.engine.accelerator import TRACKER_RUN, build_accelerator
@@ -176,7 +177,7 @@ def child_resume_and_evaluate(out: str) -> None:
     model = Classifier(MLPEncoder(DIM, hidden=24, num_features=FEAT, depth=1),
                        create_head("mhp", in_features=FEAT, num_classes=C, num_heads=2))
     test = data(101, seed=5)
-    split = evaluate(model, test, [1, 3], 8, accelerator=acc)
+    split = evaluate(model, test, [1, 3], 8, accelerator=acc, predictions_to=f"{out}/predictions.txt", prediction_k=4)
     whole = evaluate(model, test, [1, 3], 1000)
     assert split == pytest.approx(whole, abs=1e-12), (split, whole)
     # a sharded head's predict is collective: every rank must run the same number of batches
@@ -228,6 +229,15 @@ def test_sharded_head_beside_ddp_equals_one_process_and_resumes_after_a_kill(tmp
         if name.startswith("encoder."):
             for shard in shards_a:
                 torch.testing.assert_close(shard[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # the ranks' predictions, joined into one file in test-set order, are the single process's
+    torch.manual_seed(3)
+    model = Classifier(MLPEncoder(DIM, hidden=24, num_features=FEAT, depth=1),
+                       create_head("mhp", in_features=FEAT, num_classes=C, num_heads=2))
+    evaluate(model, data(101, seed=5), [1, 3], 1000, predictions_to=tmp_path / "one.txt", prediction_k=4)
+    joined, one = read_predictions(tmp_path / "predictions.txt"), read_predictions(tmp_path / "one.txt")
+    assert joined[0].shape == (101, 4) and torch.equal(joined[0], one[0])
+    torch.testing.assert_close(joined[1], one[1], rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.glob("predictions.txt.part*"))
     sharded_evals = [json.loads((tmp_path / f"sharded-eval-{r}.json").read_text()) for r in range(PROCS)]
     assert sharded_evals[0] == sharded_evals[1]  # one answer for the whole set, on every rank
     assert sharded_evals[0] == pytest.approx(evaluate(reference_model(), data(101, seed=5), [1, 3], 1000), abs=1e-6)

@@ -196,7 +196,7 @@ def test_tiny_generated_run_without_shared_data(tmp_path):
 def test_medical_end_to_end_beats_most_frequent_labels(tmp_path, shared_data):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mhe_scale.train", "configs/xmc/medical.yaml", "train.epochs=6",
-           "train.batch_size=64", "optim.lr=5e-3",
+           "train.batch_size=64", "optim.lr=5e-3", "data.label_order=cluster", "eval.prediction_k=5",
            f"train.output_dir={out}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,3 +213,13 @@ def test_medical_end_to_end_beats_most_frequent_labels(tmp_path, shared_data):
         assert metrics["P@1"] > floor + 0.25, (name, metrics["P@1"], floor)
         assert {"P@5", "nDCG@3", "PSP@1", "PSP@5"} <= set(metrics)
     assert "| fc |" in proc.stdout and "most frequent" in proc.stdout
+    # the saved predictions, in the files' label ids (the run renumbered labels by cluster), score the
+    # same through tools/eval_xmc.py as the run measured
+    files = [out / "mhc" / "predictions.txt", out / "fc-baseline" / "predictions.txt"]
+    tool = subprocess.run([sys.executable, "tools/eval_xmc.py", "--pred", *map(str, files), "--names", "mhc", "fc",
+                           "--labels", str(folder / "test.txt"), "--train-labels", str(folder / "train.txt"), "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert tool.returncode == 0, tool.stderr[-3000:]
+    scored = json.loads(tool.stdout)
+    for name in ("mhc", "fc"):
+        assert scored[name] == pytest.approx(saved[name]["metrics"], abs=1e-12), name

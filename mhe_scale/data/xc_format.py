@@ -153,6 +153,14 @@ def write_xc_format(path: str | os.PathLike, features: Tensor, labels: Tensor | 
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def format_predictions(scores: Tensor, ids: Tensor) -> list[str]:
+    """Lines of `read_predictions`' format for scores / ids [N, K] (best first; ids < 0 are padding, left out)."""
+    lines = []
+    for row_scores, row_ids in zip(scores.float().tolist(), ids.tolist()):
+        lines.append(" ".join(f"{i}:{v:.6g}" for i, v in zip(row_ids, row_scores) if i >= 0))
+    return lines
+
+
 def read_predictions(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
     """Ranked predictions, one line per point: space-separated 'id:score' pairs, best first.
 

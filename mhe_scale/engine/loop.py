@@ -419,16 +419,44 @@ def _collate(test_set: Dataset, indices: list[int]) -> Any:
     return recursively_apply(lambda t: t[:0], default_collate([test_set[0]]))
 
 
+def _write_predictions(path: Path, lines: list[str], accelerator, rank: int, world: int) -> None:
+    """One file in test-set order: each rank's contiguous part, joined by the main process; atomic."""
+    from mhe_scale.engine.serialize import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if world == 1:
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        return
+    part = path.with_name(f"{path.name}.part{rank}-of-{world}")
+    part.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        parts = [path.with_name(f"{path.name}.part{r}-of-{world}") for r in range(world)]
+        atomic_write_text(path, "".join(p.read_text(encoding="utf-8") for p in parts))
+        for p in parts:
+            p.unlink()
+    accelerator.wait_for_everyone()
+
+
 @torch.no_grad()
 def evaluate(model: Classifier, test_set: Dataset, ks: list[int], batch_size: int,
              inv_propensity: Tensor | None = None, desc: str = "eval",
-             ema: ExponentialMovingAverage | None = None, accelerator=None) -> dict[str, float]:
+             ema: ExponentialMovingAverage | None = None, accelerator=None,
+             predictions_to: str | Path | None = None, prediction_k: int | None = None,
+             written_ids: Tensor | None = None) -> dict[str, float]:
     """P@k, nDCG@k (and PSP@k with propensities) of model.predict over test_set (EMA weights if given).
 
     With an accelerator of P processes, each evaluates a contiguous 1/P of test_set and the metric
     sums are all-reduced: every process returns the metrics of the WHOLE set. `model` is the
     Classifier given to fit (not the prepared wrapper); every process must call this.
+    `predictions_to`: also write the top-`prediction_k` (default max(ks)) predictions there, one
+    line of 'id:score' pairs per test point in test-set order (data.xc_format.read_predictions),
+    label y written as written_ids[y] when given (e.g. the file's id of a renumbered label).
     """
+    from mhe_scale.data.xc_format import format_predictions
+
+    k = max(max(ks), prediction_k or 0)
+    lines: list[str] = []
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     device = accelerator.device if accelerator is not None else None
     cast = input_dtype(accelerator, model) if accelerator is not None else None
@@ -444,9 +472,17 @@ def evaluate(model: Classifier, test_set: Dataset, ks: list[int], batch_size: in
                 from accelerate.utils import send_to_device
 
                 inputs, targets = send_to_device((inputs, targets), device)
-            _, ids = model.predict(cast_floating(inputs, cast), max(ks))
-            metrics.update(ids, targets)
+            scores, ids = model.predict(cast_floating(inputs, cast), k)
+            metrics.update(ids[:, :max(ks)], targets)
+            if predictions_to is not None:
+                keep = prediction_k or max(ks)
+                top = ids[:, :keep].cpu()
+                if written_ids is not None:
+                    top = torch.where(top >= 0, written_ids[top.clamp(min=0)], top)
+                lines += format_predictions(scores[:, :keep].cpu(), top)
     if world > 1:
         metrics.load_state(accelerator.reduce(metrics.state().to(accelerator.device), "sum"))
+    if predictions_to is not None:
+        _write_predictions(Path(predictions_to), lines, accelerator, rank, world)
     model.train(was_training)
     return metrics.compute()

@@ -4,11 +4,14 @@
 counters, tensor-valued group options) and a JSON structure (param groups, non-tensor state);
 `capture_rng` does the same for the torch / CUDA / numpy / python generators. JSON keeps tuples
 (e.g. Adam's betas, python's RNG state) as {"__tuple__": [...]} so they come back as tuples.
+`atomic_write_text` writes a result file so that a crash leaves the old one or the new one.
 """
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,3 +101,14 @@ def restore_rng(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     cuda = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

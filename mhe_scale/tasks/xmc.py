@@ -111,8 +111,12 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
                  head_optimizer=head_optimizer)
     start = time.perf_counter()
+    save = cfg.eval.prediction_k > 0
+    file_ids = None if data.label_map is None else torch.argsort(data.label_map)  # new id -> the file's id
     metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
-                       desc=f"eval {head_cfg.name}", ema=result.ema, accelerator=accelerator)
+                       desc=f"eval {head_cfg.name}", ema=result.ema, accelerator=accelerator,
+                       predictions_to=run_dir / "predictions.txt" if save else None,
+                       prediction_k=cfg.eval.prediction_k, written_ids=file_ids)
     costs = {"train s": result.seconds, "eval s": time.perf_counter() - start,
              "samples/s": result.samples_per_second,
              "head params (K)": count_parameters(head) / 1e3,

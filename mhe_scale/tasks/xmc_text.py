@@ -135,8 +135,11 @@ def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCDa
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
                  head_optimizer=head_optimizer)
     start = time.perf_counter()
+    save = cfg.eval.prediction_k > 0
     metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
-                       desc=f"eval {head_cfg.name}", ema=result.ema, accelerator=accelerator)
+                       desc=f"eval {head_cfg.name}", ema=result.ema, accelerator=accelerator,
+                       predictions_to=run_dir / "predictions.txt" if save else None,
+                       prediction_k=cfg.eval.prediction_k)
     trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     costs = {"train s": result.seconds, "eval s": time.perf_counter() - start,
              "samples/s": result.samples_per_second,
