@@ -3,7 +3,8 @@
     python tools/eval_xmc.py --pred run_a.txt run_b.npz --labels test.txt --train-labels train.txt --k 1 3 5
 
 Prediction files, one row per test point, in the order of --labels (an XMC run writes one per head
-with eval.prediction_k=K: <output_dir>/<head>/predictions.txt, in the data files' label ids):
+with eval.prediction_k=K: <output_dir>/<head>/predictions.txt, in the data files' label ids; for
+a raw-text corpus, the ids of the run's label_map.json):
   text  one line per point: space-separated 'id:score' pairs, best first (scores must not increase
         along a line); bare ids without scores are accepted too; an empty line = no prediction.
   .npz  array `ids` [N, K] of integer label ids (-1 = none), best first, and optionally `scores`
