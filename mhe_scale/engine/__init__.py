@@ -12,7 +12,8 @@ from mhe_scale.engine.accelerator import build_accelerator
 from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, find_resumable, load_checkpoint,
                                          save_checkpoint, verify_checkpoint)
 from mhe_scale.engine.ema import ExponentialMovingAverage
-from mhe_scale.engine.loop import FitResult, NonFiniteLossError, TrainPlan, evaluate, fit
+from mhe_scale.engine.evaluate import evaluate
+from mhe_scale.engine.loop import FitResult, NonFiniteLossError, TrainPlan, fit
 from mhe_scale.engine.model import Classifier, build_optimizer
 from mhe_scale.engine.schedule import build_scheduler, lr_factor
 
