@@ -1,27 +1,19 @@
 """tools/bench_xmc_real.py on the smallest shipped dataset (Medical, ../shared/data): the table and
 JSON it writes, and that the means it reports are the means of the seeds it ran."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_xmc_real", REPO / "tools" / "bench_xmc_real.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_tool
 
 
 def test_bench_reports_the_mean_of_its_seeds(shared_data, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = load_tool().main(["--data-root", str(shared_data), "--datasets", "medical", "--heads", "fc", "mhc",
-                             "--seeds", "0", "1", "--json", str(out),
-                             "--set", "train.epochs=10", f"train.output_dir={tmp_path / 'runs'}"])
+    bench = load_tool("bench_xmc_real")
+    code = bench.main(["--data-root", str(shared_data), "--datasets", "medical", "--heads", "fc", "mhc",
+                       "--seeds", "0", "1", "--json", str(out),
+                       "--set", "train.epochs=10", f"train.output_dir={tmp_path / 'runs'}"])
     assert code == 0
     rows = json.loads(out.read_text())["medical"]
     assert set(rows) == {"fc", "mhc", "most frequent"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -20,6 +19,8 @@ from mhe_scale.eval.align import (ARCFACE_TEMPLATE, AlignedFaces, apply_transfor
                                   warp_tensor)
 from mhe_scale.eval.ijb import (FARS, identification, read_1n_csv, read_faces, read_landmarks, read_pairs, roc,
                                 score_pairs, tar_at_far, template_features)
+
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "eval_ijb.py"
@@ -335,9 +336,7 @@ def run_tool(*args: str, subprocess_run: bool = False) -> tuple[int, str]:
     if subprocess_run:
         r = subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
         return r.returncode, r.stderr
-    spec = importlib.util.spec_from_file_location("eval_ijb_tool", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("eval_ijb")
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = tool.main(list(args))

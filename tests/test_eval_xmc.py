@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,6 +11,8 @@ import torch
 from mhe_scale.data.xc_format import write_xc_format
 from mhe_scale.eval import XMCMetrics, format_table, inverse_propensity, label_counts, xmc_metrics
 from mhe_scale.labels import pad_label_lists
+
+from conftest import load_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,13 +213,6 @@ def test_format_table():
 
 
 # ---------------------------------------------------------------- tools/eval_xmc.py
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("eval_xmc_tool", REPO_ROOT / "tools" / "eval_xmc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _write_hand_files(tmp_path):
     feats = torch.zeros(3, 4)
     feats[:, 0] = 1.0
@@ -246,13 +240,13 @@ def test_eval_tool_end_to_end(tmp_path):
         assert got["P@3"] == pytest.approx(5 / 9)
     # the table form, in-process, with plain label files
     (d / "test_plain.txt").write_text("0,2\n5\n1,3,4\n")
-    tool = _load_tool()
+    tool = load_tool("eval_xmc")
     assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "test_plain.txt"), "--k", "1", "3"]) == 0
 
 
 def test_eval_tool_errors_name_file_and_line(tmp_path, capsys):
     d = _write_hand_files(tmp_path)
-    tool = _load_tool()
+    tool = load_tool("eval_xmc")
     (d / "bad.txt").write_text("2:0.9 1:0.5\n4:0.9 5:zz\n3:1 4:0.5\n")
     assert tool.main(["--pred", str(d / "bad.txt"), "--labels", str(d / "test.txt")]) == 2
     err = capsys.readouterr().err

@@ -19,6 +19,8 @@ from mhe_scale.data.face_bin import write_face_bin
 from mhe_scale.data.face_dataset import RecordIOFaceDataset, pack_image_folder
 from mhe_scale.heads.factory import build_head
 
+from conftest import load_tool
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL = "recordio-im2rec-faces/validation"
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali cannot be imported")
@@ -246,11 +248,7 @@ def test_face_task_refuses_labels_beyond_num_classes(packed_header):
 
 
 def test_bench_tool_skips_heads_that_do_not_fit(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_face", REPO_ROOT / "tools" / "bench_face_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench_face_throughput")
     args = bench.parse_args(["--classes", "2059906", "--batch", "16"])
     weight_gb = 2059906 * 512 * 4 / 2**30
     assert bench.estimate_gb("fc", args) > 7 * weight_gb > bench.estimate_gb("mhs", args) > 3 * weight_gb

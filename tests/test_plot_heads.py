@@ -1,11 +1,9 @@
 """tools/plot_heads.py reads the bench_heads table (skipped rows left out) and writes a PNG."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_tool
+
 TABLE = """Some text.
 
 | C | head | step (ms) | FC/head time | params + Adam state | FC/head state | peak memory |
@@ -20,15 +18,8 @@ After the table.
 """
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("plot_heads", REPO / "tools" / "plot_heads.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_parses_the_table_and_writes_a_png(tmp_path):
-    tool = load_tool()
+    tool = load_tool("plot_heads")
     series = tool.parse_heads_table(TABLE)
     assert series == {"fc": [(10000, 1298.7, 58.7 * 2**20)],
                       "mhp": [(10000, 320.0, 1.2 * 2**20), (2059906, 752.0, 16.9 * 2**20)],

@@ -1,4 +1,3 @@
-import importlib.util
 import io
 import pickle
 import random
@@ -18,6 +17,8 @@ from PIL import Image
 from mhe_scale.data.face_dataset import RecordIOFaceDataset, SyntheticFaceDataset, pack_image_folder
 from mhe_scale.data.recordio import (IRHeader, RecordIOError, RecordIOReader, RecordIOWriter, pack_image_record,
                                      unpack_image_record)
+
+from conftest import load_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAGIC = 0xCED7230A
@@ -200,9 +201,7 @@ def test_pack_without_header_reads_back_exact_pixels(image_folder, tmp_path):
 
 def test_pack_cli_with_header_writes_insightface_layout(image_folder, tmp_path):
     root, expected = image_folder
-    spec = importlib.util.spec_from_file_location("pack_recordio", REPO_ROOT / "tools" / "pack_recordio.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("pack_recordio")
     assert tool.main([str(root), str(tmp_path / "ms1m"), "--header", "--quality", "90", "--no-progress"]) == 0
     reader = RecordIOReader(tmp_path / "ms1m.rec", tmp_path / "ms1m.idx")
     assert sorted(reader.keys.tolist()) == list(range(10))  # header, 6 images, 3 identities
