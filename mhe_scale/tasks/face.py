@@ -39,8 +39,8 @@ from mhe_scale.eval.verification import evaluate_bin
 from mhe_scale.tasks.report import training_costs, write_results
 from mhe_scale.models.face import FACE_BACKBONES, build_face_backbone
 from mhe_scale.tasks.synthetic import head_label, run_folder
+from mhe_scale.tasks.paths import config_path_candidates
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FACE_DATA = ("face_recordio", "face_synthetic")
 
 
@@ -57,8 +57,7 @@ def resolve_file(path: str | None, key: str) -> Path:
     """A file named by config key `key`: as given (from the working directory), else from the repository root."""
     if not path:
         raise ValueError(f"{key} is not set; point it at the file")
-    given = Path(path).expanduser()
-    candidates = [given] if given.is_absolute() else [given, REPO_ROOT / given]
+    candidates = config_path_candidates(path)
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -28,8 +28,8 @@ from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity, label_counts
 from mhe_scale.tasks.report import write_results
 from mhe_scale.models import build_encoder
 from mhe_scale.tasks.synthetic import head_label, run_folder
+from mhe_scale.tasks.paths import config_path_candidates
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 POPULARITY = "most frequent (train)"
 
 
@@ -55,12 +55,12 @@ def resolve_data_path(path: str | None) -> Path:
     if not path:
         raise ValueError("data.path is not set; point it at a folder holding train.txt and test.txt, e.g. "
                          "data.path=../shared/data/mulan-bibtex/xc_format")
-    given = Path(path).expanduser()
-    for candidate in (given,) if given.is_absolute() else (given, REPO_ROOT / given):
+    candidates = config_path_candidates(path)
+    for candidate in candidates:
         if (candidate / "train.txt").is_file() and (candidate / "test.txt").is_file():
             return candidate
-    tried = [str(given)] + ([] if given.is_absolute() else [str(REPO_ROOT / given)])
-    raise FileNotFoundError(f"data.path={path!r}: no train.txt and test.txt in {' or '.join(tried)}; set data.path to "
+    tried = " or ".join(map(str, candidates))
+    raise FileNotFoundError(f"data.path={path!r}: no train.txt and test.txt in {tried}; set data.path to "
                             f"the XC-format folder, e.g. ../shared/data/mulan-bibtex/xc_format")
 
 

@@ -32,8 +32,8 @@ from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head,
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity
 from mhe_scale.models.text import build_text_encoder, load_tokenizer
 from mhe_scale.tasks.synthetic import head_label, run_folder
+from mhe_scale.tasks.paths import config_path_candidates
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 POPULARITY = "most frequent (train)"
 
 
@@ -59,12 +59,13 @@ def resolve_text_path(path: str | None) -> Path:
     if not path:
         raise ValueError("data.path is not set; point it at the corpus folder (raw / jsonl) or the Reuters JSON file, "
                          "e.g. data.path=../shared/data/reuters21578-modapte-test/test_data.json")
-    given = Path(path).expanduser()
-    for candidate in (given,) if given.is_absolute() else (given, REPO_ROOT / given):
+    candidates = config_path_candidates(path)
+    for candidate in candidates:
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(f"data.path={path!r} exists neither as {given} nor as {REPO_ROOT / given}; download the "
-                            "dataset (see the config's header) and point data.path at it")
+    tried = " nor as ".join(map(str, candidates))
+    raise FileNotFoundError(f"data.path={path!r} exists neither as {tried}; download the dataset (see the config's "
+                            "header) and point data.path at it")
 
 
 def load_text_xmc(cfg: DataConfig, tokenizer: Any) -> TextXMCData:
