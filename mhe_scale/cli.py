@@ -1,4 +1,4 @@
-"""`mhe-scale` console script: `mhe-scale train CONFIG [key=value ...]`, `mhe-scale heads`."""
+"""`mhe-scale` console script: `mhe-scale train CONFIG [key=value ...]`, `mhe-scale heads`, `mhe-scale tasks`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: mhe-scale {train,heads} ...\n  train CONFIG [key=value ...]   train and evaluate\n  heads                         list registered heads and their arguments"
+    usage = "usage: mhe-scale {train,heads,tasks} ...\n  train CONFIG [key=value ...]   train and evaluate\n  heads                         list registered heads and their arguments\n  tasks [NAME]                  list registered tasks and their config keys"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
@@ -21,6 +21,23 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in heads.list_heads():
             print(f"{name:12s} {', '.join(heads.head_arguments(name))}")
+        return 0
+    if command == "tasks":
+        from mhe_scale.config import ConfigError
+        from mhe_scale.tasks.registry import describe_schema, get_task, list_tasks
+
+        try:
+            tasks = [get_task(rest[0])] if rest else list_tasks()
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for task in tasks:
+            names = f" (data.name: {', '.join(task.data_names)})" if task.data_names else ""
+            print(f"{task.name}: {task.summary}{names}")
+            if rest:
+                print("\n".join("  " + line for line in describe_schema(task.schema)))
+        if not rest:
+            print("\n`mhe-scale tasks NAME` prints a task's config keys with their types and defaults")
         return 0
     print(f"unknown command {command!r}\n{usage}", file=sys.stderr)
     return 2

@@ -23,105 +23,6 @@ class ConfigError(ValueError):
 
 
 @dataclass(kw_only=True)
-class DataConfig:
-    name: str = "synthetic"
-    """Dataset kind: 'synthetic' (generated, planted structure) or a reader name added by tasks."""
-    path: Optional[str] = None
-    """Folder or file of a real dataset (unused by 'synthetic'). 'xc': a folder holding train.txt and
-    test.txt in the Extreme Classification Repository format; a relative path is looked up from the
-    working directory, then from the repository root."""
-    normalize: str = "tfidf"
-    """'xc': feature scaling, none | l2 | tfidf (idf from the training split, then L2 per row)."""
-    label_order: str = "given"
-    """'xc': label ids as in the files (given) or renumbered so that similar labels get neighbouring ids,
-    hence share MHE prefixes / MHC groups (cluster: balanced 2-means tree over the training data)."""
-    propensity_a: float = 0.55
-    """A of the inverse propensities for PSP@k (Jain et al. 2016; 0.6 for Amazon, 0.5 for Wikipedia)."""
-    propensity_b: float = 1.5
-    """B of the inverse propensities for PSP@k (2.6 for Amazon, 0.4 for Wikipedia)."""
-    num_classes: int = 100_000
-    """Synthetic: number of labels C."""
-    num_train: int = 60_000
-    """Synthetic: training points."""
-    num_test: int = 5_000
-    """Synthetic: test points."""
-    input_dim: int = 64
-    """Synthetic: dimension of the input vectors."""
-    labels_per_point: int = 1
-    """Synthetic: 1 = single-label; >1 = multi-label, about this many labels drawn per point
-    (uniform 1..2n-1 draws by label frequency; repeats within a point are dropped)."""
-    zipf_exponent: float = 1.1
-    """Synthetic: label frequency of the r-th most frequent label is proportional to r^-exponent."""
-    noise: float = 0.35
-    """Synthetic: std of the per-point noise relative to the unit-scale label prototypes."""
-    shuffle_label_ids: bool = False
-    """Synthetic: permute label ids so they no longer follow the planted factor structure."""
-    seed: int = 0
-    """Seed of the generator (data is a pure function of the config)."""
-    idx_path: Optional[str] = None
-    """face_recordio: the .idx of the .rec file given as data.path (default: data.path with suffix .idx)."""
-    image_size: int = 112
-    """face: side S of the square training images (aligned faces: 112); records of another size are resized,
-    and the backbone is built for this input size."""
-    dali: bool = False
-    """face_recordio: decode, flip and normalise with NVIDIA DALI (GPU 'mixed' decoding under CUDA, CPU
-    otherwise); if nvidia.dali cannot be imported the PyTorch reader is used and a warning printed."""
-    random_flip: bool = True
-    """face: horizontal flip of each training image with probability 0.5."""
-    num_workers: int = 2
-    """face: DALI decoding threads (data.dali); worker processes of face loaders built with
-    mhe_scale.data.dali_face.build_face_loader (engine.fit reads in the main process)."""
-    text_format: str = "auto"
-    """'xmc_text': raw (AttentionXML/LightXML folder: {train,test}_raw_texts.txt + _labels.txt), jsonl
-    (trn.json.gz / tst.json.gz label-feature files), reuters (one JSON array, split here) or auto (detect)."""
-    max_length: int = 128
-    """'xmc_text': tokens per document after truncation, [CLS] and [SEP] included."""
-    text_fields: list[str] = field(default_factory=lambda: ["title", "content"])
-    """'xmc_text' jsonl: keys of each JSON line joined (by a space) into the document text."""
-    test_fraction: float = 0.25
-    """'xmc_text' reuters: fraction of the documents held out as the test split (seeded by data.seed)."""
-    cache_dir: Optional[str] = None
-    """'xmc_text': folder of the HF datasets cache (rows and tokenised splits); None = datasets' default."""
-    num_proc: int = 1
-    """'xmc_text': processes for tokenisation (Dataset.map num_proc)."""
-    max_train_points: Optional[int] = None
-    """'xmc_text': keep only the first N training documents (smoke runs); None = all."""
-    max_test_points: Optional[int] = None
-    """'xmc_text': keep only the first N test documents (smoke runs); None = all."""
-    streaming: bool = False
-    """'xmc_text': read the training split as a stream while training (nothing cached; one counting pass
-    first) instead of caching it as Arrow files; the test split is cached either way."""
-    shuffle_buffer: int = 10000
-    """'xmc_text' streaming: rows in the seeded shuffle buffer (<= 1: file order every epoch)."""
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    name: str = "mlp"
-    """Encoder: 'mlp' (more are registered by tasks)."""
-    hidden: int = 512
-    """Hidden width of the MLP encoder."""
-    num_features: int = 256
-    """Embedding size D that the head sees."""
-    depth: int = 2
-    """Number of hidden layers."""
-    dropout: float = 0.0
-    """Dropout before the embedding."""
-    width_mult: float = 1.0
-    """mobilefacenet: channel width multiplier (small values for tests and CPU runs)."""
-    path: Optional[str] = None
-    """hf: local HF model folder (config.json, weights, tokenizer) or the alias 'minilm'; never downloaded."""
-    last_k_cls: int = 1
-    """hf: concatenate the [CLS] vectors of the last k layers (num_features = k * hidden; LightXML: 5)."""
-    pooling: str = "cls"
-    """hf: per-layer vector, cls (first token) or mean (attention-masked token mean)."""
-    freeze_layers: int = 0
-    """hf: freeze the embeddings and the lowest n transformer layers (0 = fine-tune everything)."""
-    grad_checkpointing: bool = False
-    """hf: recompute layer activations in backward (less memory, slower steps)."""
-
-
-@dataclass(kw_only=True)
 class HeadConfig:
     """Head name plus the union of head arguments; unset (None) arguments keep the head's own
     default, and setting one the chosen head does not take is an error naming it."""
@@ -270,15 +171,26 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class ExperimentConfig:
+    """The sections every task shares. A task's schema (mhe_scale.tasks, `mhe-scale tasks`) subclasses
+    it with its own typed `data` and `model` sections."""
+
     name: str = "experiment"
     """Run name (used in output_dir)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    task: str = "synthetic"
+    """Registered task that trains this config (mhe-scale tasks lists them); when a file leaves it out,
+    it is inferred from data.name."""
+    data: Any = None
+    """The task's data section."""
+    model: Any = None
+    """The task's model section."""
     head: HeadConfig = field(default_factory=HeadConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = ("data", "model", "head", "optim", "train", "dist", "eval")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -305,25 +217,74 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad config key '{key}': {msg}")
 
 
+def _unknown_keys(raw: Any, schema: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of the raw tree that the dataclass `schema` does not declare."""
+    import dataclasses
+    import typing
+
+    if not isinstance(raw, DictConfig) or not dataclasses.is_dataclass(schema):
+        return []
+    hints = typing.get_type_hints(schema if isinstance(schema, type) else type(schema))
+    names = {f.name for f in dataclasses.fields(schema)}
+    unknown = []
+    for key in raw.keys():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            unknown.append(dotted)
+            continue
+        kind = hints.get(str(key))
+        for arg in (typing.get_args(kind) or (kind,)):
+            if dataclasses.is_dataclass(arg):
+                unknown += _unknown_keys(raw._get_node(key), arg, dotted + ".")
+                break
+    return unknown
+
+
+def _apply_override(raw: DictConfig, item: str) -> DictConfig:
+    """key=value onto the raw tree; `section={...}` (a whole section given as a mapping) REPLACES it
+    (head={name:fc,cosine:true} switches the head without resetting the old head's keys one by one)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=0.1")
+    key, value = item.split("=", 1)
+    try:
+        parsed = OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, f"override {item!r}") from exc
+    if key.strip() in SECTIONS and value.strip().startswith("{"):
+        raw = raw.copy()
+        raw[key.strip()] = parsed[key.strip()]
+        return raw
+    return OmegaConf.merge(raw, parsed)  # type: ignore[return-value]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                schema: type = ExperimentConfig) -> Any:
+                schema: type | None = None) -> Any:
     """YAML file (optional) + dotted overrides -> a validated, read-only config object.
 
-    Overrides look like `head.sizes=[317,316]`, `optim.lr=0.1`, `head.margin=null`.
+    Overrides look like `head.sizes=[317,316]`, `optim.lr=0.1`, `head.margin=null`, or a whole
+    section `head={name:fc,cosine:true}`. The schema is the task's (`task:` in the file, or inferred
+    from data.name; mhe_scale.tasks); every key it does not declare is named in one error.
     """
-    cfg = OmegaConf.structured(schema)
-    if path is not None:
-        try:
-            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, str(path)) from exc
+    raw: DictConfig = _read_yaml(Path(path)) if path is not None else OmegaConf.create({})
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=0.1")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, f"override {item!r}") from exc
+        raw = _apply_override(raw, item)
+    source = f"{path}" + (" + overrides" if overrides else "") if path is not None else "overrides"
+    if schema is None:
+        from mhe_scale.tasks.registry import resolve_task
+
+        task = resolve_task(raw, source)
+        schema = task.schema
+        if "task" not in raw:
+            raw.task = task.name
+    unknown = _unknown_keys(raw, schema)
+    if unknown:
+        where = f"task {raw.get('task')!r}" if "task" in raw else schema.__name__
+        raise ConfigError(f"{source}: {where} does not take key(s) {', '.join(unknown)} (mhe-scale tasks lists "
+                          "each task's keys); remove or rename them")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), raw)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from exc
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
@@ -345,5 +306,5 @@ def to_object(cfg: Any) -> Any:
     return OmegaConf.to_object(cfg)
 
 
-__all__ = ["ConfigError", "DataConfig", "ModelConfig", "HeadConfig", "OptimConfig", "TrainConfig",
+__all__ = ["ConfigError", "SECTIONS", "HeadConfig", "OptimConfig", "TrainConfig",
            "DistConfig", "EvalConfig", "ExperimentConfig", "load_config", "to_yaml", "to_object", "MISSING"]

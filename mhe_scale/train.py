@@ -2,15 +2,22 @@
 
 The launcher decides how many processes run; cfg.dist how they train (DDP or DeepSpeed ZeRO, mixed
 precision, trackers: mhe_scale/engine/accelerator.py, launch/README.md).
-parse -> build -> train -> close. Everything else lives in tasks/ and engine/.
+parse -> look the task up (mhe_scale/tasks/registry.py) -> run it -> close. Everything else lives in
+tasks/ and engine/.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mhe_scale.config import ConfigError, load_config
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, IsADirectoryError,
+               PermissionError)
+"""Errors that tasks, readers and the head factory raise with a message naming the key / file and the
+fix; train prints them as one `error: ...` line (set MHE_TRACEBACK=1 for the traceback)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,26 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:  # a config / launcher mismatch, named in the message
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from mhe_scale.tasks.registry import get_task
+
+    task = get_task(cfg.task)
     try:
-        if cfg.data.name == "synthetic":
-            from mhe_scale.tasks.synthetic import run_synthetic
-
-            run_synthetic(cfg, accelerator)
-        elif cfg.data.name == "xc":
-            from mhe_scale.tasks.xmc import run_xmc
-
-            run_xmc(cfg, accelerator)
-        elif cfg.data.name == "xmc_text":
-            from mhe_scale.tasks.xmc_text import run_xmc_text
-
-            run_xmc_text(cfg, accelerator)
-        elif cfg.data.name in ("face_recordio", "face_synthetic"):
-            from mhe_scale.tasks.face import run_face
-
-            run_face(cfg, accelerator)
-        else:
-            print(f"error: data.name={cfg.data.name!r} has no task yet; known: synthetic, xc, xmc_text, face_recordio, face_synthetic", file=sys.stderr)
-            return 2
+        task.run(cfg, accelerator)
+    except USER_ERRORS as exc:  # bad data, a head that does not fit, a refused setting: one line, not a traceback
+        if os.environ.get("MHE_TRACEBACK"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         accelerator.end_training()
     return 0

@@ -48,7 +48,7 @@ def make_state(optim: str = "adamw", seed: int = 0, steps: int = 0) -> TrainingS
     ema = ExponentialMovingAverage(model, 0.9)
     data = tiny_data(32)
     for _ in range(steps):
-        model(data.inputs, data.targets).loss.backward()
+        model(data.inputs, data.targets)[0].backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()

@@ -28,7 +28,6 @@ from mhe_scale.data.xc_format import read_predictions
 from mhe_scale.data.synthetic import SyntheticSplit
 from mhe_scale.engine import Classifier, build_optimizer, evaluate, fit
 from mhe_scale.engine.accelerator import TRACKER_RUN, build_accelerator
-from mhe_scale.engine.prepared import EncoderThenHead
 from mhe_scale.heads import create_head
 from mhe_scale.models import MLPEncoder
 
@@ -261,8 +260,8 @@ def test_bf16_autocast_keeps_the_head_in_fp32(tmp_path, fresh_accelerate_state):
         model = Classifier(MLPEncoder(DIM, hidden=24, num_features=FEAT, depth=1),
                            create_head(head, in_features=FEAT, num_classes=C, **kwargs))
         x, y = data(32).inputs, data(32).targets
-        prepared = acc.prepare(EncoderThenHead(model))
-        loss = prepared(x, y)
+        prepared = acc.prepare(model)
+        loss, _ = prepared(x, y)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             features = model.encoder.forward_features(x)
             inside = model.head(features, y).loss

@@ -14,6 +14,9 @@ A label array (flag > 0) counts by its first value, as insightface does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field  # noqa: F401 (config section)
+from typing import Optional  # noqa: F401
+
 import io
 import os
 import struct
@@ -30,6 +33,37 @@ from tqdm import tqdm
 
 from mhe_scale.data.recordio import (IRHeader, RecordIOError, RecordIOReader, RecordIOWriter, open_temp_beside,
                                      pack_image_record)
+
+
+@dataclass(kw_only=True)
+class FaceDataConfig:
+    """data section of the face task (aligned face images: RecordIO or synthetic)."""
+
+    name: str = "face_recordio"
+    """Dataset kind: 'synthetic' (generated, planted structure) or a reader name added by tasks."""
+    path: Optional[str] = None
+    """Folder or file of a real dataset (unused by 'synthetic'). 'xc': a folder holding train.txt and
+    test.txt in the Extreme Classification Repository format; a relative path is looked up from the
+    working directory, then from the repository root."""
+    idx_path: Optional[str] = None
+    """face_recordio: the .idx of the .rec file given as data.path (default: data.path with suffix .idx)."""
+    num_classes: int = 100_000
+    """Synthetic: number of labels C."""
+    num_train: int = 60_000
+    """Synthetic: training points."""
+    image_size: int = 112
+    """face: side S of the square training images (aligned faces: 112); records of another size are resized,
+    and the backbone is built for this input size."""
+    dali: bool = False
+    """face_recordio: decode, flip and normalise with NVIDIA DALI (GPU 'mixed' decoding under CUDA, CPU
+    otherwise); if nvidia.dali cannot be imported the PyTorch reader is used and a warning printed."""
+    random_flip: bool = True
+    """face: horizontal flip of each training image with probability 0.5."""
+    num_workers: int = 2
+    """face: DALI decoding threads (data.dali); worker processes of face loaders built with
+    mhe_scale.data.dali_face.build_face_loader (engine.fit reads in the main process)."""
+    seed: int = 0
+    """Seed of the generator (data is a pure function of the config)."""
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 LAYOUTS = ("auto", "insightface", "im2rec")

@@ -12,14 +12,43 @@ Everything is a pure function of the config, so every process generates the same
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field  # noqa: F401 (config section)
+from typing import Optional  # noqa: F401
+
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mhe_scale.config import DataConfig
 from mhe_scale.labels.codec import PAD, LabelCodec, factorize
+
+
+@dataclass(kw_only=True)
+class SyntheticDataConfig:
+    """data section of the synthetic task (generated extreme-label data with planted structure)."""
+
+    name: str = "synthetic"
+    """Dataset kind: 'synthetic' (generated, planted structure) or a reader name added by tasks."""
+    num_classes: int = 100_000
+    """Synthetic: number of labels C."""
+    num_train: int = 60_000
+    """Synthetic: training points."""
+    num_test: int = 5_000
+    """Synthetic: test points."""
+    input_dim: int = 64
+    """Synthetic: dimension of the input vectors."""
+    labels_per_point: int = 1
+    """Synthetic: 1 = single-label; >1 = multi-label, about this many labels drawn per point
+    (uniform 1..2n-1 draws by label frequency; repeats within a point are dropped)."""
+    zipf_exponent: float = 1.1
+    """Synthetic: label frequency of the r-th most frequent label is proportional to r^-exponent."""
+    noise: float = 0.35
+    """Synthetic: std of the per-point noise relative to the unit-scale label prototypes."""
+    shuffle_label_ids: bool = False
+    """Synthetic: permute label ids so they no longer follow the planted factor structure."""
+    seed: int = 0
+    """Seed of the generator (data is a pure function of the config)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +120,7 @@ def _inputs(targets: Tensor, proto: Tensor, noise: float, gen: torch.Generator) 
     return clean + noise * scale * torch.randn(clean.shape, generator=gen)
 
 
-def make_synthetic(cfg: DataConfig) -> SyntheticData:
+def make_synthetic(cfg: SyntheticDataConfig) -> SyntheticData:
     """Build train and test splits from a DataConfig (name 'synthetic')."""
     if cfg.num_classes < 2:
         raise ValueError(f"data.num_classes must be >= 2, got {cfg.num_classes}")

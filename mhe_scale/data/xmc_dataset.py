@@ -20,6 +20,9 @@ as in Parabel / LightXML label trees), every level of the tree processed at once
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field  # noqa: F401 (config section)
+from typing import Optional  # noqa: F401
+
 import warnings
 from collections.abc import Sequence
 
@@ -29,6 +32,29 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mhe_scale.data.xc_format import XCData
+
+
+@dataclass(kw_only=True)
+class XcDataConfig:
+    """data section of the xmc task (Extreme Classification Repository sparse files)."""
+
+    name: str = "xc"
+    """Dataset kind: 'synthetic' (generated, planted structure) or a reader name added by tasks."""
+    path: Optional[str] = None
+    """Folder or file of a real dataset (unused by 'synthetic'). 'xc': a folder holding train.txt and
+    test.txt in the Extreme Classification Repository format; a relative path is looked up from the
+    working directory, then from the repository root."""
+    normalize: str = "tfidf"
+    """'xc': feature scaling, none | l2 | tfidf (idf from the training split, then L2 per row)."""
+    label_order: str = "given"
+    """'xc': label ids as in the files (given) or renumbered so that similar labels get neighbouring ids,
+    hence share MHE prefixes / MHC groups (cluster: balanced 2-means tree over the training data)."""
+    propensity_a: float = 0.55
+    """A of the inverse propensities for PSP@k (Jain et al. 2016; 0.6 for Amazon, 0.5 for Wikipedia)."""
+    propensity_b: float = 1.5
+    """B of the inverse propensities for PSP@k (2.6 for Amazon, 0.4 for Wikipedia)."""
+    seed: int = 0
+    """Seed of the generator (data is a pure function of the config)."""
 
 FEATURE_SCALINGS = ("none", "l2", "tfidf")
 LABEL_ORDERS = ("given", "cluster")

@@ -21,6 +21,9 @@ cached) for corpora too large to copy. Tokenisation, padding and batches: text_b
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field  # noqa: F401 (config section)
+from typing import Optional  # noqa: F401
+
 import gzip
 import json
 import os
@@ -31,6 +34,46 @@ from typing import Any
 
 import numpy as np
 import torch
+
+
+@dataclass(kw_only=True)
+class TextDataConfig:
+    """data section of the xmc_text task (raw-text XMC corpora)."""
+
+    name: str = "xmc_text"
+    """Dataset kind: 'synthetic' (generated, planted structure) or a reader name added by tasks."""
+    path: Optional[str] = None
+    """Folder or file of a real dataset (unused by 'synthetic'). 'xc': a folder holding train.txt and
+    test.txt in the Extreme Classification Repository format; a relative path is looked up from the
+    working directory, then from the repository root."""
+    text_format: str = "auto"
+    """'xmc_text': raw (AttentionXML/LightXML folder: {train,test}_raw_texts.txt + _labels.txt), jsonl
+    (trn.json.gz / tst.json.gz label-feature files), reuters (one JSON array, split here) or auto (detect)."""
+    max_length: int = 128
+    """'xmc_text': tokens per document after truncation, [CLS] and [SEP] included."""
+    text_fields: list[str] = field(default_factory=lambda: ["title", "content"])
+    """'xmc_text' jsonl: keys of each JSON line joined (by a space) into the document text."""
+    test_fraction: float = 0.25
+    """'xmc_text' reuters: fraction of the documents held out as the test split (seeded by data.seed)."""
+    cache_dir: Optional[str] = None
+    """'xmc_text': folder of the HF datasets cache (rows and tokenised splits); None = datasets' default."""
+    num_proc: int = 1
+    """'xmc_text': processes for tokenisation (Dataset.map num_proc)."""
+    max_train_points: Optional[int] = None
+    """'xmc_text': keep only the first N training documents (smoke runs); None = all."""
+    max_test_points: Optional[int] = None
+    """'xmc_text': keep only the first N test documents (smoke runs); None = all."""
+    streaming: bool = False
+    """'xmc_text': read the training split as a stream while training (nothing cached; one counting pass
+    first) instead of caching it as Arrow files; the test split is cached either way."""
+    shuffle_buffer: int = 10000
+    """'xmc_text' streaming: rows in the seeded shuffle buffer (<= 1: file order every epoch)."""
+    propensity_a: float = 0.55
+    """A of the inverse propensities for PSP@k (Jain et al. 2016; 0.6 for Amazon, 0.5 for Wikipedia)."""
+    propensity_b: float = 1.5
+    """B of the inverse propensities for PSP@k (2.6 for Amazon, 0.4 for Wikipedia)."""
+    seed: int = 0
+    """Seed of the generator (data is a pure function of the config)."""
 
 TEXT_FORMATS = ("raw", "jsonl", "reuters")
 

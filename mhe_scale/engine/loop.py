@@ -34,14 +34,16 @@ from mhe_scale.engine.accelerator import (NoOptimizerState, NoState, cast_floati
 from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, find_resumable_everywhere,
                                          list_checkpoints, load_checkpoint, save_checkpoint)
 from mhe_scale.engine.ema import ExponentialMovingAverage, build_weight_average, uses_weight_average
-from mhe_scale.engine.model import Classifier
-from mhe_scale.engine.prepared import (EncoderOnly, EncoderThenHead, Schedulers, ShardedHeadTraining,
-                                       check_optimizers, is_class_sharded)
+from mhe_scale.engine.module import TrainingModule
+from mhe_scale.engine.prepared import (Schedulers, ShardedHeadTraining,
+                                       check_optimizers)
 from mhe_scale.engine.schedule import build_scheduler, check_schedule
 from mhe_scale.engine.stream import BatchStream
 
 EvalFn = Callable[[ExponentialMovingAverage | None], dict[str, float]]
 """fit's periodic evaluation: gets the EMA (or None), returns metrics (same on every process)."""
+SamplerFactory = Callable[["TrainPlan", int, int], Sampler]
+"""(plan, rank, seed) -> this process's batch sampler with set_position(epoch, start_step) (data/samplers.py)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,10 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __init__(self, num_samples: int, plan: TrainPlan, rank: int, seed: int) -> None:
         self.num_samples, self.plan, self.rank, self.seed = num_samples, plan, rank, seed
         self.epoch, self.start_step = 0, 0
+
+    @staticmethod
+    def for_dataset(dataset: Dataset) -> SamplerFactory:
+        return lambda plan, rank, seed: EpochBatchSampler(len(dataset), plan, rank, seed)
 
     def set_position(self, epoch: int, start_step: int) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -153,27 +159,33 @@ class StepLog:
         self.losses: list[Tensor] = []
         self.norms: list[Tensor] = []
         self.rows: list[dict] = []
+        self.metrics: list[dict[str, Tensor]] = []
         if path is not None:
             _trim_jsonl(path, keep_up_to)
 
-    def add(self, loss: Tensor, grad_norm: Tensor | None, row: dict) -> None:
+    def add(self, loss: Tensor, grad_norm: Tensor | None, row: dict, metrics: dict[str, Tensor] | None = None) -> None:
         self.losses.append(loss)
+        self.metrics.append(metrics or {})
         if grad_norm is not None:
             self.norms.append(grad_norm.detach().float())
         self.rows.append(row)
 
     def flush(self) -> float:
         """Mean loss since the last flush; raises NonFiniteLossError naming the first bad step."""
-        values = self.accelerator.reduce(torch.stack(self.losses), "mean").tolist()
+        keys = sorted(self.metrics[0]) if all(m.keys() == self.metrics[0].keys() for m in self.metrics) else []
+        table = torch.stack([torch.stack([loss.float()] + [m[k].float() for k in keys]) for loss, m in
+                             zip(self.losses, self.metrics)])  # [steps, 1 + metrics]: one reduce, one sync
+        reduced = self.accelerator.reduce(table, "mean").tolist()
+        values = [row[0] for row in reduced]
         norms = torch.stack(self.norms).tolist() if self.norms else [None] * len(values)
-        rows = [dict(r, loss=v) | ({} if n is None else {"grad_norm": n})
-                for r, v, n in zip(self.rows, values, norms)]
-        self.losses, self.norms, self.rows = [], [], []
+        rows = [dict(r, loss=v) | ({} if n is None else {"grad_norm": n}) | dict(zip(keys, extra[1:]))
+                for r, v, n, extra in zip(self.rows, values, norms, reduced)]
+        self.losses, self.norms, self.rows, self.metrics = [], [], [], []
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
         for r in rows:
-            self.accelerator.log({f"{self.prefix}train/{k}": r[k] for k in ("loss", "lr", "grad_norm") if k in r},
+            self.accelerator.log({f"{self.prefix}train/{k}": v for k, v in r.items() if k not in ("step", "epoch")},
                                  step=r["step"])
         for r in rows:
             if not math.isfinite(r["loss"]):
@@ -232,18 +244,20 @@ def _refuse_unsupported(cfg: TrainConfig, accelerator, sharded: bool) -> None:
                                   "unscaled; use bf16")
 
 
-def train_loader(train_set: Dataset, plan: TrainPlan, cfg: TrainConfig, rank: int,
-                 seed: int) -> tuple[DataLoader, Callable[[int, int], None]]:
+def train_loader(train_set: Dataset, plan: TrainPlan, cfg: TrainConfig, rank: int, seed: int,
+                 sampler_factory: SamplerFactory | None = None) -> tuple[DataLoader, Callable[[int, int], None]]:
     """The DataLoader of this rank's training micro-batches and set_position(epoch, start_step),
     called before each pass: index batches of a map-style dataset, or a BatchStream's own batches."""
     # every loader has its own generator: creating an iterator must not draw from the global RNG
     # (a resumed run would then see other dropout masks)
     generator = torch.Generator().manual_seed(cfg.seed)
     if not isinstance(train_set, BatchStream):
-        sampler = EpochBatchSampler(len(train_set), plan, rank, seed)
+        sampler = (sampler_factory or EpochBatchSampler.for_dataset(train_set))(plan, rank, seed)
         loader = DataLoader(train_set, batch_sampler=sampler, generator=generator, num_workers=cfg.num_workers,
                             persistent_workers=cfg.num_workers > 0)
         return loader, sampler.set_position
+    if sampler_factory is not None:
+        raise ValueError(f"{type(train_set).__name__} is a stream: it orders its own batches, so it takes no sampler")
     if cfg.num_workers > 1:
         raise ValueError(f"train.num_workers={cfg.num_workers}: every worker would read the whole stream "
                          f"({type(train_set).__name__}), repeating its rows; use 0 or 1 for a streamed training set")
@@ -253,27 +267,31 @@ def train_loader(train_set: Dataset, plan: TrainPlan, cfg: TrainConfig, rank: in
     return DataLoader(train_set, batch_size=None, num_workers=cfg.num_workers, generator=generator), position
 
 
-def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset, cfg: TrainConfig,
+def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Dataset, cfg: TrainConfig,
         accelerator, desc: str = "train", out_dir: str | Path | None = None,
         extra_state: Sequence[ExtraState] = (), step_callback: Callable[[int], None] | None = None,
         head_optimizer: torch.optim.Optimizer | None = None, eval_fn: EvalFn | None = None,
-        run_name: str = "") -> FitResult:
-    """Train to TrainPlan.total_steps optimizer steps, resuming from out_dir/checkpoints per cfg.resume.
+        run_name: str = "", sampler: SamplerFactory | None = None) -> FitResult:
+    """Train `model` (a TrainingModule: (inputs, targets) -> (loss, metrics), see engine/module.py) to
+    TrainPlan.total_steps optimizer steps, resuming from out_dir/checkpoints per cfg.resume.
 
     out_dir defaults to cfg.output_dir (checkpoints/, loss_log.jsonl, eval_log.jsonl go there);
-    extra_state hooks run on every process at each save / load; step_callback(step) runs after
-    every optimizer step (after that step's checkpoint and evaluation). A class-sharded head
-    (mhe_scale.parallel) needs its own `head_optimizer`; `optimizer` then holds the encoder only.
-    eval_fn(ema) runs every cfg.eval_every steps on every process. Tracker tags start with
-    `run_name/` when given. Raises NonFiniteLossError on a NaN/inf loss.
+    extra_state hooks (and the module's own extra_state()) run on every process at each save / load;
+    model.after_optimizer_step(step) and then step_callback(step) run after every optimizer step (after
+    that step's checkpoint and evaluation). A class-sharded head (model.class_sharded_head()) needs
+    its own `head_optimizer`; `optimizer` then holds the other parameters. eval_fn(ema) runs every
+    cfg.eval_every steps on every process. Tracker tags start with `run_name/` when given.
+    `sampler(plan, rank, seed)` builds this process's batch sampler (default: EpochBatchSampler).
+    Raises NonFiniteLossError on a NaN/inf loss.
     """
     from accelerate.utils import send_to_device
 
     check_train_config(cfg)
     plan = TrainPlan.build(cfg, len(train_set), accelerator.num_processes)
     run_dir = Path(out_dir if out_dir is not None else cfg.output_dir)
-    sharded = is_class_sharded(model.head)
-    check_optimizers(model, optimizer, head_optimizer, sharded)
+    sharded_head = model.class_sharded_head()
+    sharded = sharded_head is not None
+    check_optimizers(model, optimizer, head_optimizer)
     _refuse_unsupported(cfg, accelerator, sharded)
     deepspeed = is_deepspeed(accelerator)
     if deepspeed:
@@ -288,33 +306,35 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
     scheduler = schedule(optimizer)
     if deepspeed and getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
         accelerator.free_memory()  # one engine at a time: a second one trains wrongly beside the first
-    trainable = EncoderOnly(model.encoder) if sharded else EncoderThenHead(model)
-    if zero_stage(accelerator) == 3 and not sharded:
-        mark_zero3_leaf(trainable.head_loss)
-    trainable, optimizer = accelerator.prepare(trainable, optimizer)
+    if zero_stage(accelerator) == 3:
+        for leaf in model.zero3_leaf_modules():
+            mark_zero3_leaf(leaf)
+    trainable, optimizer = accelerator.prepare(model, optimizer)
     check_prepared(accelerator, trainable)
     core = accelerator.unwrap_model(trainable)
     head = None
-    extras = list(extra_state)
-    if sharded:
-        model.head.to(accelerator.device)
-        head = ShardedHeadTraining(model.head, head_optimizer, schedule(head_optimizer))  # type: ignore[arg-type]
+    extras = list(core.extra_state()) + list(extra_state)
+    if sharded_head is not None:
+        sharded_head.to(accelerator.device)
+        head = ShardedHeadTraining(sharded_head, head_optimizer, schedule(head_optimizer))  # type: ignore[arg-type]
         extras.insert(0, head.extra_state())
+    weights = core.checkpoint_module()
     # refused above for sharded heads
-    ema = build_weight_average(core.classifier, cfg, plan.steps_per_epoch) if uses_weight_average(cfg) else None
+    ema = build_weight_average(weights, cfg, plan.steps_per_epoch) if uses_weight_average(cfg) else None
     schedules = scheduler if head is None else Schedulers(scheduler, head.scheduler)
     if deepspeed:
         save_ds, load_ds = deepspeed_state_hooks(trainable)
         extras.insert(0, ExtraState("deepspeed", save_ds, load_ds))
         state = TrainingState(NoState(), NoOptimizerState(), schedules, ema)  # type: ignore[arg-type]
     else:
-        state = TrainingState(core if sharded else core.classifier, optimizer, schedules, ema)
+        state = TrainingState(weights, optimizer, schedules, ema)
     engine = "deepspeed" if deepspeed else "torch"
     progress, info = _start(cfg, run_dir / "checkpoints", state, accelerator, extras, plan, engine)
     resumed = None if info is None else progress.step
     info = info or {}
     accelerator.print(f"{desc}: {plan}")
-    loader, set_position = train_loader(train_set, plan, cfg, accelerator.process_index, progress.sampler_seed)
+    loader, set_position = train_loader(train_set, plan, cfg, accelerator.process_index, progress.sampler_seed,
+                                        sampler)
     main = accelerator.is_main_process
     prefix = f"{run_name}/" if run_name else ""
     log = StepLog(run_dir / "loss_log.jsonl" if cfg.loss_log and main else None, progress.step, accelerator, desc,
@@ -330,17 +350,25 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
     micro_loss = torch.zeros((), device=accelerator.device)
     cast = input_dtype(accelerator, core)
     encoder_params = [p for p in core.parameters() if p.requires_grad]
-    trainable.train()
-    model.head.train()
+    def train_mode() -> None:
+        trainable.train()
+        if sharded_head is not None:
+            sharded_head.train()
+
+    train_mode()
+    metric_sums: dict[str, Tensor] = {}
     while step < plan.total_steps:
         set_position(epoch, batch)
         for inputs, targets in loader:
             inputs, targets = send_to_device((inputs, targets), accelerator.device)  # nested inputs too
             inputs = cast_floating(inputs, cast)
             with accelerator.accumulate(trainable):
-                loss = trainable(inputs, targets) if head is None else head.loss(trainable(inputs), targets)
+                loss, metrics = trainable(inputs, targets)
                 accelerator.backward(loss)
             micro_loss += loss.detach().float()
+            for key, value in metrics.items():
+                value = value.detach().float().to(micro_loss.device)
+                metric_sums[key] = metric_sums[key] + value if key in metric_sums else value
             if not accelerator.sync_gradients:
                 continue
             if cfg.clip_grad_norm is None:
@@ -359,8 +387,10 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
             if ema is not None:
                 ema.update()
             step, batch, steps_run = step + 1, batch + 1, steps_run + 1
-            log.add(micro_loss / plan.grad_accum_steps, grad_norm, {"step": step, "epoch": epoch, "lr": lr})
-            micro_loss = torch.zeros((), device=accelerator.device)
+            log.add(micro_loss / plan.grad_accum_steps, grad_norm, {"step": step, "epoch": epoch, "lr": lr},
+                    {k: v / plan.grad_accum_steps for k, v in metric_sums.items()})
+            micro_loss, metric_sums = torch.zeros((), device=accelerator.device), {}
+            core.after_optimizer_step(step)
             if batch == plan.steps_per_epoch:
                 epoch, batch = epoch + 1, 0
             saving = cfg.save_every > 0 and (step % cfg.save_every == 0 or step == plan.total_steps)
@@ -380,8 +410,7 @@ def fit(model: Classifier, optimizer: torch.optim.Optimizer, train_set: Dataset,
                 if main:
                     with open(eval_log, "a") as f:
                         f.write(json.dumps({"step": step, **metrics}) + "\n")
-                trainable.train()
-                model.head.train()
+                train_mode()
             bar.update(1)
             if step_callback is not None:
                 step_callback(step)

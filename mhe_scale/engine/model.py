@@ -6,21 +6,75 @@ import torch
 from torch import Tensor, nn
 
 from mhe_scale.config import HeadConfig, OptimConfig
-from mhe_scale.heads.base import ClassifierHead, HeadOutput
+from mhe_scale.engine.module import TrainingModule
+from mhe_scale.heads.base import ClassifierHead
 from mhe_scale.heads.factory import build_head
 
 
-class Classifier(nn.Module):
-    """inputs -> encoder.forward_features -> head. The head is a separate attribute so a
-    class-sharded head can be kept out of DDP/ZeRO (see docs/architecture.md)."""
+class _Weights(nn.Module):
+    """encoder (+ replicated head) under the names checkpoints use: "encoder.*", "head.*"."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        if head is not None:
+            self.head = head
+
+
+class HeadLoss(nn.Module):
+    """head(features, targets) -> (loss, metrics) as tensors: ZeRO-3 hooks a leaf module's backward
+    through its tensor outputs, and a HeadOutput dataclass would hide them."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.head(features, targets)  # heads turn autocast off themselves (fp32 logits)
+        return out.loss, out.metrics
+
+
+class Classifier(TrainingModule):
+    """inputs -> encoder.forward_features [B, D] -> head -> (loss, metrics): the training module of
+    every encoder + head task. A class-sharded head (mhe_scale.parallel) is kept as a plain attribute,
+    not a sub-module, so DDP / ZeRO never see it (see docs/architecture.md); a replicated head is a
+    sub-module trained like the encoder. Checkpoints name the weights "encoder.*" and "head.*"."""
 
     def __init__(self, encoder: nn.Module, head: ClassifierHead) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.head = head
+        from mhe_scale.engine.prepared import is_class_sharded
 
-    def forward(self, inputs: Tensor, targets: Tensor) -> HeadOutput:
-        return self.head(self.encoder.forward_features(inputs), targets)
+        self.encoder = encoder
+        self.sharded = is_class_sharded(head)
+        if self.sharded:
+            self.__dict__["_sharded_head"] = head  # not a sub-module
+        else:
+            self.head_loss = HeadLoss(head)
+        object.__setattr__(self, "weights", _Weights(encoder, None if self.sharded else head))
+
+    @property
+    def head(self) -> ClassifierHead:  # type: ignore[override]
+        return self.__dict__["_sharded_head"] if self.sharded else self.head_loss.head
+
+    def forward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        features = self.encoder.forward_features(inputs)
+        if not self.sharded:
+            return self.head_loss(features, targets)
+        # cast to the head's dtype BEFORE the head all-gathers the features (bf16 engines)
+        dtype = next((p.dtype for p in self.head.parameters() if p.is_floating_point()), torch.float32)
+        if features.is_floating_point() and features.dtype != dtype:
+            features = features.to(dtype)
+        out = self.head(features, targets)
+        return out.loss, out.metrics
+
+    def checkpoint_module(self) -> nn.Module:
+        return self.weights
+
+    def class_sharded_head(self) -> nn.Module | None:
+        return self.head if self.sharded else None
+
+    def zero3_leaf_modules(self) -> list[nn.Module]:
+        return [] if self.sharded else [self.head_loss]
 
     @torch.no_grad()
     def predict(self, inputs: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -1,20 +1,16 @@
-"""What `fit` hands to accelerate.prepare, and the class-sharded head that it must not see.
+"""A class-sharded head beside what accelerate prepares (see engine/module.py for the contract).
 
-Replicated head (fc, mhp, ... in one piece on every rank): `EncoderThenHead` is prepared (DDP /
-DeepSpeed), so the head's gradients are averaged like the encoder's. Its forward runs the encoder
-inside accelerate's autocast and the head with autocast OFF: logits and losses stay fp32 under
-bf16 (the heads upcast the features themselves). Under ZeRO-3 `HeadLoss` is a leaf module: all
-of the head's parameters are gathered when it runs (heads read sub-modules' weights directly).
-
-Class-sharded head (mhe_scale.parallel, rank r holds classes [start, end)): only `EncoderOnly`
-is prepared. The head stays outside DDP (its gradients must not be averaged: each rank holds
-different rows) and outside ZeRO (no partitioning of what is already sharded); it all-gathers
-the features itself, with the xW backward that undoes the backbone's gradient averaging.
-`ShardedHeadTraining` holds its optimizer and lr schedule, steps them only when
-`accelerator.sync_gradients`, clips with the global norm over encoder and every shard, and saves /
-loads each rank's shard (+ optimizer state) through an ExtraState (mhe_scale.parallel.checkpoint:
-per-rank files that reshard on load), plus the state of a sampling head's own generator so that a
-resumed run draws the same groups / negatives as an uninterrupted one.
+A training module is prepared whole (DDP / DeepSpeed): its registered parameters are averaged or
+partitioned. A class-sharded head (mhe_scale.parallel, rank r holds classes [start, end)) is
+returned by `module.class_sharded_head()` and is not a registered sub-module: it stays outside DDP
+(its gradients must not be averaged: each rank holds different rows) and outside ZeRO (no
+partitioning of what is already sharded); it all-gathers the features itself, with the xW backward
+that undoes the backbone's gradient averaging. `ShardedHeadTraining` holds its optimizer and lr
+schedule, steps them only when `accelerator.sync_gradients`, clips with the global norm over the
+module and every shard, and saves / loads each rank's shard (+ optimizer state) through an
+ExtraState (mhe_scale.parallel.checkpoint: per-rank files that reshard on load), plus the state of
+a sampling head's own generator so that a resumed run draws the same groups / negatives as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -33,44 +29,6 @@ def is_class_sharded(head: nn.Module) -> bool:
     from mhe_scale.parallel.sharded_heads import ShardedMixin
 
     return isinstance(head, ShardedMixin)
-
-
-class HeadLoss(nn.Module):
-    """head(features, targets).loss with autocast off, returned as a plain tensor: ZeRO-3 hooks a
-    module's backward through its tensor outputs, and a HeadOutput dataclass would hide the loss."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: Tensor, targets: Tensor) -> Tensor:
-        with torch.autocast(features.device.type, enabled=False):
-            return self.head(features, targets).loss
-
-
-class EncoderThenHead(nn.Module):
-    """inputs, targets -> loss: model.encoder.forward_features under the caller's autocast, then the
-    head in fp32 (HeadLoss). `classifier` (not a sub-module) is the model as checkpoints name it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.encoder = model.encoder
-        self.head_loss = HeadLoss(model.head)
-        object.__setattr__(self, "classifier", model)
-
-    def forward(self, inputs: Any, targets: Tensor) -> Tensor:
-        return self.head_loss(self.encoder.forward_features(inputs), targets)
-
-
-class EncoderOnly(nn.Module):
-    """inputs -> encoder.forward_features; state_dict names as in the Classifier ("encoder.*")."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, inputs: Any) -> Tensor:
-        return self.encoder.forward_features(inputs)
 
 
 class Schedulers:
@@ -97,13 +55,6 @@ class ShardedHeadTraining:
         self.head, self.optimizer, self.scheduler = head, optimizer, scheduler
         self.params = [p for p in head.parameters() if p.requires_grad]
         self.dtype = next((p.dtype for p in self.params if p.is_floating_point()), torch.float32)
-
-    def loss(self, features: Tensor, targets: Tensor) -> Tensor:
-        """Cast the encoder's features to the head's dtype BEFORE the head all-gathers them (bf16 engines)."""
-        if features.is_floating_point() and features.dtype != self.dtype:
-            features = features.to(self.dtype)
-        with torch.autocast(features.device.type, enabled=False):
-            return self.head(features, targets).loss
 
     def step(self) -> None:
         """Optimizer step, schedule step, zero grads: call only when accelerator.sync_gradients."""
@@ -151,20 +102,22 @@ class ShardedHeadTraining:
 
 
 def check_optimizers(model: nn.Module, optimizer: torch.optim.Optimizer,
-                     head_optimizer: torch.optim.Optimizer | None, sharded: bool) -> None:
-    """Raise ValueError unless the parameters are split as the head's kind requires."""
-    head_ids = {id(p) for p in model.head.parameters()}
+                     head_optimizer: torch.optim.Optimizer | None) -> None:
+    """Raise ValueError unless the parameters are split as the module's class-sharded head (if any) requires."""
+    head = model.class_sharded_head()
+    if head is None:
+        if head_optimizer is not None:
+            raise ValueError("head_optimizer is only for class-sharded heads (mhe_scale.parallel); this head is "
+                             "replicated: give its parameters to `optimizer`")
+        return
+    head_ids = {id(p) for p in head.parameters()}
     in_main = [p for g in optimizer.param_groups for p in g["params"] if id(p) in head_ids]
-    if sharded:
-        if head_optimizer is None:
-            raise ValueError("the head is class-sharded: pass its own optimizer as fit(..., head_optimizer=...) and "
-                             "keep its parameters out of `optimizer` (which accelerate prepares for the encoder)")
-        if in_main:
-            raise ValueError(f"`optimizer` holds {len(in_main)} parameters of the class-sharded head; give them only "
-                             "to head_optimizer (DDP/ZeRO would average or partition them)")
-        stray = [p for g in head_optimizer.param_groups for p in g["params"] if id(p) not in head_ids]
-        if stray:
-            raise ValueError(f"head_optimizer holds {len(stray)} parameters that are not the head's")
-    elif head_optimizer is not None:
-        raise ValueError("head_optimizer is only for class-sharded heads (mhe_scale.parallel); this head is "
-                         "replicated: give its parameters to `optimizer`")
+    if head_optimizer is None:
+        raise ValueError("the head is class-sharded: pass its own optimizer as fit(..., head_optimizer=...) and "
+                         "keep its parameters out of `optimizer` (which accelerate prepares for the encoder)")
+    if in_main:
+        raise ValueError(f"`optimizer` holds {len(in_main)} parameters of the class-sharded head; give them only "
+                         "to head_optimizer (DDP/ZeRO would average or partition them)")
+    stray = [p for g in head_optimizer.param_groups for p in g["params"] if id(p) not in head_ids]
+    if stray:
+        raise ValueError(f"head_optimizer holds {len(stray)} parameters that are not the head's")

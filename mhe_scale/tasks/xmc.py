@@ -11,16 +11,16 @@ Output layout as the synthetic task: {output_dir}/config.yaml, results.json, res
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig
+from mhe_scale.config import ExperimentConfig, HeadConfig
 from mhe_scale.data.xc_format import read_xc_format
-from mhe_scale.data.xmc_dataset import LABEL_ORDERS, XMCDataset, cluster_label_order, idf_weights, relabel
+from mhe_scale.data.xmc_dataset import LABEL_ORDERS, XcDataConfig, XMCDataset, cluster_label_order, idf_weights, relabel
 from mhe_scale.engine.evaluate import evaluate
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
@@ -29,8 +29,17 @@ from mhe_scale.tasks.report import write_results
 from mhe_scale.models import build_encoder
 from mhe_scale.tasks.synthetic import head_label, run_folder
 from mhe_scale.tasks.paths import config_path_candidates
+from mhe_scale.models.mlp import MlpConfig
+from mhe_scale.tasks.registry import register_task
 
 POPULARITY = "most frequent (train)"
+
+
+@dataclass(kw_only=True)
+class XmcConfig(ExperimentConfig):
+    task: str = "xmc"
+    data: XcDataConfig = field(default_factory=XcDataConfig)
+    model: MlpConfig = field(default_factory=MlpConfig)
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ def resolve_data_path(path: str | None) -> Path:
                             f"the XC-format folder, e.g. ../shared/data/mulan-bibtex/xc_format")
 
 
-def load_xmc(cfg: DataConfig) -> XMCData:
+def load_xmc(cfg: XcDataConfig) -> XMCData:
     """Read {path}/train.txt and test.txt; idf (for tfidf), the label order and propensities come
     from the training split only. Metrics do not depend on the label order (both splits are renumbered)."""
     if cfg.label_order not in LABEL_ORDERS:
@@ -127,6 +136,8 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
     return {"metrics": metrics, "costs": costs}
 
 
+@register_task("xmc", XmcConfig, "extreme multi-label classification on XC-format sparse files (MLP + head), "
+               "P@k / nDCG@k / PSP@k", data_names=("xc",))
 def run_xmc(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
     """Train cfg.head (and cfg.eval.baseline if set) on the XC dataset at cfg.data.path; print and save tables."""
     start = time.perf_counter()

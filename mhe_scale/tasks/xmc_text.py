@@ -14,14 +14,14 @@ Output as the other tasks: {output_dir}/config.yaml, results.json, results.md, p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from mhe_scale.config import DataConfig, ExperimentConfig, HeadConfig
+from mhe_scale.config import ExperimentConfig, HeadConfig
 from mhe_scale.data.text_batches import TokenizedTextDataset, tokenize
 from mhe_scale.data.text_stream import TextBatchStream, count_rows_and_labels
 from mhe_scale.data.xmc_text import (TextFormatError, detect_format, jsonl_label_names, label_names,
@@ -30,11 +30,20 @@ from mhe_scale.engine.evaluate import evaluate
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity
-from mhe_scale.models.text import build_text_encoder, load_tokenizer
+from mhe_scale.models.text import TextEncoderConfig, build_text_encoder, load_tokenizer
+from mhe_scale.data.xmc_text import TextDataConfig
+from mhe_scale.tasks.registry import register_task
 from mhe_scale.tasks.synthetic import head_label, run_folder
 from mhe_scale.tasks.paths import config_path_candidates
 
 POPULARITY = "most frequent (train)"
+
+
+@dataclass(kw_only=True)
+class XmcTextConfig(ExperimentConfig):
+    task: str = "xmc_text"
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    model: TextEncoderConfig = field(default_factory=TextEncoderConfig)
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ def resolve_text_path(path: str | None) -> Path:
                             "header) and point data.path at it")
 
 
-def load_text_xmc(cfg: DataConfig, tokenizer: Any) -> TextXMCData:
+def load_text_xmc(cfg: TextDataConfig, tokenizer: Any) -> TextXMCData:
     """Read, split (reuters), tokenise (cached) and count labels; propensities from the training split."""
     path = resolve_text_path(cfg.path)
     if cfg.streaming:
@@ -88,7 +97,7 @@ def load_text_xmc(cfg: DataConfig, tokenizer: Any) -> TextXMCData:
     return TextXMCData(train, test, splits.label_names, counts, w)
 
 
-def load_streamed_text_xmc(cfg: DataConfig, path: Path, tokenizer: Any) -> TextXMCData:
+def load_streamed_text_xmc(cfg: TextDataConfig, path: Path, tokenizer: Any) -> TextXMCData:
     """data.streaming: the training split as a TextBatchStream (one counting pass), the test split cached."""
     fmt = detect_format(path) if cfg.text_format == "auto" else cfg.text_format
     common = dict(text_fields=list(cfg.text_fields), test_fraction=cfg.test_fraction, seed=cfg.seed,
@@ -153,6 +162,8 @@ def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCDa
     return {"metrics": metrics, "costs": costs}
 
 
+@register_task("xmc_text", XmcTextConfig, "extreme multi-label classification of raw text with a local HF "
+               "encoder (LightXML-style) + head", data_names=("xmc_text",))
 def run_xmc_text(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
     """Train cfg.head (and cfg.eval.baseline if set) on the text corpus at cfg.data.path; print and save tables."""
     from mhe_scale.tasks.report import write_results
