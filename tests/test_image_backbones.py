@@ -95,13 +95,16 @@ def test_zero_init_residual_blocks_start_as_identity(block, in_ch, planes):
     assert not torch.all(resnet(18, width=4).layer1[0].bn2.weight == 0)
 
 
-@pytest.mark.parametrize("depth", [18, 50])
-def test_grad_checkpointing_same_outputs_grads_and_bn_stats(depth):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN batch norm)")
+
+
+@pytest.mark.parametrize("depth, device", [(18, "cpu"), (50, "cpu"), pytest.param(50, "cuda", marks=CUDA)])
+def test_grad_checkpointing_same_outputs_grads_and_bn_stats(depth, device):
     torch.manual_seed(0)
-    plain = resnet(depth, stem="cifar", width=4).train()
+    plain = resnet(depth, stem="cifar", width=4).train().to(device)
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing(True)
-    x = torch.randn(4, 3, 16, 16)
+    x = torch.randn(4, 3, 16, 16, device=device)
     outs = []
     for model in (plain, ckpt):
         out = model.forward_features(x)
@@ -113,6 +116,18 @@ def test_grad_checkpointing_same_outputs_grads_and_bn_stats(depth):
     for (name, b), c in zip(plain.named_buffers(), ckpt.buffers()):
         torch.testing.assert_close(b, c, msg=name)  # running stats updated once, num_batches_tracked == 1
     assert int(ckpt.layer4[-1].bn1.num_batches_tracked) == 1
+
+
+def test_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    model = build_image_backbone("resnet50", stem="cifar", width=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
 
 
 def test_training_reduces_loss():
@@ -218,9 +233,26 @@ def test_timm_adapter_on_fake_timm(monkeypatch, tmp_path, fmt):
     torch.testing.assert_close(model(x), 2 * tokens.mean(1))  # timm's own pooled pre-logits
     model.set_grad_checkpointing(True)
     assert model.model.checkpointing
+    max_pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(1))
+    pooled = build_image_backbone("timm:fakenet", channels=6, pool=max_pool)
+    pooled.load_state_dict(model.state_dict())
+    torch.testing.assert_close(pooled(x), tokens.amax(1))
     save_file({**model.model.state_dict(), "head.weight": torch.zeros(3, 6)}, tmp_path / "w.safetensors")
     again = build_image_backbone("timm:fakenet", channels=6, pretrained_path=tmp_path / "w.safetensors")
     assert torch.equal(again.model.conv.weight, model.model.conv.weight)
+
+
+def test_timm_adapter_vit_tokens(monkeypatch):
+    """A ViT-like timm model returns tokens [B, N, D]: forward_tokens passes them on; no feature map."""
+    net = FakeTimmNet(0, channels=6)
+    net.forward_features = lambda x: net.conv(x).flatten(2).transpose(1, 2)
+    net.forward_head = lambda x, pre_logits=False: x[:, 0]
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=lambda *a, **k: net))
+    model = build_image_backbone("timm:vit_like")
+    x = torch.randn(2, 3, 32, 32)
+    assert model.forward_tokens(x).shape == (2, 64, 6) and model(x).shape == (2, 6)
+    with pytest.raises(ValueError, match=r"gives tokens \[2, 64, 6\], not a feature map"):
+        model.forward_feature_map(x)
 
 
 def test_torchvision_adapter_on_fake_torchvision(monkeypatch):
