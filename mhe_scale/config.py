@@ -230,7 +230,10 @@ def _unknown_keys(raw: Any, schema: Any, prefix: str = "") -> list[str]:
     for key in raw.keys():
         dotted = f"{prefix}{key}"
         if key not in names:
-            unknown.append(dotted)
+            import difflib
+
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            unknown.append(dotted + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
             continue
         kind = hints.get(str(key))
         for arg in (typing.get_args(kind) or (kind,)):
@@ -246,6 +249,10 @@ def _apply_override(raw: DictConfig, item: str) -> DictConfig:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=0.1")
     key, value = item.split("=", 1)
+    if key.strip() in SECTIONS and value.strip().startswith("{"):
+        import re
+
+        item = f"{key}=" + re.sub(r"([{,]\s*[A-Za-z_][\w]*):(?=\S)", r"\1: ", value)  # {name:fc} as {name: fc}
     try:
         parsed = OmegaConf.from_dotlist([item])
     except OmegaConfBaseException as exc:

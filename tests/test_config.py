@@ -18,7 +18,7 @@ def test_overrides_are_typed_and_applied():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("head.size=[3]", r"head\.size.*not in 'HeadConfig'.*sizes"),
+    ("head.size=[3]", r"task 'synthetic' does not take key\(s\) head\.size \(did you mean head\.sizes\?\)"),
     ("optim.lr=fast", r"'optim\.lr'.*could not be converted to Float"),
     ("train.batch_size=1.5", r"'train\.batch_size'"),
     ("head.sizes=[a,2]", r"'head\.sizes\[0\]'"),
@@ -73,3 +73,32 @@ def test_head_factory_is_strict():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     load_config(path)
+
+
+def test_every_unknown_key_is_named_in_one_error_with_the_task():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["data.name=xc", "data.image_size=3", "model.width_mult=2", "head.bogus=1"])
+    text = str(info.value)
+    assert "task 'xmc'" in text
+    for key in ("data.image_size", "model.width_mult", "head.bogus"):
+        assert key in text
+
+
+def test_task_sections_are_typed_per_task():
+    face = load_config(overrides=["task=face", "data.name=face_synthetic"])
+    assert face.task == "face" and face.data.image_size == 112
+    with pytest.raises(ConfigError, match="data.num_test"):  # a synthetic-data key is not a face key
+        load_config(overrides=["task=face", "data.num_test=3"])
+    assert load_config(overrides=["data.name=xc"]).task == "xmc"  # inferred from data.name
+    with pytest.raises(ConfigError, match="task='nosuch' is not registered"):
+        load_config(overrides=["task=nosuch"])
+
+
+def test_one_override_replaces_the_whole_head_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("head:\n  name: mhp\n  sizes: [10, 10]\n  loss: bce\n")
+    merged = load_config(path, ["head.name=fc"])
+    assert merged.head.sizes == [10, 10]  # a dotted override merges into the section
+    replaced = load_config(path, ["head={name:fc,cosine:true}"])
+    assert replaced.head.name == "fc" and replaced.head.cosine is True
+    assert replaced.head.sizes is None and replaced.head.loss is None

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from mhe_scale.config import DistConfig, OptimConfig, TrainConfig
 from mhe_scale.data.xc_format import read_predictions
 from mhe_scale.data.synthetic import SyntheticSplit
-from mhe_scale.engine import Classifier, build_optimizer, evaluate, fit
+from mhe_scale.engine import Classifier, build_optimizer, fit
+from mhe_scale.tasks.xmc_evaluate import evaluate
 from mhe_scale.engine.accelerator import TRACKER_RUN, build_accelerator
 from mhe_scale.heads import create_head
 from mhe_scale.models import MLPEncoder

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mhe_scale.config import ExperimentConfig, load_config
+from mhe_scale.config import load_config
+from mhe_scale.data.face_dataset import FaceDataConfig
 from mhe_scale.data.dali_face import (FaceTransform, build_face_loader, dali_available, image_record_index)
 from mhe_scale.data.face_bin import write_face_bin
 from mhe_scale.data.face_dataset import RecordIOFaceDataset, pack_image_folder
@@ -241,7 +242,7 @@ def test_face_synthetic_through_the_entry_point(tmp_path):
 def test_face_task_refuses_labels_beyond_num_classes(packed_header):
     from mhe_scale.tasks.face import load_face_data
 
-    cfg = ExperimentConfig().data
+    cfg = FaceDataConfig()
     cfg.name, cfg.path, cfg.num_classes = "face_recordio", str(packed_header.with_suffix(".rec")), 2
     with pytest.raises(ValueError, match="data.num_classes=2"):
         load_face_data(cfg, 4, torch.device("cpu"))

@@ -1,6 +1,6 @@
 import torch
 
-from mhe_scale.config import DataConfig
+from mhe_scale.data.synthetic import SyntheticDataConfig as DataConfig
 from mhe_scale.data.synthetic import make_synthetic
 from mhe_scale.labels import PAD
 

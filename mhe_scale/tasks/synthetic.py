@@ -12,7 +12,7 @@ import torch
 
 from mhe_scale.config import ExperimentConfig, HeadConfig
 from mhe_scale.data.synthetic import SyntheticDataConfig, make_synthetic
-from mhe_scale.engine.evaluate import evaluate
+from mhe_scale.tasks.xmc_evaluate import evaluate
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
 from mhe_scale.eval.xmc import inverse_propensity

@@ -21,7 +21,7 @@ from torch import Tensor
 from mhe_scale.config import ExperimentConfig, HeadConfig
 from mhe_scale.data.xc_format import read_xc_format
 from mhe_scale.data.xmc_dataset import LABEL_ORDERS, XcDataConfig, XMCDataset, cluster_label_order, idf_weights, relabel
-from mhe_scale.engine.evaluate import evaluate
+from mhe_scale.tasks.xmc_evaluate import evaluate
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity, label_counts

@@ -26,7 +26,7 @@ from mhe_scale.data.text_batches import TokenizedTextDataset, tokenize
 from mhe_scale.data.text_stream import TextBatchStream, count_rows_and_labels
 from mhe_scale.data.xmc_text import (TextFormatError, detect_format, jsonl_label_names, label_names,
                                      load_text_splits, split_rows, write_label_map)
-from mhe_scale.engine.evaluate import evaluate
+from mhe_scale.tasks.xmc_evaluate import evaluate
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity
