@@ -105,8 +105,8 @@ class MPerClassSampler(IndexBatchSampler):
         self.m = m
 
     def epoch_order(self, epoch: int) -> Tensor:
-        gen, bc, k, steps = epoch_generator(self.seed, epoch), self.by_class, self.global_batch // self.m, \
-            self.steps_per_epoch
+        gen, bc = epoch_generator(self.seed, epoch), self.by_class
+        k, steps = self.global_batch // self.m, self.steps_per_epoch
         num_classes = len(bc.counts)
         per_perm = num_classes // k  # batches cut from one class permutation (the rest is dropped)
         perms = [torch.randperm(num_classes, generator=gen)[: per_perm * k] for _ in range(-(-steps // per_perm))]
