@@ -17,7 +17,7 @@ from mhe_scale.config import OptimConfig, TrainConfig
 from mhe_scale.data.synthetic import SyntheticSplit
 from mhe_scale.engine import (Classifier, ExponentialMovingAverage, NonFiniteLossError, TrainPlan, build_optimizer,
                               build_scheduler, fit, lr_factor)
-from mhe_scale.engine.loop import EpochBatchSampler, epoch_permutation
+from mhe_scale.data.samplers import EpochBatchSampler, epoch_permutation
 from mhe_scale.heads import create_head
 from mhe_scale.models import MLPEncoder
 
@@ -155,7 +155,8 @@ def test_k_micro_batches_give_the_update_of_one_big_batch(tmp_path):
 def test_sampler_covers_each_epoch_once_and_resumes_mid_epoch():
     cfg = train_cfg(batch_size=4, grad_accum_steps=2)
     plan = TrainPlan.build(cfg, 50, num_processes=3)  # global batch 24, 2 steps per epoch, 2 dropped
-    ranks = [EpochBatchSampler(50, plan, r, seed=7) for r in range(3)]
+    ranks = [EpochBatchSampler(50, plan.micro_batch, plan.grad_accum_steps, plan.num_processes, plan.steps_per_epoch, r,
+                               seed=7) for r in range(3)]
     seen = torch.tensor([i for s in ranks for batch in s for i in batch])
     assert sorted(seen.tolist()) == sorted(epoch_permutation(50, 7, 0)[:48].tolist())
     assert all(len(list(s)) == 4 for s in ranks)  # 2 steps x 2 micro-batches

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from mhe_scale.config import OptimConfig
 from mhe_scale.data.synthetic import SyntheticSplit
 from mhe_scale.engine import build_optimizer, fit
-from mhe_scale.engine.loop import epoch_permutation
+from mhe_scale.data.samplers import epoch_permutation
 from mhe_scale.engine.stream import BatchStream, StreamTooShortError
 
 from test_engine_loop import REPO, flat_params, read_log, tiny_data, tiny_model, train_cfg

@@ -29,19 +29,6 @@ def global_batches(ranks: list, k: int) -> list[list[list[int]]]:
     return [[sum(per_rank[r][j * k:(j + 1) * k], []) for r in range(len(ranks))] for j in range(steps)]
 
 
-@pytest.mark.parametrize("num_samples,b,k,p", [(50, 4, 2, 3), (64, 8, 1, 1), (100, 3, 2, 2), (37, 5, 1, 2)])
-def test_matches_engine_loop_sampler(num_samples, b, k, p):
-    from mhe_scale.engine.loop import EpochBatchSampler as LoopSampler, TrainPlan
-    steps = num_samples // (b * k * p)
-    plan = TrainPlan(num_samples, p, b, k, b * k * p, steps, steps, 0)
-    for rank in range(p):
-        old, new = LoopSampler(num_samples, plan, rank, seed=11), EpochBatchSampler(num_samples, b, k, p, steps,
-                                                                                   rank, seed=11)
-        for epoch, start in ((0, 0), (3, steps - 1), (1, 1 % steps)):
-            old.set_position(epoch, start), new.set_position(epoch, start)
-            assert len(new) == len(old) and list(new) == list(old)
-
-
 def test_epoch_sampler_visits_every_index_once_per_epoch():
     for epoch in range(3):
         ranks = ranks_of("epoch", labels_of(96), b=4, k=2, p=3)

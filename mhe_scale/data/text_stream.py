@@ -62,7 +62,7 @@ class TextBatchStream(BatchStream):
         from datasets.distributed import split_dataset_by_node
 
         rows = self.rows
-        if self.shuffle_buffer > 1:  # one seed per (seed, epoch), mixed as engine.loop.epoch_permutation does
+        if self.shuffle_buffer > 1:  # one seed per (seed, epoch), mixed as data.samplers.epoch_permutation does
             epoch_seed = int(np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, epoch]).generate_state(1)[0])
             rows = rows.shuffle(seed=epoch_seed, buffer_size=self.shuffle_buffer)
         return split_dataset_by_node(rows, rank=rank, world_size=world) if world > 1 else rows

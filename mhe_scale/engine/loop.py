@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -74,38 +73,17 @@ class TrainPlan:
                          steps_per_epoch, total, min(cfg.warmup_steps, total))
 
 
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> Tensor:
-    """The sample order of `epoch`: a permutation [N] depending only on (seed, epoch)."""
-    mixed = np.random.SeedSequence([seed & 0xFFFF_FFFF_FFFF_FFFF, epoch]).generate_state(1, np.uint64)[0]
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(mixed)))
+def named_sampler(name: str, labels: Tensor | None = None, **options) -> SamplerFactory:
+    """A SamplerFactory for a sampler of data/samplers.py by name ('epoch', 'class_balanced',
+    'repeated_aug', 'm_per_class'); labels [N] for the class-aware ones."""
+    from mhe_scale.data.samplers import build_sampler
 
+    def make(plan: TrainPlan, rank: int, seed: int) -> Sampler:
+        return build_sampler(name, labels, micro_batch=plan.micro_batch, grad_accum_steps=plan.grad_accum_steps,
+                             num_processes=plan.num_processes, rank=rank, seed=seed,
+                             steps_per_epoch=plan.steps_per_epoch, num_samples=plan.num_train, **options)
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """This process's micro-batches of one epoch, from optimizer step `start_step` on.
-
-    Optimizer step j of an epoch uses the global batch perm[j*G:(j+1)*G]; inside it micro-step m
-    of process r reads the contiguous slice at offset (m*P + r)*b (b micro batch, P processes).
-    """
-
-    def __init__(self, num_samples: int, plan: TrainPlan, rank: int, seed: int) -> None:
-        self.num_samples, self.plan, self.rank, self.seed = num_samples, plan, rank, seed
-        self.epoch, self.start_step = 0, 0
-
-    @staticmethod
-    def for_dataset(dataset: Dataset) -> SamplerFactory:
-        return lambda plan, rank, seed: EpochBatchSampler(len(dataset), plan, rank, seed)
-
-    def set_position(self, epoch: int, start_step: int) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def __len__(self) -> int:
-        return (self.plan.steps_per_epoch - self.start_step) * self.plan.grad_accum_steps
-
-    def __iter__(self) -> Iterator[list[int]]:
-        p = self.plan
-        perm = epoch_permutation(self.num_samples, self.seed, self.epoch)[: p.steps_per_epoch * p.global_batch]
-        mine = perm.view(p.steps_per_epoch, p.grad_accum_steps, p.num_processes, p.micro_batch)
-        yield from mine[self.start_step:, :, self.rank].reshape(-1, p.micro_batch).tolist()
+    return make
 
 
 @dataclass(frozen=True)
@@ -252,7 +230,7 @@ def train_loader(train_set: Dataset, plan: TrainPlan, cfg: TrainConfig, rank: in
     # (a resumed run would then see other dropout masks)
     generator = torch.Generator().manual_seed(cfg.seed)
     if not isinstance(train_set, BatchStream):
-        sampler = (sampler_factory or EpochBatchSampler.for_dataset(train_set))(plan, rank, seed)
+        sampler = (sampler_factory or named_sampler("epoch"))(plan, rank, seed)
         loader = DataLoader(train_set, batch_sampler=sampler, generator=generator, num_workers=cfg.num_workers,
                             persistent_workers=cfg.num_workers > 0)
         return loader, sampler.set_position

@@ -1,6 +1,6 @@
 """Training sets read as a stream of ready micro-batches, for corpora that are not indexed on disk.
 
-`fit` normally draws index batches from a map-style dataset (EpochBatchSampler). A `BatchStream`
+`fit` normally draws index batches from a map-style dataset (data/samplers.py). A `BatchStream`
 instead produces its own micro-batches for (epoch, rank): `fit` asks for epoch e starting at
 optimizer step s, and the stream yields exactly steps_per_epoch x grad_accum_steps micro-batches of
 this rank's rows for that epoch, dropping the first s x grad_accum_steps (already trained on before

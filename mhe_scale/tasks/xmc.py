@@ -117,16 +117,20 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
     model = Classifier(encoder, head)
     optimizer, head_optimizer = build_optimizers(cfg.optim, model)
     accelerator.print(f"[{head_label(head_cfg)}] {head!r}")
-    run_dir = Path(cfg.train.output_dir) / (folder or run_folder(head_cfg))  # per head: checkpoints, loss log
-    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
-                 head_optimizer=head_optimizer)
-    start = time.perf_counter()
-    save = cfg.eval.prediction_k > 0
+    folder = folder or run_folder(head_cfg)
+    run_dir = Path(cfg.train.output_dir) / folder  # per head: checkpoints, loss log, tracker tags
     file_ids = None if data.label_map is None else torch.argsort(data.label_map)  # new id -> the file's id
-    metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
-                       desc=f"eval {head_cfg.name}", ema=result.ema, accelerator=accelerator,
-                       predictions_to=run_dir / "predictions.txt" if save else None,
-                       prediction_k=cfg.eval.prediction_k, written_ids=file_ids)
+
+    def evaluate_now(ema=None, save: bool = False) -> dict[str, float]:  # every process: metrics of the whole set
+        return evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
+                        desc=f"eval {head_cfg.name}", ema=ema, accelerator=accelerator,
+                        predictions_to=run_dir / "predictions.txt" if save else None,
+                        prediction_k=cfg.eval.prediction_k, written_ids=file_ids)
+
+    result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
+                 head_optimizer=head_optimizer, eval_fn=evaluate_now, run_name=folder)
+    start = time.perf_counter()
+    metrics = evaluate_now(result.ema, save=cfg.eval.prediction_k > 0)
     costs = {"train s": result.seconds, "eval s": time.perf_counter() - start,
              "samples/s": result.samples_per_second,
              "head params (K)": count_parameters(head) / 1e3,

@@ -142,15 +142,19 @@ def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCDa
     model = Classifier(encoder, head)
     optimizer, head_optimizer = build_optimizers(cfg.optim, model)
     accelerator.print(f"[{head_label(head_cfg)}] {type(encoder.model).__name__}({encoder.extra_repr()})\n{head!r}")
-    run_dir = Path(cfg.train.output_dir) / (folder or run_folder(head_cfg))
+    folder = folder or run_folder(head_cfg)
+    run_dir = Path(cfg.train.output_dir) / folder
+
+    def evaluate_now(ema=None, save: bool = False) -> dict[str, float]:  # every process: metrics of the whole set
+        return evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
+                        desc=f"eval {head_cfg.name}", ema=ema, accelerator=accelerator,
+                        predictions_to=run_dir / "predictions.txt" if save else None,
+                        prediction_k=cfg.eval.prediction_k)
+
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
-                 head_optimizer=head_optimizer)
+                 head_optimizer=head_optimizer, eval_fn=evaluate_now, run_name=folder)
     start = time.perf_counter()
-    save = cfg.eval.prediction_k > 0
-    metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
-                       desc=f"eval {head_cfg.name}", ema=result.ema, accelerator=accelerator,
-                       predictions_to=run_dir / "predictions.txt" if save else None,
-                       prediction_k=cfg.eval.prediction_k)
+    metrics = evaluate_now(result.ema, save=cfg.eval.prediction_k > 0)
     trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     costs = {"train s": result.seconds, "eval s": time.perf_counter() - start,
              "samples/s": result.samples_per_second,
