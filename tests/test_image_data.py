@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import load_tool
+
 from mhe_scale.data.dali_image import dali_available
 from mhe_scale.data.image_archive import archive_records, build_archive_cache
 from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_preset
@@ -272,3 +274,33 @@ def test_dali_presets_shapes(image_root):
             images, labels = next(iter(DALIImageLoader(records, 3, preset=preset, train=train, size=size)))
             assert images.shape == (3, 3, size, size) and images.dtype == torch.float32
             assert math.isfinite(images.sum().item())
+
+
+def test_bench_tool_runs_on_a_tiny_archive(tmp_path, capsys):
+    make_archive(tmp_path / "cifar10-jpeg.tar.gz")
+    bench = load_tool("bench_image_pipeline")
+    assert bench.main([str(tmp_path), str(tmp_path / "cache"), "--images", "8", "--batch", "4", "--workers", "0",
+                       "--dali-threads", "1" if dali_available() else "0"]) == 0
+    out = capsys.readouterr().out
+    assert "built in" in out and "| PIL, DataLoader num_workers=0 |" in out
+
+
+@needs_dali
+def test_dali_cifar_pad_crop_gives_exactly_the_pil_windows(image_root, tmp_path):
+    from mhe_scale.data.dali_image import DALIImageLoader
+
+    listing = tmp_path / "same.txt"
+    listing.write_text("cat/0.jpg 0\n" * 1000)
+    records = list_file_records(listing, image_root)
+    pixels = ToTensor()(np.asarray(Image.open(image_root / "cat" / "0.jpg").convert("RGB")), None)
+    padded = torch.zeros(3, 40, 40)
+    padded[:, 4:36, 4:36] = pixels * 255
+    windows = {padded[:, t:t + 32, l:l + 32].round().to(torch.uint8).numpy().tobytes(): (t, l)
+               for t in range(9) for l in range(9)}
+    offsets = []
+    for images, _ in DALIImageLoader(records, 250, preset="cifar", train=True, flip=0.0, mean=(0.0,) * 3,
+                                     std=(1 / 255,) * 3):  # output = raw pixel values
+        offsets += [windows[x.round().to(torch.uint8).numpy().tobytes()] for x in images]  # KeyError: not a window
+    assert len(set(offsets)) == 81  # every offset appears
+    edge = sum(t in (0, 8) for t, _ in offsets)  # uniform over 9 rows: 2/9 * 1000 = 222 (sd 13)
+    assert 170 < edge < 280

