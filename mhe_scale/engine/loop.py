@@ -337,6 +337,8 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
     metric_sums: dict[str, Tensor] = {}
     while step < plan.total_steps:
         set_position(epoch, batch)
+        if hasattr(train_set, "set_epoch"):  # per-epoch augmentation seeds (reach persistent workers)
+            train_set.set_epoch(epoch)
         for inputs, targets in loader:
             inputs, targets = send_to_device((inputs, targets), accelerator.device)  # nested inputs too
             inputs = cast_floating(inputs, cast)

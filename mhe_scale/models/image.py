@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -190,4 +192,34 @@ def build_image_backbone(name: str, *, stem: str | None = None, width: int | Non
         raise ValueError(f"unknown image backbone {name!r}; known: {', '.join(list_image_backbones())}")
     if pretrained_path is not None:
         load_pretrained(model, pretrained_path)
+    return model
+
+
+@dataclass(kw_only=True)
+class ImageModelConfig:
+    """model section of the image tasks: an image backbone (forward_features -> [B, num_features])."""
+
+    name: str = "resnet18"
+    """resnet18 | resnet34 | resnet50 | resnet101 | resnet152, or timm:<name> / torchvision:<name> where
+    those packages import (GPU installs)."""
+    stem: Optional[str] = "cifar"
+    """Project ResNets: cifar (3x3 conv, stride 1, no max-pool: 32x32 inputs) | imagenet (7x7/2 + max-pool)."""
+    width: Optional[int] = 64
+    """Project ResNets: channels of the first stage (64 is the published width; smaller for CPU runs)."""
+    zero_init_residual: bool = False
+    """Project ResNets: zero the last BN gamma of every residual branch (Goyal et al. 2017)."""
+    pretrained_path: Optional[str] = None
+    """Local safetensors file with backbone weights (never downloaded)."""
+    grad_checkpointing: bool = False
+    """Recompute block activations in backward (less memory; BN statistics still update once per step)."""
+
+
+def build_image_model(cfg: ImageModelConfig) -> nn.Module:
+    """The backbone of a model section (see ImageModelConfig)."""
+    external = cfg.name.startswith(("timm:", "torchvision:"))
+    kwargs: dict[str, object] = {} if external or not cfg.zero_init_residual else {"zero_init_residual": True}
+    model = build_image_backbone(cfg.name, stem=None if external else cfg.stem, width=None if external else cfg.width,
+                                 pretrained_path=cfg.pretrained_path, **kwargs)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     return model

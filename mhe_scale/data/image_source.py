@@ -1,0 +1,89 @@
+"""The data section of the image tasks and the one function that turns it into train / test records.
+
+    data.format = archive   data.path = a .tar(.gz) of <split>/<class>/<file> images (CIFAR-10 jpeg),
+                            converted once into an indexed RecordIO cache (data/image_archive.py)
+                  folder    data.path / data.test_path = folder-per-class roots
+                  list      data.path / data.test_path = 'relative/path label' list files under data.root
+                  recordio  data.path / data.test_path = im2rec .rec files (.idx beside them)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mhe_scale.data.image_folder import ImageRecords, folder_records, list_file_records, RecordIOImageRecords
+
+FORMATS = ("archive", "folder", "list", "recordio")
+
+
+@dataclass(kw_only=True)
+class ImageDataConfig:
+    """data section of the image tasks (classify, ...)."""
+
+    name: str = "cifar10"
+    """A label for the dataset in tables and logs."""
+    format: str = "archive"
+    """archive | folder | list | recordio (see mhe_scale/data/image_source.py)."""
+    path: Optional[str] = None
+    """Training images: the archive, the train folder, the train list file or the train .rec."""
+    test_path: Optional[str] = None
+    """Test images (folder / list / recordio); unused by archive, which holds both splits."""
+    root: Optional[str] = None
+    """list: folder the list's relative paths start from (default: the list file's folder)."""
+    train_split: str = "train"
+    """archive: the split used for training."""
+    test_split: str = "test"
+    """archive: the split used for evaluation."""
+    cache_dir: Optional[str] = None
+    """archive: where the converted RecordIO cache goes (default ~/.cache/mhe_scale/images)."""
+    limit_per_class: Optional[int] = None
+    """archive: keep only the first N images of each class and split (smoke runs and tests)."""
+    num_classes: Optional[int] = None
+    """Classes the head is built for (default: the number of classes found in the training records)."""
+    preset: str = "cifar"
+    """Augmentation family: cifar (crop 32 after 4-pixel padding + flip) | imagenet (RandomResizedCrop + flip;
+    eval resize + centre crop)."""
+    image_size: Optional[int] = None
+    """Side of the training crops (default: the preset's, 32 or 224)."""
+    sampler: str = "epoch"
+    """Training order: epoch | class_balanced | repeated_aug | m_per_class (mhe_scale/data/samplers.py)."""
+    seed: int = 0
+    """Seed of the per-sample augmentation (with the epoch and the index)."""
+
+
+def _resolve(path: Optional[str], key: str) -> Path:
+    from mhe_scale.tasks.paths import config_path_candidates
+
+    if not path:
+        raise ValueError(f"{key} is not set; point it at the images (see mhe_scale/data/image_source.py)")
+    for candidate in config_path_candidates(path):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{key}={path!r} does not exist (tried {' and '.join(map(str, config_path_candidates(path)))})")
+
+
+def image_records(cfg: ImageDataConfig, progress: bool = True) -> tuple[ImageRecords, ImageRecords]:
+    """(train, test) records of the data section; errors name the key and the fix."""
+    if cfg.format not in FORMATS:
+        raise ValueError(f"data.format={cfg.format!r} is not known; choose one of {FORMATS}")
+    path = _resolve(cfg.path, "data.path")
+    if cfg.format == "archive":
+        from mhe_scale.data.image_archive import archive_records
+
+        cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mhe_scale", "images")
+        try:
+            return tuple(archive_records(path, cache, split, limit_per_class=cfg.limit_per_class,  # type: ignore[return-value]
+                                         progress=progress) for split in (cfg.train_split, cfg.test_split))
+        except KeyError as exc:  # a missing split: say which key picks it
+            raise ValueError(f"data.train_split / data.test_split: {exc.args[0]}") from None
+    test = _resolve(cfg.test_path, "data.test_path")
+    if cfg.format == "folder":
+        return folder_records(path), folder_records(test)
+    if cfg.format == "list":
+        root = Path(cfg.root) if cfg.root else path.parent
+        return list_file_records(path, root), list_file_records(test, root)
+    return (RecordIOImageRecords(path, path.with_suffix(".idx")),
+            RecordIOImageRecords(test, test.with_suffix(".idx")))
