@@ -267,8 +267,8 @@ def test_fuzz_rec_byte_flip(fuzz_base, data):
         elif in_chunk:  # a payload byte: same length, exactly one byte differs
             assert len(got[key]) == len(original[key])
             assert sum(a != b for a, b in zip(got[key], original[key])) == 1
-        elif not any(h <= pos < s for h, s, _, _ in parts):  # padding is ignored
-            assert got[key] == original[key]
+        elif not any(h <= pos < s for h, s, _, _ in parts):  # padding must stay zero
+            assert isinstance(got[key], RecordIOError) and "padding bytes" in str(got[key])
     # the same file without .idx: error, or the records before the flip unchanged
     try:
         scanned = [p for _, p in RecordIOReader(folder / "bad.rec")]
@@ -362,6 +362,30 @@ def test_error_messages_name_file_offset_and_key(fuzz_base):
     (folder / "t.rec").write_bytes(base[:21])
     with pytest.raises(RecordIOError, match=r"t\.rec, byte offset 16: truncated part header"):
         RecordIOReader(folder / "t.rec")
+
+
+def test_length_field_corrupted_shorter_is_caught(fuzz_base, shared_data, tmp_path):
+    folder, base, idx, spans = fuzz_base  # key 5 = b"plain" at 0 (5 bytes + 3 zero pad), key 2 at 16
+    with pytest.raises(RecordIOError, match=r"x\.rec, byte offset 0, key 5: the record ends at byte 12 .*no record "
+                       r"part starts there.*length field is probably corrupt"):
+        _corrupt(folder, {4: struct.pack("<I", 4)}).read(5)
+    with pytest.raises(RecordIOError, match=r"key 5: the 3 padding bytes after the part's 1 data bytes are b'lai'"):
+        _corrupt(folder, {4: struct.pack("<I", 1)}).read(5)
+    # a real MXNet-written file: shorten one JPEG record's length by 1, 4 and 100 bytes
+    rec, idx_path = shared_data / "recordio-im2rec-faces" / "validation.rec", shared_data / "recordio-im2rec-faces" / "validation.idx"
+    reader = RecordIOReader(rec, idx_path)
+    key = int(reader.keys[len(reader) // 2])
+    offset = reader.offset(key)
+    data = rec.read_bytes()
+    (magic, lrec), good = struct.unpack_from("<II", data, offset), reader.read(key)
+    assert lrec >> 29 == 0 and len(good) == lrec  # one whole part
+    for shorter in (1, 4, 100):
+        bad = bytearray(data)
+        struct.pack_into("<I", bad, offset + 4, lrec - shorter)
+        (tmp_path / "v.rec").write_bytes(bytes(bad))
+        with pytest.raises(RecordIOError, match=rf"v\.rec, byte offset {offset}, key {key}: .*length field is "
+                           r"probably corrupt \(too short\)"):
+            RecordIOReader(tmp_path / "v.rec", idx_path).read(key)
 
 
 # ---- writer atomicity -----------------------------------------------------------------------------------
