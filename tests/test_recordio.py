@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,48 @@ def test_insightface_identity_ranges_are_checked(tmp_path):
     write_records(tmp_path / "b.rec", tmp_path / "b.idx", bad)
     with pytest.raises(RecordIOError, match="b.rec, key 4: identity ranges must tile"):
         RecordIOFaceDataset(tmp_path / "b.rec", tmp_path / "b.idx")
+
+
+def test_forced_insightface_layout_refuses_an_image_as_header(tmp_path):
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(jpeg, format="JPEG")
+    labels9 = [2, 3] + [0.5] * 7  # flag 9: nine float labels whose first two look like a key range
+    items = [(0, pack_image_record(IRHeader(0, labels9, 0, 0), jpeg.getvalue())),
+             (1, pack_image_record(IRHeader(0, 0.0, 1, 0), jpeg.getvalue())),
+             (2, pack_image_record(IRHeader(2, [1, 2], 2, 0), b""))]
+    write_records(tmp_path / "f.rec", tmp_path / "f.idx", items)
+    with pytest.raises(RecordIOError, match=r"f\.rec, byte offset 0, key 0: key 0 holds a \d+-byte image \(IRHeader "
+                       r"flag 9\), so it is not an insightface header.*layout='im2rec'"):
+        RecordIOFaceDataset(tmp_path / "f.rec", tmp_path / "f.idx", layout="insightface")
+
+
+def test_records_with_several_labels_warn_that_only_the_first_is_the_class(tmp_path):
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(jpeg, format="JPEG")
+    nine = [[float(k % 2)] + [0.25] * 8 for k in range(3)]  # flag 9: class first, then 8 more floats
+    items = [(k, pack_image_record(IRHeader(0, nine[k], k, 0), jpeg.getvalue())) for k in range(3)]
+    write_records(tmp_path / "m.rec", tmp_path / "m.idx", items)
+    with pytest.warns(UserWarning, match=r"m\.rec: key 0 carries 9 labels \[0, 0.25, 0.25, 0.25, \.\.\.\].*takes the "
+                      r"first \(0\) as the class"):
+        ds = RecordIOFaceDataset(tmp_path / "m.rec", tmp_path / "m.idx", labels_from="records")
+    assert ds.labels.tolist() == [0, 1, 0]
+    (tmp_path / "m.lst").write_text("".join(f"{k}\t{k % 2}\t0.25\tpic{k}.jpg\n" for k in range(3)))
+    with pytest.warns(UserWarning, match=r"m\.lst: key 0 carries 2 labels \[0, 0.25\]"):
+        RecordIOFaceDataset(tmp_path / "m.rec", tmp_path / "m.idx", labels_from="lst")
+    # insightface layout: labels come from identity records; the image's own header warns on read
+    head = [(0, pack_image_record(IRHeader(2, [2, 3], 0, 0), b"")),
+            (1, pack_image_record(IRHeader(0, nine[0], 1, 0), jpeg.getvalue())),
+            (2, pack_image_record(IRHeader(2, [1, 2], 2, 0), b""))]
+    write_records(tmp_path / "h.rec", tmp_path / "h.idx", head)
+    ds = RecordIOFaceDataset(tmp_path / "h.rec", tmp_path / "h.idx")
+    with pytest.warns(UserWarning, match=r"h\.rec: key 1 carries 9 labels"):
+        assert ds[0][1] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per dataset; one-label records stay quiet
+        ds[0]
+        single = [(k, pack_image_record(IRHeader(0, float(k), k, 0), jpeg.getvalue())) for k in range(2)]
+        write_records(tmp_path / "s.rec", tmp_path / "s.idx", single)
+        RecordIOFaceDataset(tmp_path / "s.rec", tmp_path / "s.idx")[1]
 
 
 # ---- corruption: fuzzing and messages ------------------------------------------------------------------
