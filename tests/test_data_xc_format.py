@@ -108,6 +108,15 @@ def test_binary_file_names_path_and_line(tmp_path):
             read(path)
 
 
+def test_dataset_refuses_non_finite_features_naming_the_point():
+    from mhe_scale.data.xmc_dataset import XMCDataset
+
+    dense = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, float("inf")]])
+    with pytest.raises(ValueError, match=r"features hold inf at point 1 \(line 3 of an XC file\), feature 2"):
+        XMCDataset(dense.to_sparse_csr(), torch.tensor([[0], [1]]))
+    assert len(XMCDataset(dense.nan_to_num(posinf=3.0).to_sparse_csr(), torch.tensor([[0], [1]]))) == 2
+
+
 def test_byte_order_mark_is_ignored(tmp_path):
     path = tmp_path / "bom.txt"
     path.write_bytes("2 3 2\n0 0:1\n1 2:1\n".encode("utf-8-sig"))
