@@ -102,3 +102,41 @@ def test_one_override_replaces_the_whole_head_section(tmp_path):
     replaced = load_config(path, ["head={name:fc,cosine:true}"])
     assert replaced.head.name == "fc" and replaced.head.cosine is True
     assert replaced.head.sizes is None and replaced.head.loss is None
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1", "nan"])
+def test_non_positive_epochs_name_the_key(epochs):
+    from mhe_scale.engine.loop import check_train_config
+
+    cfg = load_config(None, [f"train.epochs={epochs}"]).train
+    with pytest.raises(ValueError, match=r"train\.epochs=.* must be > 0"):
+        check_train_config(cfg)
+    check_train_config(load_config(None, ["train.epochs=0.5"]).train)  # a fraction of an epoch is fine
+
+
+def test_empty_head_sizes_name_the_key():
+    for name in ("mhp", "mhc", "mhs"):
+        cfg = load_config(None, [f"head.name={name}", "head.sizes=[]"]).head
+        with pytest.raises(ConfigError, match=r"head\.sizes=\[\] is empty"):
+            build_head(cfg, 8, 20, multilabel=False)
+
+
+def test_mhp_on_multilabel_data_warns_and_points_to_mhc():
+    cfg = load_config(None, ["head.name=mhp"]).head
+    with pytest.warns(UserWarning, match=r"head\.name=mhp on a multi-label task.*most-frequent.*mhc"):
+        build_head(cfg, 8, 20, multilabel=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # single-label mhp and multi-label mhc stay quiet
+        build_head(cfg, 8, 20, multilabel=False)
+        build_head(load_config(None, ["head.name=mhc"]).head, 8, 20, multilabel=True)
+
+
+def test_heads_command_says_mhp_is_not_for_multilabel_data(capsys):
+    from mhe_scale.cli import main
+
+    assert main(["heads"]) == 0
+    out = capsys.readouterr().out
+    assert "multi-label data (XMC) -> mhc or fc" in out and "most-frequent-labels baseline" in out
+    assert set(list_heads()) <= {line.split()[0] for line in out.splitlines() if line.strip()}

@@ -82,6 +82,9 @@ BAD_FILES = [
     ("2 4 2\n0 0:1:2 3\n1 0:1\n", 2, "unparsable feature token '0:1:2'"),
     ("2 4 2\n0 0:1\n1 3: 1:1\n", 3, "unparsable feature token '3:'"),
     ("2 4 2\n0 0:1 0:2\n1 0:1\n", 2, "feature id 0 appears twice"),
+    ("2 4 2\n0 0:1\n1 2:0.5 3:nan\n", 3, "feature 3 has value nan, not a finite"),
+    ("2 4 2\n0 1:-inf\n1 0:1\n", 2, "feature 1 has value -inf, not a finite"),
+    ("2 4 2\n0 0:1\n1 2:1e39\n", 3, "feature 2 has value inf, not a finite"),  # float32 overflow
 ]
 
 
@@ -95,6 +98,31 @@ def test_malformed_files_name_file_and_line(tmp_path, text, line, message):
     assert str(path) in msg
     if line is not None:
         assert f"broken.txt:{line}:" in msg
+
+
+def test_binary_file_names_path_and_line(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"2 4 2\n0 0:1\n\x1f\x8b\x08\x00\xff binary\n")  # e.g. a gzip stream
+    for read in (read_xc_format, read_label_lists, read_predictions):
+        with pytest.raises(ValueError, match=re.escape(f"{path}:3: byte b'\\x8b' at column 2 is not UTF-8")):
+            read(path)
+
+
+def test_dataset_refuses_non_finite_features_naming_the_point():
+    from mhe_scale.data.xmc_dataset import XMCDataset
+
+    dense = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, float("inf")]])
+    with pytest.raises(ValueError, match=r"features hold inf at point 1 \(line 3 of an XC file\), feature 2"):
+        XMCDataset(dense.to_sparse_csr(), torch.tensor([[0], [1]]))
+    assert len(XMCDataset(dense.nan_to_num(posinf=3.0).to_sparse_csr(), torch.tensor([[0], [1]]))) == 2
+
+
+def test_byte_order_mark_is_ignored(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("2 3 2\n0 0:1\n1 2:1\n".encode("utf-8-sig"))
+    assert read_xc_format(path).labels.tolist() == [[0], [1]]
+    path.write_bytes("3,1\n2\n".encode("utf-8-sig"))
+    assert read_label_lists(path).tolist() == [[3, 1], [2, -1]]
 
 
 def test_blank_lines_at_the_end_are_tolerated(tmp_path):

@@ -260,6 +260,10 @@ def test_eval_tool_errors_name_file_and_line(tmp_path, capsys):
     (d / "big.txt").write_text("2:0.9\n4:0.1\n7:1\n")
     assert tool.main(["--pred", str(d / "big.txt"), "--labels", str(d / "test.txt")]) == 2
     assert "big.txt: row 3" in capsys.readouterr().err
+    bom = (d / "test.txt").read_bytes().decode("utf-8")  # an XC file saved with a byte-order mark
+    (d / "bom.txt").write_bytes(bom.encode("utf-8-sig"))
+    assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "bom.txt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pred"]["P@3"] == pytest.approx(5 / 9)
     (d / "labels_bad.txt").write_text("0,2\n5,x\n1\n")
     assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "labels_bad.txt")]) == 2
     assert "labels_bad.txt:2" in capsys.readouterr().err

@@ -256,3 +256,54 @@ def test_bench_tool_skips_heads_that_do_not_fit(capsys):
     assert bench.main(["--classes", "1000", "--heads", "fc", "mhs", "--memory-gb", "0.5", "--markdown"]) == 0
     out = capsys.readouterr().out
     assert out.count("skipped: needs") == 2 and "| head | samples/s |" in out
+
+
+def _pack_jpegs(path: Path, sizes: list[tuple[int, int]], corrupt: int | None = None) -> tuple[Path, Path]:
+    """One grey JPEG per (H, W) in sizes (key = position, label = key % 2); `corrupt`: zero 30 bytes of that one."""
+    import io
+
+    from mhe_scale.data.recordio import IRHeader, RecordIOWriter, pack_image_record
+
+    with RecordIOWriter(path.with_suffix(".rec"), path.with_suffix(".idx")) as writer:
+        for key, (h, w) in enumerate(sizes):
+            out = io.BytesIO()
+            Image.new("RGB", (w, h), (60, 90, 120)).save(out, format="JPEG")
+            data = out.getvalue()
+            if key == corrupt:
+                data = data[:20] + b"\0" * 30 + data[50:]  # inside the JPEG headers: PIL and DALI both refuse it
+            writer.write(key, pack_image_record(IRHeader(0, float(key % 2), key, 0), data))
+    return path.with_suffix(".rec"), path.with_suffix(".idx")
+
+
+@needs_dali
+def test_dali_errors_name_the_file_and_record(tmp_path):
+    from mhe_scale.data.dali_face import DALIFaceLoader, DALIRecordDataset
+    from mhe_scale.data.recordio import RecordIOError
+
+    rec, idx = _pack_jpegs(tmp_path / "bad", [(8, 8)] * 6, corrupt=3)
+    message = r"bad\.rec, byte offset \d+, key 3: DALI cannot decode this record's image \(nvImageCodec"
+    with pytest.raises(RecordIOError, match=message):
+        list(DALIFaceLoader(rec, idx, 2, shuffle=False, flip=False, num_threads=1, index_dir=tmp_path))
+    ds = DALIRecordDataset(rec, idx, max_batch_size=4, flip=False, num_threads=1)
+    with pytest.raises(RecordIOError, match=message):
+        ds.__getitems__([1, 3])
+    assert len(ds.__getitems__([0, 1])) == 2  # the failed pipeline is rebuilt
+
+
+@needs_dali
+def test_dali_mixed_image_sizes_are_named_or_resized(tmp_path):
+    from mhe_scale.data.dali_face import DALIFaceLoader, DALIRecordDataset
+
+    rec, idx = _pack_jpegs(tmp_path / "mixed", [(8, 8), (8, 8), (6, 10), (8, 8)])
+    message = r"mixed\.rec: images of different sizes: key 0 is 8x8 but key 2 is 6x10 \(H x W\).*pass size=S"
+    with pytest.raises(ValueError, match=message):
+        list(DALIFaceLoader(rec, idx, 4, shuffle=False, flip=False, num_threads=1, index_dir=tmp_path))
+    with pytest.raises(ValueError, match=message):
+        DALIRecordDataset(rec, idx, max_batch_size=4, flip=False, num_threads=1).__getitems__([0, 1, 2, 3])
+    # with size=8 every image is resized: the 8x8 ones unchanged (grey stays grey), the 6x10 one to 8x8
+    (images, labels), = list(DALIFaceLoader(rec, idx, 4, shuffle=False, flip=False, size=8, num_threads=1,
+                                            index_dir=tmp_path))
+    assert images.shape == (4, 3, 8, 8) and labels.tolist() == [0, 1, 0, 1]
+    items = DALIRecordDataset(rec, idx, max_batch_size=4, flip=False, size=8, num_threads=1).__getitems__([0, 1, 2, 3])
+    assert all(x.shape == (3, 8, 8) for x, _ in items)
+    assert torch.equal(items[0][0], images[0])

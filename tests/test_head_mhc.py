@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -287,6 +288,19 @@ def test_num_groups_convention_and_factorize_default():
     head = MultiHeadCascadeHead(4, 1000, num_heads=3, hidden=2)
     assert len(head.sizes) == 3 and math.prod(head.sizes) >= 1000
     assert head.num_prefixes[-1] == 1000 and head.embed[-1].num_embeddings == 1000
+
+
+def test_more_groups_than_the_labels_fill_warns_with_asked_and_used():
+    with pytest.warns(UserWarning, match=r"head\.num_groups=7 asks for 7 groups.*fill only 5; using 5 groups"):
+        head = MultiHeadCascadeHead(4, 10, num_groups=7)  # groups of ceil(10/7) = 2 labels: 5 groups hold all 10
+    assert head.group_layer.out_features == 5
+    from mhe_scale.parallel.sharded_mhc import ShardedMultiHeadCascadeHead
+
+    with pytest.warns(UserWarning, match=r"head\.num_groups=7 asks for 7 groups.*using 5 groups"):
+        assert ShardedMultiHeadCascadeHead(4, 10, num_groups=7).group_layer.out_features == 5  # group=None: W=1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MultiHeadCascadeHead(4, 10, num_groups=5)  # 5 groups of 2: all used, no warning
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,48 @@ def test_insightface_identity_ranges_are_checked(tmp_path):
         RecordIOFaceDataset(tmp_path / "b.rec", tmp_path / "b.idx")
 
 
+def test_forced_insightface_layout_refuses_an_image_as_header(tmp_path):
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(jpeg, format="JPEG")
+    labels9 = [2, 3] + [0.5] * 7  # flag 9: nine float labels whose first two look like a key range
+    items = [(0, pack_image_record(IRHeader(0, labels9, 0, 0), jpeg.getvalue())),
+             (1, pack_image_record(IRHeader(0, 0.0, 1, 0), jpeg.getvalue())),
+             (2, pack_image_record(IRHeader(2, [1, 2], 2, 0), b""))]
+    write_records(tmp_path / "f.rec", tmp_path / "f.idx", items)
+    with pytest.raises(RecordIOError, match=r"f\.rec, byte offset 0, key 0: key 0 holds a \d+-byte image \(IRHeader "
+                       r"flag 9\), so it is not an insightface header.*layout='im2rec'"):
+        RecordIOFaceDataset(tmp_path / "f.rec", tmp_path / "f.idx", layout="insightface")
+
+
+def test_records_with_several_labels_warn_that_only_the_first_is_the_class(tmp_path):
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(jpeg, format="JPEG")
+    nine = [[float(k % 2)] + [0.25] * 8 for k in range(3)]  # flag 9: class first, then 8 more floats
+    items = [(k, pack_image_record(IRHeader(0, nine[k], k, 0), jpeg.getvalue())) for k in range(3)]
+    write_records(tmp_path / "m.rec", tmp_path / "m.idx", items)
+    with pytest.warns(UserWarning, match=r"m\.rec: key 0 carries 9 labels \[0, 0.25, 0.25, 0.25, \.\.\.\].*takes the "
+                      r"first \(0\) as the class"):
+        ds = RecordIOFaceDataset(tmp_path / "m.rec", tmp_path / "m.idx", labels_from="records")
+    assert ds.labels.tolist() == [0, 1, 0]
+    (tmp_path / "m.lst").write_text("".join(f"{k}\t{k % 2}\t0.25\tpic{k}.jpg\n" for k in range(3)))
+    with pytest.warns(UserWarning, match=r"m\.lst: key 0 carries 2 labels \[0, 0.25\]"):
+        RecordIOFaceDataset(tmp_path / "m.rec", tmp_path / "m.idx", labels_from="lst")
+    # insightface layout: labels come from identity records; the image's own header warns on read
+    head = [(0, pack_image_record(IRHeader(2, [2, 3], 0, 0), b"")),
+            (1, pack_image_record(IRHeader(0, nine[0], 1, 0), jpeg.getvalue())),
+            (2, pack_image_record(IRHeader(2, [1, 2], 2, 0), b""))]
+    write_records(tmp_path / "h.rec", tmp_path / "h.idx", head)
+    ds = RecordIOFaceDataset(tmp_path / "h.rec", tmp_path / "h.idx")
+    with pytest.warns(UserWarning, match=r"h\.rec: key 1 carries 9 labels"):
+        assert ds[0][1] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per dataset; one-label records stay quiet
+        ds[0]
+        single = [(k, pack_image_record(IRHeader(0, float(k), k, 0), jpeg.getvalue())) for k in range(2)]
+        write_records(tmp_path / "s.rec", tmp_path / "s.idx", single)
+        RecordIOFaceDataset(tmp_path / "s.rec", tmp_path / "s.idx")[1]
+
+
 # ---- corruption: fuzzing and messages ------------------------------------------------------------------
 FUZZ_ITEMS = [(5, b"plain"), (2, M + b"head" + M), (9, b""), (0, b"abcdefgh" + M + b"ij" + M + b"k"), (4, b"tail!")]
 
@@ -267,8 +310,8 @@ def test_fuzz_rec_byte_flip(fuzz_base, data):
         elif in_chunk:  # a payload byte: same length, exactly one byte differs
             assert len(got[key]) == len(original[key])
             assert sum(a != b for a, b in zip(got[key], original[key])) == 1
-        elif not any(h <= pos < s for h, s, _, _ in parts):  # padding is ignored
-            assert got[key] == original[key]
+        elif not any(h <= pos < s for h, s, _, _ in parts):  # padding must stay zero
+            assert isinstance(got[key], RecordIOError) and "padding bytes" in str(got[key])
     # the same file without .idx: error, or the records before the flip unchanged
     try:
         scanned = [p for _, p in RecordIOReader(folder / "bad.rec")]
@@ -362,6 +405,30 @@ def test_error_messages_name_file_offset_and_key(fuzz_base):
     (folder / "t.rec").write_bytes(base[:21])
     with pytest.raises(RecordIOError, match=r"t\.rec, byte offset 16: truncated part header"):
         RecordIOReader(folder / "t.rec")
+
+
+def test_length_field_corrupted_shorter_is_caught(fuzz_base, shared_data, tmp_path):
+    folder, base, idx, spans = fuzz_base  # key 5 = b"plain" at 0 (5 bytes + 3 zero pad), key 2 at 16
+    with pytest.raises(RecordIOError, match=r"x\.rec, byte offset 0, key 5: the record ends at byte 12 .*no record "
+                       r"part starts there.*length field is probably corrupt"):
+        _corrupt(folder, {4: struct.pack("<I", 4)}).read(5)
+    with pytest.raises(RecordIOError, match=r"key 5: the 3 padding bytes after the part's 1 data bytes are b'lai'"):
+        _corrupt(folder, {4: struct.pack("<I", 1)}).read(5)
+    # a real MXNet-written file: shorten one JPEG record's length by 1, 4 and 100 bytes
+    rec, idx_path = shared_data / "recordio-im2rec-faces" / "validation.rec", shared_data / "recordio-im2rec-faces" / "validation.idx"
+    reader = RecordIOReader(rec, idx_path)
+    key = int(reader.keys[len(reader) // 2])
+    offset = reader.offset(key)
+    data = rec.read_bytes()
+    (magic, lrec), good = struct.unpack_from("<II", data, offset), reader.read(key)
+    assert lrec >> 29 == 0 and len(good) == lrec  # one whole part
+    for shorter in (1, 4, 100):
+        bad = bytearray(data)
+        struct.pack_into("<I", bad, offset + 4, lrec - shorter)
+        (tmp_path / "v.rec").write_bytes(bytes(bad))
+        with pytest.raises(RecordIOError, match=rf"v\.rec, byte offset {offset}, key {key}: .*length field is "
+                           r"probably corrupt \(too short\)"):
+            RecordIOReader(tmp_path / "v.rec", idx_path).read(key)
 
 
 # ---- writer atomicity -----------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ CHUNK = 8192  # rows per update: bounds memory on large test sets
 def load_labels(path: Path, fmt: str) -> tuple[Tensor, int | None, int]:
     """-> (targets [N, L] padded with -1, label count from the XC header or None, line of point 0)."""
     if fmt == "auto":
-        with open(path, encoding="utf-8") as f:
-            first = f.readline().split()
+        with open(path, "rb") as f:  # a leading byte-order mark is dropped; the readers report bad bytes
+            first = f.readline().decode("utf-8-sig", errors="replace").split()
         fmt = "xc" if len(first) == 3 and all(t.isdigit() for t in first) else "plain"
     if fmt == "xc":
         data = read_xc_format(path, features=False)

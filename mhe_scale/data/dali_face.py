@@ -1,7 +1,7 @@
 """Face training images: NVIDIA DALI pipelines and their PyTorch twin, one augmentation for both.
 
 Every path yields (images float32 [B, 3, S, S] CHW RGB in [-1, 1], labels int64 [B]):
-decode -> (resize to S when the records hold another size) -> random horizontal flip (p = 0.5)
+decode -> (resize to S x S when a size is given) -> random horizontal flip (p = 0.5)
 -> (x - 127.5) / 127.5, the normalisation of eval/verification.py.
 
 - `DALIFaceLoader`: `fn.readers.mxnet` (sharded by rank, shuffled in a buffer) -> `fn.decoders.image`
@@ -21,11 +21,17 @@ returns EVERY record, the header and identity records as empty "images" with lab
 `image_record_index` writes a filtered .idx naming only the image records (cached under
 `index_dir`, keyed by the files' paths, sizes and mtimes). DALI ends a record where its own length
 says, so dropping the records that follow the last image is safe. im2rec files are read as they are.
+
+DALI's own errors name neither file nor record ("nvImageCodec failure '#3'", a failed
+"IsDenseTensor()" assert for images of different sizes): `dali_error` re-raises them naming the .rec
+file and the record, found by checking the batch's (DALIRecordDataset) or the file's first
+PROBE_LIMIT records (DALIFaceLoader, which does not know its batch's keys) with PIL.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 import warnings
@@ -36,12 +42,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mhe_scale.data.face_dataset import RecordIOFaceDataset, decode_image
-from mhe_scale.data.recordio import open_temp_beside
+from mhe_scale.data.recordio import RecordIOError, open_temp_beside
 
 PIXEL_MEAN = PIXEL_STD = 127.5
+PROBE_LIMIT = 50_000  # records checked with PIL to name the one a DALI loader choked on
 
 
 def dali_available() -> bool:
@@ -102,11 +110,56 @@ def image_record_index(dataset: RecordIOFaceDataset, index_dir: str | os.PathLik
 
 
 def _resize_target(records: RecordIOFaceDataset, size: int | None) -> int | None:
-    """size when the file's first image is stored at another size (then DALI resizes), else None."""
-    if size is None or len(records) == 0:
-        return None
-    stored = decode_image(records.reader.read_image(int(records.keys[0]))[1]).shape[1:]
-    return None if tuple(stored) == (size, size) else size
+    """The side DALI resizes every image to: `size` when set (a no-op on images already S x S, and
+    what lets files of mixed sizes through), else None."""
+    return None if size is None or len(records) == 0 else size
+
+
+def _dali_summary(err: BaseException) -> str:
+    """The line of a DALI error that says what failed (the text after 'encountered:')."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    after = [i + 1 for i, line in enumerate(lines) if line.startswith("encountered")]
+    return lines[after[0]] if after and after[0] < len(lines) else (lines[0] if lines else type(err).__name__)
+
+
+def _probe_keys(records: RecordIOFaceDataset, keys: np.ndarray | None) -> np.ndarray:
+    return records.keys[:PROBE_LIMIT] if keys is None else keys
+
+
+def dali_error(records: RecordIOFaceDataset, err: RuntimeError, keys: np.ndarray | None = None) -> Exception:
+    """A DALI run error (it names no file and no record) -> an error naming the .rec file and, where
+    PIL finds it among `keys` (default: the first PROBE_LIMIT records), the record; else `err`."""
+    rec, text = records.reader.rec_path, str(err)
+    if "IsDenseTensor" in text:  # the batch could not be stacked: images of different sizes
+        first = None
+        for key in _probe_keys(records, keys).tolist():
+            try:
+                with Image.open(io.BytesIO(records.reader.read_image(key)[1])) as img:
+                    hw = (img.height, img.width)  # header only, no decoding
+            except Exception:  # PIL's errors on unreadable bytes vary; the size is what is sought here
+                continue
+            if first is None:
+                first = (key, hw)
+            elif hw != first[1]:
+                return ValueError(f"{rec}: images of different sizes: key {first[0]} is {first[1][0]}x{first[1][1]} "
+                                  f"but key {key} is {hw[0]}x{hw[1]} (H x W); DALI stacks a batch only at one size: "
+                                  f"pass size=S (the face config's data.image_size) to resize every image to S x S, "
+                                  f"or repack the file at one size")
+        return ValueError(f"{rec}: DALI got images of different sizes in one batch ({_dali_summary(err)}); pass "
+                          f"size=S to resize every image to S x S, or repack the file at one size")
+    if "decoders.image" in text or "nvImageCodec" in text:
+        probe = _probe_keys(records, keys)
+        for key in probe.tolist():
+            try:
+                decode_image(records.reader.read_image(key)[1])
+            except RecordIOError as bad:
+                return RecordIOError(rec, f"DALI cannot decode this record's image ({_dali_summary(err)}; PIL: "
+                                     f"{bad.problem}); repack the file without it", records.reader.offset(key), key)
+        return RecordIOError(rec, f"DALI cannot decode an image ({_dali_summary(err)}); PIL decodes all "
+                             f"{len(probe)} records checked ({'the batch' if keys is not None else 'the first ones'}), "
+                             f"so the bad one is elsewhere or only DALI rejects it: check the file with "
+                             f"RecordIOFaceDataset (PIL), which names the record")
+    return err
 
 
 def _augment(encoded, mirror, decoder_device: str, resize_to: int | None):
@@ -127,8 +180,8 @@ class DALIFaceLoader:
         rec_path, idx_path: the files; layout: as RecordIOFaceDataset ("auto" detects it).
         batch_size: B per shard. shard_id, num_shards: this process's rank and the world size.
         shuffle: shuffle inside a buffer of `shuffle_buffer` records (DALI's random_shuffle).
-        flip: random horizontal flips. size: output side S; the images are resized when the file's
-            first image has another size (None: as stored). Files of mixed image sizes are not supported.
+        flip: random horizontal flips. size: output side S: every image is resized to S x S (a no-op
+            on images already that size); None keeps the stored size, which must then be one size.
         device_id: CUDA device for "mixed" decoding and GPU outputs; None: CPU pipeline.
         num_threads: DALI worker threads. seed: DALI's seed. index_dir: where a filtered .idx goes.
     """
@@ -160,14 +213,25 @@ class DALIFaceLoader:
         pipe = reader_pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
         pipe.build()
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
-        self._iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
-                                             last_batch_policy=policy, auto_reset=True)
+        self._records = records
+        try:  # the iterator runs the first batches now
+            self._iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
+                                                 last_batch_policy=policy, auto_reset=True)
+        except RuntimeError as err:
+            raise dali_error(records, err) from None
 
     def __len__(self) -> int:
         return len(self._iterator)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for (batch,) in self._iterator:
+        batches = iter(self._iterator)
+        while True:
+            try:
+                (batch,) = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                raise dali_error(self._records, err) from None
             yield batch["images"], batch["labels"]
 
 
@@ -219,12 +283,12 @@ class DALIRecordDataset(Dataset):
         pipe = self._pipeline()
         pipe.feed_input("encoded", encoded)
         pipe.feed_input("mirror", flips.numpy().astype(np.int32))  # outer dimension = the batch
-        (out,) = pipe.run()
         try:
+            (out,) = pipe.run()
             dense = out.as_tensor()
         except RuntimeError as err:
-            raise ValueError(f"{self.records.reader.rec_path}: keys {keys[:4].tolist()}...: the images decode to "
-                             f"different sizes ({err}); pack them at one size") from None
+            self._pipe = None  # a failed DALI pipeline is no longer valid
+            raise dali_error(self.records, err, keys) from None
         device = "cpu" if self.device_id is None else f"cuda:{self.device_id}"
         images = torch.empty(dense.shape(), dtype=torch.float32, device=device)
         stream = torch.cuda.current_stream(device) if self.device_id is not None else None

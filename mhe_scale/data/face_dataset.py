@@ -9,7 +9,8 @@ Two layouts of image records (IRHeader + JPEG/PNG, see recordio.py) are in use:
 - im2rec (MXNet's tools/im2rec.py; what DALI wants): no header record; every key is an image.
   Labels come from PREFIX.lst (`key<TAB>label(s)<TAB>path`) when it exists and the .idx is
   given, else from each record's IRHeader.
-A label array (flag > 0) counts by its first value, as insightface does.
+A label array (flag > 0) counts by its first value, as insightface does; records with several
+labels (flag > 1, or .lst lines with several) get a warning, since single-label training drops the rest.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Optional  # noqa: F401
 import io
 import os
 import struct
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,15 @@ def first_label(header: IRHeader) -> float:
     return float(header.label[0]) if header.flag > 0 else float(header.label)
 
 
+def warn_several_labels(source: str | os.PathLike, key: int, values: Sequence[float]) -> None:
+    """Single-label training keeps only values[0] of a record with several labels: say so."""
+    shown = ", ".join(f"{float(v):g}" for v in list(values)[:4]) + (", ..." if len(values) > 4 else "")
+    warnings.warn(f"{source}: key {key} carries {len(values)} labels [{shown}] (e.g. IRHeader flag {len(values)}); "
+                  f"single-label training takes the first ({float(values[0]):g}) as the class and ignores the rest. "
+                  "For multi-label records use a multi-label reader; if the class is another value, repack the file",
+                  UserWarning, stacklevel=3)
+
+
 def decode_image(image_bytes: bytes, where: str = "<bytes>") -> Tensor:
     """Encoded image -> uint8 [3, H, W] RGB."""
     try:
@@ -101,7 +112,11 @@ def _key_range(label: np.ndarray, limit: int) -> tuple[int, int] | None:
 
 def _insightface_labels(reader: RecordIOReader) -> tuple[np.ndarray, np.ndarray]:
     """Header layout -> (image keys [N], labels [N]) from the header and identity records."""
-    header, _ = reader.read_image(0)
+    header, image = reader.read_image(0)
+    if image:
+        raise RecordIOError(reader.rec_path, f"key 0 holds a {len(image)}-byte image (IRHeader flag {header.flag}), so "
+                            "it is not an insightface header (flag 2, label [id_start, id_end], no image); pass "
+                            "layout='im2rec' (or 'auto') for files without one", reader.offset(0), 0)
     pair = _key_range(header.label, len(reader)) if header.flag >= 2 else None
     if pair is None or pair[0] < 1:
         raise RecordIOError(reader.rec_path, f"key 0 is not an insightface header (flag {header.flag}, label "
@@ -137,7 +152,7 @@ def _insightface_labels(reader: RecordIOReader) -> tuple[np.ndarray, np.ndarray]
 
 def read_lst(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """im2rec .lst -> (keys [N], first labels float64 [N])."""
-    keys, labels = [], []
+    keys, labels, several = [], [], None
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             fields = line.rstrip("\n").split("\t")
@@ -148,15 +163,20 @@ def read_lst(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                     raise ValueError("too few fields")
                 keys.append(int(fields[0]))
                 labels.append(float(fields[1]))
+                if several is None and len(fields) > 3:
+                    several = (keys[-1], [float(v) for v in fields[1:-1]])
             except ValueError:
                 raise RecordIOError(path, f"expected 'key<TAB>label(s)<TAB>path', got {line.rstrip()[:80]!r}",
                                     line=number) from None
+    if several is not None:
+        warn_several_labels(path, *several)
     return np.asarray(keys, dtype=np.int64), np.asarray(labels, dtype=np.float64)
 
 
 def _header_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
     """First label of each record's IRHeader, reading only its first 28 bytes."""
     out = np.empty(len(keys), dtype=np.float64)
+    several = None
     for i, key in enumerate(keys.tolist()):  # start-up scan; prefer a .lst for big files
         head = reader.read_prefix(key, 28)
         flag = struct.unpack_from("<I", head)[0] if len(head) >= 4 else 0
@@ -164,6 +184,9 @@ def _header_labels(reader: RecordIOReader, keys: np.ndarray) -> np.ndarray:
             raise RecordIOError(reader.rec_path, f"record of {len(head)} bytes is too short for an IRHeader",
                                 reader.offset(key), key)
         out[i] = struct.unpack_from("<f", head, 24 if flag > 0 else 4)[0]
+        several = key if several is None and flag > 1 else several
+    if several is not None:
+        warn_several_labels(reader.rec_path, several, reader.read_image(several)[0].label)
     return out
 
 
@@ -217,6 +240,7 @@ class RecordIOFaceDataset(Dataset):
             labels = labels.astype(np.int64)
         self.labels = labels
         self.num_classes = int(labels.max()) + 1 if len(labels) else 0
+        self._warned_several = layout != "insightface"  # im2rec: checked above, from the .lst or the headers
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -225,6 +249,9 @@ class RecordIOFaceDataset(Dataset):
         key = int(self.keys[index])
         header, image_bytes = self.reader.read_image(key)
         label = first_label(header)
+        if header.flag > 1 and not self._warned_several:  # insightface layout: headers are not read at start-up
+            self._warned_several = True
+            warn_several_labels(self.reader.rec_path, key, header.label)
         if label != self.labels[index]:
             raise RecordIOError(self.reader.rec_path, f"record label {label} disagrees with the dataset's label "
                                 f"{self.labels[index]} (from the {self.layout} index); rebuild the files",

@@ -188,7 +188,7 @@ class RecordIOReader:
         offsets, pos = array("q"), 0
         while pos < self.file_size:
             offsets.append(pos)
-            pos = self._parts(pos, self.file_size, None)[1]
+            pos = self._parts(pos, self.file_size, None, scanning=True)[1]
         offsets = np.frombuffer(offsets, dtype=np.int64).copy()
         return np.arange(len(offsets), dtype=np.int64), offsets
 
@@ -202,8 +202,13 @@ class RecordIOReader:
                                 "(was it truncated while open?)", offset, key)
         return data
 
-    def _parts(self, offset: int, limit: int, key: int | None) -> tuple[list[tuple[int, int]], int]:
-        """Validate the record at `offset` -> ([(chunk start, chunk length)], end offset <= limit)."""
+    def _parts(self, offset: int, limit: int, key: int | None,
+               scanning: bool = False) -> tuple[list[tuple[int, int]], int]:
+        """Validate the record at `offset` -> ([(chunk start, chunk length)], end offset <= limit).
+
+        A length field corrupted to be shorter is caught by what follows the record: its padding
+        must be zero, and a record that stops before `limit` must be followed by another part's
+        magic word (checked by the caller's next step when `scanning`)."""
         spans: list[tuple[int, int]] = []
         pos, prev = offset, None
         end_name = "end of the file" if limit == self.file_size else "start of the next indexed record"
@@ -227,9 +232,25 @@ class RecordIOReader:
                 raise RecordIOError(self.rec_path, f"part length {length} runs to byte {end}, past the {end_name} "
                                     f"({limit})", pos, key)
             spans.append((pos + _PART.size, length))
-            pos, prev = end, cflag
             if cflag in (0, 3):
+                self._check_record_end(pos, pos + _PART.size + length, end, limit, key, end_name, scanning)
                 return spans, end
+            pos, prev = end, cflag
+
+    def _check_record_end(self, pos: int, data_end: int, end: int, limit: int, key: int | None, end_name: str,
+                          scanning: bool) -> None:
+        """Zero padding in [data_end, end); when end < limit (and not scanning), a magic word at end."""
+        follow = 0 if scanning or end >= limit else min(4, limit - end)
+        tail = self._pread(end - data_end + follow, data_end, key) if end - data_end + follow else b""
+        pad, after = tail[:end - data_end], tail[end - data_end:]
+        hint = "the part's length field is probably corrupt (too short); rebuild the file or drop this record"
+        if pad.strip(b"\0"):
+            raise RecordIOError(self.rec_path, f"the {len(pad)} padding bytes after the part's {data_end - pos - 8} "
+                                f"data bytes are {pad!r}, not zero: {hint}", pos, key)
+        if follow and after != _MAGIC_BYTES:
+            raise RecordIOError(self.rec_path, f"the record ends at byte {end} (last part length "
+                                f"{data_end - pos - 8}) but no record part starts there (bytes {after!r}; the "
+                                f"{end_name} is at {limit}): {hint}", pos, key)
 
     def _locate(self, key: int) -> tuple[int, int]:
         key = operator.index(key)

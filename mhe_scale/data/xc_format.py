@@ -51,9 +51,7 @@ def read_xc_format(path: str | os.PathLike, features: bool = True) -> XCData:
     features=False parses (and checks) only the labels, e.g. for evaluation; features is then None.
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        header = f.readline()
-        body = f.read().splitlines()
+    header, *body = _read_lines(path) or [""]
     n, nf, nl = _parse_header(path, header)
     while len(body) > n and not body[-1].strip():  # tolerate blank lines at the end of the file
         body.pop()
@@ -83,7 +81,8 @@ def read_xc_format(path: str | os.PathLike, features: bool = True) -> XCData:
                 raise ValueError("a feature token is not 'id:value'")
             parts = text.replace(":", " ").split()
             cols = np.fromiter(map(int, parts[0::2]), np.int64, count=len(feat_tokens))
-            values = np.fromiter(map(float, parts[1::2]), np.float32, count=len(feat_tokens))
+            with np.errstate(over="ignore"):  # overflow to inf is reported by _check_finite with its line
+                values = np.fromiter(map(float, parts[1::2]), np.float32, count=len(feat_tokens))
     except ValueError:
         _raise_first_bad_token(path, body)
         raise
@@ -93,6 +92,7 @@ def read_xc_format(path: str | os.PathLike, features: bool = True) -> XCData:
     if features:
         feat_offsets = _offsets(feat_counts)
         _check_ids(path, cols, feat_offsets, nf, "feature", "fix the id or the header's feature count F")
+        _check_finite(path, cols, values, feat_offsets)
         out.features = _csr(path, cols, values, feat_offsets, n, nf)
     return out
 
@@ -103,8 +103,7 @@ def read_label_lists(path: str | os.PathLike, num_labels: int | None = None) -> 
     Returns LongTensor [N, Lmax] padded with -1; ids are checked against num_labels when given.
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        body = f.read().splitlines()
+    body = _read_lines(path)
     fields = [line.strip() for line in body]
     counts = [field.count(",") + 1 if field else 0 for field in fields]
     try:
@@ -170,8 +169,7 @@ def read_predictions(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
     (None for a file of bare ids).
     """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        body = f.read().splitlines()
+    body = _read_lines(path)
     tokens: list[str] = []
     counts: list[int] = []
     for line in body:  # one split per line; conversions in bulk
@@ -207,6 +205,35 @@ def read_predictions(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
         raise ValueError(f"{path}:{row + 1}: scores increase along the line; write each line's pairs best first "
                          f"(sorted by score, descending)")
     return ids_t, score_t
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines (UTF-8; a leading byte-order mark is dropped); a byte that is not UTF-8
+    raises ValueError naming path:line (a binary or compressed file, or another encoding)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as err:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):  # error path only: find the line to name
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as line_err:
+                    raise ValueError(f"{path}:{lineno}: byte {raw[line_err.start:line_err.start + 1]!r} at column "
+                                     f"{line_err.start + 1} is not UTF-8 text; this reader takes plain text files "
+                                     f"(is it binary, compressed or in another encoding? decompress or re-encode "
+                                     f"it as UTF-8)") from None
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason}); re-encode it as UTF-8") from None
+
+
+def _check_finite(path: Path, cols: np.ndarray, values: np.ndarray, offsets: np.ndarray) -> None:
+    """Raise naming the line and feature of the first nan/inf value (float32 overflow included)."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        j = int(np.argmax(bad))
+        lineno = int(np.searchsorted(offsets, j, side="right")) - 1 + 2
+        raise ValueError(f"{path}:{lineno}: feature {int(cols[j])} has value {float(values[j])}, not a finite "
+                         f"float32 (nan, inf, or |v| > 3.4e38); it would turn the loss into nan: fix or drop it")
 
 
 def _is_float(token: str) -> bool:

@@ -119,6 +119,12 @@ class XMCDataset(Dataset):
         if labels.dim() != 2 or labels.shape[0] != features.shape[0]:
             raise ValueError(f"labels must be [N={features.shape[0]}, L] padded with -1, got shape "
                              f"{tuple(labels.shape)}")
+        bad = (~torch.isfinite(values)).nonzero()
+        if bad.numel():
+            j = int(bad[0])
+            row = int(torch.searchsorted(crow, torch.tensor(j), right=True)) - 1
+            raise ValueError(f"features hold {float(values[j])} at point {row} (line {row + 2} of an XC file), feature "
+                             f"{int(col[j])}; nan/inf values would turn the loss into nan: fix or drop them")
         self.crow, self.col, self.values = crow.contiguous(), col.contiguous(), values.contiguous()
         self.labels = labels.long().contiguous()
         self.num_features = int(features.shape[1])

@@ -114,6 +114,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     for key in ("save_every", "keep_last", "eval_every", "num_workers"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key}={getattr(cfg, key)} must be >= 0")
+    if not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise ValueError(f"train.epochs={cfg.epochs} must be > 0 (fractions such as 0.5 train part of an epoch)")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
         raise ValueError(f"train.clip_grad_norm={cfg.clip_grad_norm} must be > 0 (or null to disable)")
     if cfg.resume not in (True, False, "auto"):

@@ -25,6 +25,7 @@ Memory per step: O(B * n_0 + B * K * c_h * hidden), never O(B * C).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,15 @@ def cascade_sizes(num_classes: int, sizes: Sequence[int] | None, num_heads: int,
     if num_heads < 2:
         raise ValueError(f"mhc needs num_heads >= 2, got {num_heads}")
     return factorize(num_classes, num_heads)
+
+
+def warn_unused_groups(num_classes: int, num_groups: int, used: int) -> None:
+    """Warn when num_groups asks for more groups than the labels fill (only `used` groups hold a label)."""
+    if used < num_groups:
+        warnings.warn(f"mhc head.num_groups={num_groups} asks for {num_groups} groups, but {num_classes} classes in "
+                      f"groups of ceil({num_classes}/{num_groups}) = {-(-num_classes // num_groups)} fill only "
+                      f"{used}; using {used} groups. For exactly G groups pick G with ceil(C / ceil(C / G)) = G "
+                      f"(e.g. a divisor of C={num_classes}), or give head.sizes", UserWarning, stacklevel=3)
 
 
 def select_candidates(scores: Tensor, is_true: Tensor, k: int) -> Tensor:
@@ -117,6 +127,8 @@ class MultiHeadCascadeHead(ClassifierHead):
         self.sizes = list(self.codec.sizes)
         self.level_weights = check_level_weights(level_weights, len(self.sizes))
         self.num_prefixes = [-(-num_classes // s) for s in self.codec.strides]  # n_h; last = C
+        if num_groups is not None:
+            warn_unused_groups(num_classes, int(num_groups), self.num_prefixes[0])
         self.top_k_groups = int(top_k_groups)
         self.hidden = int(hidden)
         self.beam = int(beam) if beam is not None else (self.top_k_groups if multilabel else 10)
