@@ -28,9 +28,11 @@ from mhe_scale.data.xmc_text import (TextFormatError, detect_format, jsonl_label
                                      load_text_splits, split_rows, write_label_map)
 from mhe_scale.engine.evaluate import evaluate
 from mhe_scale.engine.loop import fit
+from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity
 from mhe_scale.models.text import build_text_encoder, load_tokenizer
+from mhe_scale.tasks.report import resume_record
 from mhe_scale.tasks.synthetic import head_label, run_folder
 from mhe_scale.tasks.paths import config_path_candidates
 
@@ -135,7 +137,7 @@ def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCDa
     accelerator.print(f"[{head_label(head_cfg)}] {type(encoder.model).__name__}({encoder.extra_repr()})\n{head!r}")
     run_dir = Path(cfg.train.output_dir) / (folder or run_folder(head_cfg))
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
-                 head_optimizer=head_optimizer)
+                 head_optimizer=head_optimizer, run_config=run_config(cfg, head_cfg))
     start = time.perf_counter()
     save = cfg.eval.prediction_k > 0
     metrics = evaluate(model, data.test, list(cfg.eval.ks), cfg.train.eval_batch_size, data.inv_propensity,
@@ -150,7 +152,7 @@ def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCDa
              "encoder trainable (M)": trainable / 1e6,
              "head optim state (K)": optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e3,
              "final loss": result.last_loss}
-    return {"metrics": metrics, "costs": costs}
+    return {"metrics": metrics, "costs": costs, **resume_record(result)}
 
 
 def run_xmc_text(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
