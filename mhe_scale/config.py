@@ -131,6 +131,13 @@ class TrainConfig:
     """DataLoader worker processes that build the training batches (0: the training process itself).
     Use them when batches are costly to make (decoding face images with PIL); the data order and
     the datasets' own per-point randomness (seeded by index) do not depend on it."""
+    resume_changed: bool = False
+    """Resume a checkpoint even though the run-defining config differs from the one it was written
+    with (each difference is printed; the new optimizer settings apply from the resumed step on).
+    False: such a resume is refused with the list of differing keys (docs/engine.md)."""
+    warmup_epochs: Optional[float] = None
+    """Linear warmup given in epochs (converted with the run's steps per epoch, so it holds for any
+    number of processes); give it or warmup_steps, not both."""
 
 
 @dataclass(kw_only=True)

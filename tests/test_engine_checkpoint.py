@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -196,17 +197,30 @@ def test_resume_modes(tmp_path, accelerator):
 
 
 # ---------------------------------------------------------------- 2 processes, DDP over gloo
+DDP_CFG = dict(epochs=1.0, batch_size=8, log_every=2, save_every=4, keep_last=0, seed=1, output_dir="unused",
+               schedule="cosine", warmup_steps=2)
+
+
 def ddp_child(out: str) -> None:
-    """Under torchrun: run A trains 10 steps saving at 4, 8, 10; run B resumes from A's step 4."""
+    """Under torchrun: a run whose ranks see different output folders is refused at the start; run A
+    trains 10 steps saving at 4, 8, 10; run B resumes from A's step 4."""
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True)
     rank = acc.process_index
+    model = tiny_model()
+    try:  # as if rank 1 were on another node with its own local disk
+        fit(model, build_optimizer(OptimConfig(), model), tiny_data(), TrainConfig(**DDP_CFG, resume=False), acc,
+            out_dir=f"{out}/node-local-{rank}")
+    except RuntimeError as err:
+        assert re.search(r"processes: rank 1 on \S+ cannot read", str(err)) and "train.output_dir" in str(err), err
+    else:
+        raise AssertionError("a folder rank 1 cannot see was not detected")
     loaded = []
     extra = ExtraState("shard",
                        save=lambda d: save_file({"w": torch.full((2,), float(rank))},
                                                 str(d / f"shard-rank{rank:05d}.safetensors")),
                        load=lambda d: loaded.append(float(load_file(str(d / f"shard-rank{rank:05d}.safetensors"))["w"][0])))
-    cfg = dict(epochs=1.0, batch_size=8, log_every=2, save_every=4, keep_last=0, seed=1, output_dir="unused")
+    cfg = DDP_CFG
     model = tiny_model(dropout=0.2)
     fit(model, build_optimizer(OptimConfig(), model), tiny_data(), TrainConfig(**cfg, resume=False), acc,
         out_dir=f"{out}/a", extra_state=[extra])
@@ -219,7 +233,10 @@ def ddp_child(out: str) -> None:
     assert result.resumed_from == 4 and loaded == [float(rank)], (result, loaded)
 
 
-def test_two_process_ddp_saves_once_and_resumes_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """The folders of ddp_child's runs (one torchrun launch shared by the tests below)."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
     script = tmp_path / "child.py"
     script.write_text(f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
                       "from test_engine_checkpoint import ddp_child; ddp_child(sys.argv[1])\n")
@@ -228,6 +245,11 @@ def test_two_process_ddp_saves_once_and_resumes_exactly(tmp_path):
                            "--master_port", str(29500 + os.getpid() % 1000), str(script), str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return tmp_path
+
+
+def test_two_process_ddp_saves_once_and_resumes_exactly(ddp_run):
+    tmp_path = ddp_run
     step4 = tmp_path / "a" / "checkpoints" / "step-00000004"
     files = set(json.loads((step4 / "manifest.json").read_text())["files"])
     assert {"rng-rank00000.safetensors", "rng-rank00001.safetensors", "shard-rank00000.safetensors",
@@ -238,3 +260,21 @@ def test_two_process_ddp_saves_once_and_resumes_exactly(tmp_path):
     log_b = [json.loads(line) for line in (tmp_path / "b" / "loss_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_a] == list(range(1, 11))
     assert log_b == log_a[4:]
+
+
+def test_two_processes_to_one_keeps_the_global_batch_or_is_refused(ddp_run, tmp_path, accelerator):
+    """2 -> 1 processes: the same per-process batch would halve the global batch (the old code kept
+    the step and recomputed the total: more epochs, a jump in the cosine lr) -> refused, naming the
+    fix; with batch_size doubled the run continues the same lr curve and stops at the same step."""
+    shutil.copytree(ddp_run / "a" / "checkpoints" / "step-00000004", tmp_path / "checkpoints" / "step-00000004")
+    model = tiny_model(dropout=0.2)
+    with pytest.raises(ValueError, match=r"global batch of 16 \(8 x 2 processes x 1 accumulation\), this run has 8 "
+                                         r".*train.batch_size=16"):
+        fit(model, build_optimizer(OptimConfig(), model), tiny_data(), TrainConfig(**DDP_CFG, resume=True),
+            accelerator, out_dir=tmp_path)
+    result = fit(model, build_optimizer(OptimConfig(), model), tiny_data(),
+                 TrainConfig(**(DDP_CFG | dict(batch_size=16)), resume=True), accelerator, out_dir=tmp_path)
+    assert result.resumed_from == 4 and result.steps == 6
+    two = [json.loads(line) for line in (ddp_run / "a" / "loss_log.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"], r["lr"]) for r in one] == [(r["step"], r["epoch"], r["lr"]) for r in two[4:]]

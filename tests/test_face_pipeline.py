@@ -234,7 +234,7 @@ def test_face_synthetic_through_the_entry_point(tmp_path):
                  "head.sample_rate=0.5", "train.epochs=1", *tiny_face_overrides(tmp_path)]
     assert main([str(REPO_ROOT / "configs" / "face" / "casia_r18_mhs.yaml"), *overrides,
                  "head.sizes=null", "head.mode=null", "head.cosine=null", "head.num_sampled_groups=null",
-                 "eval.verification=[]", "train.warmup_steps=0", "train.save_every=0"]) == 0
+                 "eval.verification=[]", "train.warmup_epochs=null", "train.save_every=0"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["partial_fc"]["costs"]["head params (M)"] == pytest.approx(10 * 32 / 1e6)
 

@@ -33,10 +33,12 @@ from mhe_scale.engine.accelerator import (NoOptimizerState, NoState, cast_floati
 from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, find_resumable_everywhere,
                                          list_checkpoints, load_checkpoint, save_checkpoint)
 from mhe_scale.engine.ema import ExponentialMovingAverage, build_weight_average, uses_weight_average
+from mhe_scale.engine.jsonl_log import read_step_lines
 from mhe_scale.engine.module import TrainingModule
-from mhe_scale.engine.prepared import (Schedulers, ShardedHeadTraining,
-                                       check_optimizers)
+from mhe_scale.engine.prepared import Schedulers, ShardedHeadTraining, check_optimizers
+from mhe_scale.engine.resume import check_resume, reapply_hyperparameters, run_identity, snapshot_hyperparameters
 from mhe_scale.engine.schedule import build_scheduler, check_schedule
+from mhe_scale.engine.storage import check_shared_folder
 from mhe_scale.engine.stream import BatchStream
 
 EvalFn = Callable[[ExponentialMovingAverage | None], dict[str, float]]
@@ -69,8 +71,14 @@ class TrainPlan:
                              f"(train.batch_size={cfg.batch_size} x {num_processes} processes x "
                              f"train.grad_accum_steps={cfg.grad_accum_steps}); lower them")
         total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        warmup = cfg.warmup_steps
+        if cfg.warmup_epochs is not None:  # an epoch count holds for any number of processes
+            if cfg.warmup_steps or cfg.warmup_epochs < 0:
+                raise ValueError(f"train.warmup_epochs={cfg.warmup_epochs} with train.warmup_steps={cfg.warmup_steps}: "
+                                 "give one of them (warmup_epochs >= 0), set the other to 0 / null")
+            warmup = round(cfg.warmup_epochs * steps_per_epoch)
         return TrainPlan(num_train, num_processes, cfg.batch_size, cfg.grad_accum_steps, global_batch,
-                         steps_per_epoch, total, min(cfg.warmup_steps, total))
+                         steps_per_epoch, total, min(warmup, total))
 
 
 def named_sampler(name: str, labels: Tensor | None = None, **options) -> SamplerFactory:
@@ -99,6 +107,8 @@ class FitResult:
     """Pass to evaluate(..., ema=...) to evaluate the averaged weights."""
     evaluations: tuple[tuple[int, dict[str, float]], ...] = ()
     """(step, metrics) of the periodic evaluations run in this call (train.eval_every)."""
+    config_changes: tuple[str, ...] = ()
+    """'key: old -> new' for each config difference accepted on resume (train.resume_changed)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -124,8 +134,7 @@ def check_train_config(cfg: TrainConfig) -> None:
 
 def _trim_jsonl(path: Path, keep_up_to: int) -> None:
     """Drop the lines of steps a resumed run will redo (or all, on a fresh start)."""
-    old = path.read_text().splitlines() if path.is_file() else []
-    kept = [line for line in old if line.strip() and json.loads(line)["step"] <= keep_up_to]
+    kept = [line for step, line in read_step_lines(path) if step <= keep_up_to]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in kept))
 
@@ -176,8 +185,9 @@ class StepLog:
 
 
 def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extras: Sequence[ExtraState],
-           plan: TrainPlan, engine: str) -> tuple[Progress, dict | None]:
-    """Fresh Progress (info None), or the one of the newest valid checkpoint under root (per cfg.resume)."""
+           plan: TrainPlan, engine: str, identity: dict | None = None) -> tuple[Progress, dict | None]:
+    """Fresh Progress (info None), or the one of the newest valid checkpoint under root (per cfg.resume);
+    a checkpoint of another run (resume.check_resume) is refused. info["config_changes"]: what was accepted."""
     fresh = Progress(0, 0, 0, cfg.seed), None
     if cfg.resume is False:
         if cfg.save_every > 0 and list_checkpoints(root):
@@ -194,10 +204,13 @@ def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extr
         raise ValueError(f"{found} was written by the {info.get('engine', 'torch')} engine and this run uses {engine} "
                          "(DeepSpeed keeps weights and optimizer in its own files): resume it the way it was "
                          "trained, or choose another train.output_dir")
+    changes = check_resume(found, info, identity or run_identity(None, cfg), plan,
+                           bool(getattr(cfg, "resume_changed", False)), accelerator.print)
+    fresh_hyperparameters = snapshot_hyperparameters(state.scheduler)
     progress = load_checkpoint(found, state, accelerator, extras)
-    if info.get("plan", {}).get("global_batch") not in (None, plan.global_batch):
-        accelerator.print(f"warning: {found} was written with global batch {info['plan']['global_batch']}, "
-                          f"now {plan.global_batch}: the data order after resume differs from the original run")
+    if changes:  # resume_changed: the new optimizer settings, not the checkpoint's, from here on
+        reapply_hyperparameters(state.scheduler, fresh_hyperparameters)
+    info = dict(info, config_changes=changes)
     if progress.sampler_seed != cfg.seed:
         accelerator.print(f"warning: {found} was written with train.seed={progress.sampler_seed}, now {cfg.seed}; "
                           "the data order keeps following the checkpoint's seed")
@@ -251,7 +264,7 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
         accelerator, desc: str = "train", out_dir: str | Path | None = None,
         extra_state: Sequence[ExtraState] = (), step_callback: Callable[[int], None] | None = None,
         head_optimizer: torch.optim.Optimizer | None = None, eval_fn: EvalFn | None = None,
-        run_name: str = "", sampler: SamplerFactory | None = None) -> FitResult:
+        run_name: str = "", sampler: SamplerFactory | None = None, run_config: dict | None = None) -> FitResult:
     """Train `model` (a TrainingModule: (inputs, targets) -> (loss, metrics), see engine/module.py) to
     TrainPlan.total_steps optimizer steps, resuming from out_dir/checkpoints per cfg.resume.
 
@@ -262,6 +275,8 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
     its own `head_optimizer`; `optimizer` then holds the other parameters. eval_fn(ema) runs every
     cfg.eval_every steps on every process. Tracker tags start with `run_name/` when given.
     `sampler(plan, rank, seed)` builds this process's batch sampler (default: EpochBatchSampler).
+    run_config: the run-defining experiment config (engine.run_identity.run_config), recorded in
+    each checkpoint; a resume with other values is refused (docs/engine.md, resume semantics).
     Raises NonFiniteLossError on a NaN/inf loss.
     """
     from accelerate.utils import send_to_device
@@ -309,7 +324,10 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
     else:
         state = TrainingState(weights, optimizer, schedules, ema)
     engine = "deepspeed" if deepspeed else "torch"
-    progress, info = _start(cfg, run_dir / "checkpoints", state, accelerator, extras, plan, engine)
+    if accelerator.num_processes > 1 and (cfg.save_every > 0 or cfg.resume is True):
+        check_shared_folder(run_dir, accelerator)
+    identity = run_identity(run_config, cfg)
+    progress, info = _start(cfg, run_dir / "checkpoints", state, accelerator, extras, plan, engine, identity)
     resumed = None if info is None else progress.step
     info = info or {}
     accelerator.print(f"{desc}: {plan}")
@@ -324,6 +342,9 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
         _trim_jsonl(eval_log, progress.step)
     step, epoch, batch = progress.step, progress.epoch, progress.batch_in_epoch
     last = float(info.get("last_loss", float("nan")))
+    changes = tuple(info.get("config_changes", ()))
+    history = list(info.get("config_history", [])) + ([{"step": progress.step, "changes": list(changes)}]
+                                                       if changes else [])
     bar = tqdm(total=plan.total_steps, initial=step, desc=desc, dynamic_ncols=True, mininterval=1.0,
                disable=not accelerator.is_local_main_process)
     start, steps_run, evaluations = time.perf_counter(), 0, []
@@ -384,7 +405,8 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
             if saving:
                 save_checkpoint(run_dir / "checkpoints", Progress(step, epoch, batch, progress.sampler_seed), state,
                                 accelerator, cfg.keep_last, extras,
-                                info={"plan": asdict(plan), "last_loss": last, "desc": desc, "engine": engine})
+                                info={"plan": asdict(plan), "last_loss": last, "desc": desc, "engine": engine,
+                                      "run_config": identity, "config_history": history})
             if eval_fn is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0:
                 metrics = eval_fn(ema)
                 evaluations.append((step, metrics))
@@ -401,4 +423,4 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
     bar.close()
     seconds = time.perf_counter() - start
     return FitResult(steps_run, seconds, steps_run * plan.global_batch / max(seconds, 1e-9), last, resumed, ema,
-                     tuple(evaluations))
+                     tuple(evaluations), changes)

@@ -34,9 +34,10 @@ from mhe_scale.config import ExperimentConfig, HeadConfig
 from mhe_scale.data.dali_face import DALIRecordDataset, FaceTransform, dali_available
 from mhe_scale.data.face_dataset import FaceDataConfig, RecordIOFaceDataset, SyntheticFaceDataset
 from mhe_scale.engine.loop import fit
+from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
 from mhe_scale.eval.verification import evaluate_bin
-from mhe_scale.tasks.report import training_costs, write_results
+from mhe_scale.tasks.report import resume_record, training_costs, write_results
 from mhe_scale.models.face import FACE_BACKBONES, FaceModelConfig, build_face_backbone
 from mhe_scale.tasks.registry import register_task
 from mhe_scale.tasks.synthetic import head_label, run_folder
@@ -150,9 +151,10 @@ def train_face_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: FaceData,
 
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}",
                  out_dir=Path(cfg.train.output_dir) / folder, eval_fn=verify_now if paths else None, run_name=folder,
-                 head_optimizer=head_optimizer)
+                 head_optimizer=head_optimizer, run_config=run_config(cfg, head_cfg))
     metrics = verify_now(result.ema) if paths else {}
-    return {"metrics": metrics, "costs": training_costs(result, head, optimizer, head_optimizer, accelerator, **sizes)}
+    return {"metrics": metrics, "costs": training_costs(result, head, optimizer, head_optimizer, accelerator, **sizes),
+            **resume_record(result)}
 
 
 @register_task("face", FaceConfig, "face recognition pre-training (IResNet / MobileFaceNet / ViT + margin head), "

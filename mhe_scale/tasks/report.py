@@ -17,7 +17,11 @@ from mhe_scale.eval.xmc import format_table
 
 def write_results(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], accelerator) -> str:
     """results {run name: {"metrics": {...}, "costs": {...}}} -> a metric table (percent) and a cost
-    table, printed; config.yaml, results.json and results.md saved by the main process."""
+    table, printed; config.yaml, results.json and results.md saved by the main process.
+
+    config.yaml is the config this run used; a run that resumed checkpoints written with other
+    values (train.resume_changed=true; a result's "config_changes") says so in a comment on top.
+    Without that key such a resume is refused in fit, before anything here is written."""
     tables = []
     if any(v["metrics"] for v in results.values()):
         tables.append(format_table({k: v["metrics"] for k, v in results.items()}))
@@ -29,11 +33,28 @@ def write_results(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], acc
     if accelerator.is_main_process:
         out = Path(cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        (out / "config.yaml").write_text(_resume_note(results) + to_yaml(cfg))
         (out / "results.json").write_text(json.dumps(results, indent=2))
         (out / "results.md").write_text(text + "\n")
         accelerator.print(f"\nresolved config and results written to {out}/")
     return text
+
+
+def resume_record(result) -> dict[str, Any]:
+    """The entries of a run's results that say it resumed a checkpoint of another config (else {})."""
+    if not result.config_changes:
+        return {}
+    return {"resumed_from": result.resumed_from, "config_changes": list(result.config_changes)}
+
+
+def _resume_note(results: dict[str, dict[str, Any]]) -> str:
+    lines = [f"#   {name} (resumed at step {v['resumed_from']}): {change}"
+             for name, v in results.items() for change in v.get("config_changes", ())]
+    if not lines:
+        return ""
+    return ("# Resumed with train.resume_changed=true from checkpoints written with other values; up to the\n"
+            "# resumed step the run trained with the old value of each key below (old -> new):\n"
+            + "\n".join(lines) + "\n")
 
 
 def training_costs(result, head: nn.Module, optimizer: torch.optim.Optimizer,

@@ -14,9 +14,10 @@ from mhe_scale.config import ExperimentConfig, HeadConfig
 from mhe_scale.data.synthetic import SyntheticDataConfig, make_synthetic
 from mhe_scale.tasks.xmc_evaluate import evaluate
 from mhe_scale.engine.loop import fit
+from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
 from mhe_scale.eval.xmc import inverse_propensity
-from mhe_scale.tasks.report import training_costs, write_results
+from mhe_scale.tasks.report import resume_record, training_costs, write_results
 from mhe_scale.models import build_encoder
 from mhe_scale.models.mlp import MlpConfig
 from mhe_scale.tasks.registry import register_task
@@ -55,11 +56,12 @@ def train_one(cfg: ExperimentConfig, head_cfg: HeadConfig, data, accelerator) ->
 
     head_params = count_parameters(head)  # before prepare: ZeRO-3 would leave empty partitions
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
-                 eval_fn=evaluate_now, run_name=run_folder(head_cfg), head_optimizer=head_optimizer)
+                 eval_fn=evaluate_now, run_name=run_folder(head_cfg), head_optimizer=head_optimizer,
+                 run_config=run_config(cfg, head_cfg))
     metrics = evaluate_now(result.ema)
     costs = training_costs(result, head, optimizer, head_optimizer, accelerator,
                            **{"head params (M)": head_params / 1e6})
-    return {"metrics": metrics, "costs": costs}
+    return {"metrics": metrics, "costs": costs, **resume_record(result)}
 
 
 @register_task("synthetic", SyntheticConfig, "the built-in demo: generated extreme-label data, MLP + an MHE head "

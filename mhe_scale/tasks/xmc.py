@@ -23,9 +23,10 @@ from mhe_scale.data.xc_format import read_xc_format
 from mhe_scale.data.xmc_dataset import LABEL_ORDERS, XcDataConfig, XMCDataset, cluster_label_order, idf_weights, relabel
 from mhe_scale.tasks.xmc_evaluate import evaluate
 from mhe_scale.engine.loop import fit
+from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity, label_counts
-from mhe_scale.tasks.report import write_results
+from mhe_scale.tasks.report import resume_record, write_results
 from mhe_scale.models import build_encoder
 from mhe_scale.tasks.synthetic import head_label, run_folder
 from mhe_scale.tasks.paths import config_path_candidates
@@ -128,7 +129,8 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
                         prediction_k=cfg.eval.prediction_k, written_ids=file_ids)
 
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
-                 head_optimizer=head_optimizer, eval_fn=evaluate_now, run_name=folder)
+                 head_optimizer=head_optimizer, eval_fn=evaluate_now, run_name=folder,
+                 run_config=run_config(cfg, head_cfg))
     start = time.perf_counter()
     metrics = evaluate_now(result.ema, save=cfg.eval.prediction_k > 0)
     costs = {"train s": result.seconds, "eval s": time.perf_counter() - start,
@@ -137,7 +139,7 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
              "encoder params (K)": count_parameters(encoder) / 1e3,
              "head optim state (K)": optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e3,
              "final loss": result.last_loss}
-    return {"metrics": metrics, "costs": costs}
+    return {"metrics": metrics, "costs": costs, **resume_record(result)}
 
 
 @register_task("xmc", XmcConfig, "extreme multi-label classification on XC-format sparse files (MLP + head), "

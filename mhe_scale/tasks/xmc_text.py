@@ -28,11 +28,13 @@ from mhe_scale.data.xmc_text import (TextFormatError, detect_format, jsonl_label
                                      load_text_splits, split_rows, write_label_map)
 from mhe_scale.tasks.xmc_evaluate import evaluate
 from mhe_scale.engine.loop import fit
+from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity
 from mhe_scale.models.text import TextEncoderConfig, build_text_encoder, load_tokenizer
 from mhe_scale.data.xmc_text import TextDataConfig
 from mhe_scale.tasks.registry import register_task
+from mhe_scale.tasks.report import resume_record
 from mhe_scale.tasks.synthetic import head_label, run_folder
 from mhe_scale.tasks.paths import config_path_candidates
 
@@ -152,7 +154,8 @@ def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCDa
                         prediction_k=cfg.eval.prediction_k)
 
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}", out_dir=run_dir,
-                 head_optimizer=head_optimizer, eval_fn=evaluate_now, run_name=folder)
+                 head_optimizer=head_optimizer, eval_fn=evaluate_now, run_name=folder,
+                 run_config=run_config(cfg, head_cfg))
     start = time.perf_counter()
     metrics = evaluate_now(result.ema, save=cfg.eval.prediction_k > 0)
     trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
@@ -163,7 +166,7 @@ def train_text_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: TextXMCDa
              "encoder trainable (M)": trainable / 1e6,
              "head optim state (K)": optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e3,
              "final loss": result.last_loss}
-    return {"metrics": metrics, "costs": costs}
+    return {"metrics": metrics, "costs": costs, **resume_record(result)}
 
 
 @register_task("xmc_text", XmcTextConfig, "extreme multi-label classification of raw text with a local HF "
