@@ -28,7 +28,7 @@ def _shadow_of(t: Tensor) -> Tensor:
 
 
 class ExponentialMovingAverage:
-    """EMA of `model`'s parameters that require grad, keyed by parameter name."""
+    """EMA of `model`'s parameters that require grad and of its buffers, keyed by name."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
@@ -46,7 +46,7 @@ class ExponentialMovingAverage:
 
     @torch.no_grad()
     def update(self) -> None:
-        """shadow += (1 - decay) * (param - shadow) for every tracked parameter."""
+        """shadow += (1 - decay) * (live - shadow) for every parameter and floating buffer."""
         self._lerp(1.0 - self.decay)
 
     @torch.no_grad()
