@@ -1,6 +1,8 @@
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from mhe_scale.config import ConfigError, HeadConfig, load_config, to_object, to_yaml
 from mhe_scale.heads import head_arguments, list_heads
@@ -70,9 +72,87 @@ def test_head_factory_is_strict():
     assert head.sizes == [5, 4]
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_load(path):
-    load_config(path)
+LABELS_FROM_DATA = {"xmc_amazon3m": 2_812_281, "xmc_amazon670k": 670_091, "xmc_amazoncat13k": 13_330,
+                    "xmc_bibtex": 159, "xmc_delicious": 983, "xmc_eurlex4k": 3_956, "xmc_medical": 45,
+                    "xmc_reuters_minilm": 90, "xmc_wiki10_31k": 30_938, "xmc_wiki500k": 501_070,
+                    "cifar10": 10, "cifar100": 100, "imagenet": 1000}
+"""Label counts of the XMC configs, whose tasks read C from the data (the datasets' published sizes)."""
+
+
+def config_num_classes(cfg) -> tuple[int, bool]:
+    """(C the run's head is built for, multilabel), as the config's task would find them."""
+    if cfg.task in ("xmc", "xmc_text"):
+        assert cfg.name in LABELS_FROM_DATA, f"{cfg.name}: add its dataset's label count to LABELS_FROM_DATA"
+        return LABELS_FROM_DATA[cfg.name], True
+    if cfg.task == "classify":
+        return cfg.data.num_classes or LABELS_FROM_DATA[cfg.data.name], False
+    return cfg.data.num_classes, cfg.data.name == "synthetic" and cfg.data.labels_per_point > 1
+
+
+def check_accelerator_plan(cfg) -> None:
+    """What build_accelerator and fit check before training, without a process group: precision,
+    tracker, DeepSpeed config (8 processes), train.*, the weight average and the engine's refusals."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from mhe_scale.engine.accelerator import (TRACKERS, deepspeed_requested, resolve_deepspeed_config,
+                                              resolve_mixed_precision)
+    from mhe_scale.engine.ema import build_weight_average
+    from mhe_scale.engine.loop import _refuse_unsupported, check_train_config
+
+    precision = resolve_mixed_precision(cfg.dist, cuda=True)
+    assert cfg.dist.log_with in (None, *TRACKERS)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.NO, mixed_precision=precision)
+    if deepspeed_requested(cfg.dist):
+        ds = resolve_deepspeed_config(cfg.dist, cfg.train, precision, world_size=8)
+        accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, mixed_precision=precision,
+                                      state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)))
+    check_train_config(cfg.train)
+    build_weight_average(torch.nn.Linear(1, 1), cfg.train, steps_per_epoch=100)
+    _refuse_unsupported(cfg.train, accelerator, cfg.dist.shard_head)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_config_builds_its_head_and_accelerator_plan(path, monkeypatch):
+    """Every shipped config: its head builds (on the meta device, class-sharded ones as one process)
+    for the config's number of classes, and its dist/train settings pass the engine's checks."""
+    from mhe_scale.parallel.factory import build_sharded_head
+
+    for var in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(path)
+    num_classes, multilabel = config_num_classes(cfg)
+    heads = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
+    if "base" in path.relative_to(REPO).parts:  # fragments included by _base_: they name no head
+        heads = []
+    for head_cfg in heads:
+        with torch.device("meta"):
+            if cfg.dist.shard_head:
+                head = build_sharded_head(head_cfg, 16, num_classes, multilabel, group=None)
+            else:
+                head = build_head(head_cfg, 16, num_classes, multilabel)
+        assert sum(p.numel() for p in head.parameters()) > 0
+        if head_cfg.sizes is not None:  # the given factorisation covers every class
+            assert math.prod(head_cfg.sizes) >= num_classes, (head_cfg.name, list(head_cfg.sizes), num_classes)
+    check_accelerator_plan(cfg)
+
+
+def test_config_checks_can_fail(monkeypatch):
+    """The checks above reject what they should (so passing them means something)."""
+    from mhe_scale.parallel.factory import build_sharded_head
+
+    demo = REPO / "configs/demo/mhp_synthetic.yaml"
+    with pytest.raises(ValueError):
+        check_accelerator_plan(load_config(demo, ["train.ema_decay=0.9", "train.swa_start=3"]))
+    with pytest.raises(NotImplementedError):
+        check_accelerator_plan(load_config(demo, ["dist.shard_head=true", "head.name=fc", "train.ema_decay=0.9"]))
+    with pytest.raises(ValueError, match="mixed_precision"):
+        check_accelerator_plan(load_config(demo, ["dist.mixed_precision=fp8"]))
+    face = load_config(REPO / "configs/face/webface42m_r50_mhs.yaml", ["head.sizes=[16384,125]"])
+    with pytest.raises(ValueError):
+        with torch.device("meta"):
+            build_sharded_head(face.head, 16, face.data.num_classes, False, group=None)
 
 
 def test_every_unknown_key_is_named_in_one_error_with_the_task():

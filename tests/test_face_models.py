@@ -39,8 +39,11 @@ def test_forward_112(name):
     with torch.no_grad():
         out = model(x)
         assert out.shape == (2, 512) and out.dtype == torch.float32 and torch.isfinite(out).all()
-        model.eval()
-        assert torch.equal(model(x), model.forward_features(x))
+        # train mode: BN normalises with the batch's statistics, so a row depends on the other row
+        assert not torch.allclose(model(torch.cat([x[:1], -x[1:]])), out, atol=1e-3)
+        model.eval()  # eval mode: running statistics, no dropout: each row is its own, batch of one included
+        torch.testing.assert_close(model(x)[:1], model(x[:1]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(torch.cat([x[:1], -x[1:]]))[:1], model(x[:1]), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"expects images \[B, 3, 112, 112\].*\[2, 3, 96, 96\]"):
         model(torch.randn(2, 3, 96, 96))
 
@@ -112,3 +115,26 @@ def test_grad_checkpointing_same_gradients(name):
     for pname, g in grads[0].items():
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, pname
         torch.testing.assert_close(grads[1][pname], g, rtol=1e-9, atol=1e-12, msg=pname)
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_grad_checkpointing_updates_bn_running_stats_once(name):
+    """One training step with checkpointed stages leaves every BN's running_mean / running_var /
+    num_batches_tracked exactly where the same step without checkpointing leaves them (the
+    recompute in backward must not update them a second time)."""
+    torch.manual_seed(0)
+    kwargs = SMALL_INPUTS[name]
+    size = kwargs.get("input_size", kwargs.get("img_size"))
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    buffers = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = build_face_backbone(name, **kwargs).double().train()
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(1)
+        model(x).square().sum().backward()
+        buffers.append(dict(model.named_buffers()))
+    assert any(k.endswith("running_mean") for k in buffers[0])
+    assert buffers[0].keys() == buffers[1].keys()
+    for key, plain in buffers[0].items():
+        torch.testing.assert_close(buffers[1][key], plain, rtol=0, atol=0, msg=key)

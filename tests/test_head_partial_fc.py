@@ -89,7 +89,8 @@ def test_sample_classes_is_reproducible_with_a_generator():
 
 
 # ------------------------------------------------------------------ the head
-@pytest.mark.parametrize("margin", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.0, 2.9, 0.0)])
+# (1.0, 1.5, 0.0): the target logit takes the fallback past pi where cos < cos(pi - 1.5) = -0.07
+@pytest.mark.parametrize("margin", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.0, 1.5, 0.0)])
 @pytest.mark.parametrize("straight_through", [False, True])
 def test_partial_fc_loss_and_grads_equal_naive_reference(margin, straight_through):
     torch.manual_seed(0)

@@ -6,33 +6,75 @@ import torch
 from mhe_scale.heads.margins import CombinedMargin, make_margin
 
 
-def naive_margin(cos, targets, s, m1, m2, m3):
-    out = cos.clone() * s
-    for i in range(cos.shape[0]):
-        j = int(targets[i])
-        if j < 0:
-            continue
-        theta = math.acos(max(-1 + 1e-7, min(1 - 1e-7, float(cos[i, j]))))
-        angle = m1 * theta + m2
-        if angle <= math.pi:
-            out[i, j] = s * (math.cos(angle) - m3)
-        else:
-            out[i, j] = s * (float(cos[i, j]) - m3 - m2 * math.sin(m2))
-    return out
+THETA = torch.linspace(0, math.pi, 20001, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("m", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.0, 0.3, 0.2), (1.2, 0.0, 0.0), (1.0, 0.0, 0.0)])
-def test_combined_margin_matches_formula(m):
-    gen = torch.Generator().manual_seed(1)
-    cos = torch.rand(7, 5, generator=gen, dtype=torch.float64) * 2 - 1
-    cos[0, 2] = -0.999  # theta near pi: exercises the monotone fallback for arc margins
-    targets = torch.tensor([2, 0, -1, 4, 1, 3, 0])
-    margin = CombinedMargin(30.0, *m)
-    got = margin(cos, targets)
-    assert torch.allclose(got, naive_margin(cos, targets, 30.0, *m), atol=1e-9)
-    mask = torch.zeros_like(cos, dtype=torch.bool)
-    mask[torch.arange(7)[targets >= 0], targets[targets >= 0]] = True
-    assert torch.allclose(margin(cos, mask), got, atol=1e-12)  # bool-mask path agrees
+def target_logits(margin: CombinedMargin) -> torch.Tensor:
+    """The target logit at every angle of THETA (one row per angle, target column 0)."""
+    cos = torch.stack([torch.cos(THETA), torch.zeros_like(THETA)], dim=1)
+    return margin(cos, torch.zeros(len(THETA), dtype=torch.long))[:, 0]
+
+
+def rises(logits: torch.Tensor) -> float:
+    """Largest increase of the logit from one angle to the next (0 for a non-increasing curve)."""
+    return float(logits.diff().clamp(min=0).max())
+
+
+@pytest.mark.parametrize("m", [(1.0, 0.5, 0.0), (1.0, 0.0, 0.35), (1.0, 0.3, 0.2), (0.9, 0.4, 0.15),
+                               (1.0, 1.2, 0.0), (1.0, 0.0, 0.0)],
+                         ids=["arcface", "cosface", "combined", "combined_m1_0.9", "arcface_wide", "none"])
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_target_logit_never_rises_with_the_angle(m, straight_through):
+    logits = target_logits(CombinedMargin(30.0, *m, straight_through=straight_through))
+    assert torch.isfinite(logits).all()
+    assert rises(logits) <= 1e-9, m
+    if m != (1.0, 0.0, 0.0):  # a margin lowers the target logit below s * cos somewhere, never raises it
+        plain = 30.0 * torch.cos(THETA)
+        assert (logits <= plain + 1e-9).all() and (logits < plain - 1e-3).any()
+
+
+def test_every_accepted_margin_is_monotone_and_the_others_are_refused():
+    """A sweep over (m1, m2, m3): each margin is either refused with a clear error or gives a target
+    logit that never rises with theta in [0, pi]."""
+    accepted, refused = [], []
+    for m1 in torch.linspace(0.25, 2.0, 15).tolist():
+        for m2 in torch.linspace(-0.3, 3.3, 19).tolist():
+            for m3 in (0.0, 0.35):
+                try:
+                    margin = CombinedMargin(16.0, m1, m2, m3)
+                except ValueError as exc:
+                    assert "margin (m1, m2, m3)" in str(exc)
+                    refused.append((m1, m2, m3))
+                    continue
+                assert rises(target_logits(margin)) <= 1e-9, (m1, m2, m3)
+                accepted.append((m1, m2, m3))
+    assert len(accepted) > 100 and len(refused) > 100  # the sweep covers both sides
+
+
+@pytest.mark.parametrize("m, message", [((1.2, 0.0, 0.0), "not monotone"), ((2.0, 0.1, 0.0), "not monotone"),
+                                        ((1.0, 2.8, 0.0), "not monotone"), ((1.0, -0.1, 0.0), "m2=-0.1"),
+                                        ((0.0, 0.5, 0.0), "m1=0.0")])
+def test_non_monotone_margins_are_refused(m, message):
+    with pytest.raises(ValueError, match=message):
+        CombinedMargin(64.0, *m)
+    with pytest.raises(ValueError, match=message):
+        make_margin("combined", margin=m)
+
+
+def test_margin_at_known_angles_and_bool_mask_path():
+    """ArcFace m=0.5 at theta = pi/3 is s*cos(pi/3 + 0.5); CosFace subtracts m3; columns that are not
+    targets (or rows with target -1) keep s*cos; a BoolTensor mask gives the same logits."""
+    cos = torch.tensor([[0.5, 0.1, -0.2], [0.3, 0.9, 0.0], [0.7, 0.2, 0.4]], dtype=torch.float64)
+    targets = torch.tensor([0, 1, -1])
+    arc = CombinedMargin(10.0, 1.0, 0.5, 0.0)(cos, targets)
+    expected = 10.0 * cos.clone()
+    expected[0, 0] = 10.0 * math.cos(math.pi / 3 + 0.5)
+    expected[1, 1] = 10.0 * math.cos(math.acos(0.9) + 0.5)
+    torch.testing.assert_close(arc, expected, rtol=0, atol=1e-9)
+    mask = torch.tensor([[True, False, False], [False, True, False], [False, False, False]])
+    torch.testing.assert_close(CombinedMargin(10.0, 1.0, 0.5, 0.0)(cos, mask), arc, rtol=0, atol=1e-12)
+    cosface = CombinedMargin(10.0, 1.0, 0.0, 0.4)(cos, targets)
+    assert cosface[0, 0].item() == pytest.approx(1.0) and cosface[1, 1].item() == pytest.approx(5.0)
 
 
 def test_named_margins():

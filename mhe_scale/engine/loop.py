@@ -32,7 +32,8 @@ from mhe_scale.engine.accelerator import (NoOptimizerState, NoState, cast_floati
                                           input_dtype, is_deepspeed, mark_zero3_leaf, zero_stage)
 from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, find_resumable_everywhere,
                                          list_checkpoints, load_checkpoint, save_checkpoint)
-from mhe_scale.engine.ema import ExponentialMovingAverage, build_weight_average, uses_weight_average
+from mhe_scale.engine.ema import (ExponentialMovingAverage, build_weight_average, refresh_fit_average_bn,
+                                  uses_weight_average)
 from mhe_scale.engine.jsonl_log import read_step_lines
 from mhe_scale.engine.module import TrainingModule
 from mhe_scale.engine.prepared import Schedulers, ShardedHeadTraining, check_optimizers
@@ -422,5 +423,8 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
                 break
     bar.close()
     seconds = time.perf_counter() - start
+    if ema is not None:  # SWA on a BN encoder: BN statistics of the averaged weights (ema.py); else a no-op
+        set_position(0, 0)
+        refresh_fit_average_bn(ema, weights, core, loader, accelerator, cast)
     return FitResult(steps_run, seconds, steps_run * plan.global_batch / max(seconds, 1e-9), last, resumed, ema,
                      tuple(evaluations), changes)

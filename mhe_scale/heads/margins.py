@@ -2,9 +2,14 @@
 
 Combined margin (m1, m2, m3) on the target column, theta = arccos(cos):
     target logit = s * (cos(m1 * theta + m2) - m3),   other logits = s * cos.
-ArcFace is (1, m, 0), CosFace (1, 0, m), SphereFace-like (m, 0, 0).
-Where m1 * theta + m2 > pi the cosine stops decreasing in theta; there the target logit uses
-s * (cos - m3 - m2 * sin(m2)) instead, which keeps it monotone (the usual ArcFace fix).
+ArcFace is (1, m, 0), CosFace (1, 0, m); insightface's combined margins (1, 0.3, 0.2) and
+(0.9, 0.4, 0.15) are accepted too. Where m1 * theta + m2 > pi the cosine stops decreasing in
+theta; there the target logit uses s * (cos - m3 - m2 * sin(m2)) instead (the usual ArcFace fix).
+That fix keeps the target logit non-increasing over theta in [0, pi] only for some (m1, m2):
+m1 > 0, m2 >= 0 and, where m1 * theta + m2 reaches pi inside [0, pi] (at theta0), a downward step
+there: cos(theta0) - m2 * sin(m2) <= -1. Other margins (e.g. SphereFace-like m1 > 1 with m2 = 0,
+whose logit jumps back up at theta0, or m2 < 0) are refused when the margin is built: a logit that
+rises with the angle would reward pushing a sample away from its class.
 
 `targets` is either LongTensor [B] of target columns (-1: the row's target is not among these
 columns, e.g. it lives on another shard or was not sampled) or BoolTensor [B, N] (multi-label).
@@ -17,6 +22,22 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+
+def check_monotone(m1: float, m2: float) -> None:
+    """Raise ValueError unless the target logit cos(m1*theta + m2) (with the fallback past pi) is
+    non-increasing in theta over [0, pi]; m3 only shifts it."""
+    if not m1 > 0:
+        raise ValueError(f"margin (m1, m2, m3): m1={m1} must be > 0 (1.0 for ArcFace / CosFace)")
+    if m2 < 0:
+        raise ValueError(f"margin (m1, m2, m3): m2={m2} must be >= 0: cos(m1*theta + m2) rises with theta while "
+                         "m1*theta + m2 < 0")
+    theta0 = (math.pi - m2) / m1
+    if 0 <= theta0 < math.pi and math.cos(theta0) - m2 * math.sin(m2) > -1 + 1e-12:
+        raise ValueError(f"margin (m1, m2, m3)=({m1}, {m2}, m3): the target logit is not monotone in the angle (it "
+                         f"jumps up by {math.cos(theta0) - m2 * math.sin(m2) + 1:.3g} where m1*theta + m2 passes pi, "
+                         f"at theta={theta0:.3f}); use m1 <= 1 (1 for ArcFace / CosFace) with m2 in [0, pi/2] "
+                         "and/or m3")
 
 
 class CombinedMargin(nn.Module):
@@ -35,6 +56,7 @@ class CombinedMargin(nn.Module):
         super().__init__()
         if scale <= 0:
             raise ValueError(f"margin scale must be > 0, got {scale}")
+        check_monotone(float(m1), float(m2))
         self.scale, self.m1, self.m2, self.m3 = float(scale), float(m1), float(m2), float(m3)
         self.straight_through = bool(straight_through)
 

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+from mhe_scale.models.checkpointing import checkpoint_module
 
 IRESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6),
@@ -109,8 +110,8 @@ class IResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each stage in backward (torch.utils.checkpoint). In training mode BN running
-        statistics are then updated twice per step (forward and recompute)."""
+        """Recompute each stage in backward (checkpointing.checkpoint_module: BN running statistics
+        are still updated once per step, as without checkpointing)."""
         self.grad_checkpointing = enable
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -120,7 +121,7 @@ class IResNet(nn.Module):
         x = self.stem(x)
         for stage in self.stages:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
+                x = checkpoint_module(stage, x)
             else:
                 x = stage(x)
         x = self.dropout(self.bn2(x)).flatten(1)

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+from mhe_scale.models.checkpointing import checkpoint_module
 
 # (expansion t, output channels c, repeats n, stride s) of the bottleneck rows of Table 1
 BOTTLENECKS: tuple[tuple[int, int, int, int], ...] = (
@@ -108,7 +109,7 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each stage (table row) in backward; BN running stats update twice in training."""
+        """Recompute each stage (table row) in backward; BN running stats still update once per step."""
         self.grad_checkpointing = enable
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -117,7 +118,7 @@ class MobileFaceNet(nn.Module):
                              f"{list(x.shape)}; resize/align faces or build with input_size={x.shape[-1]}")
         for stage in self.stages:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
+                x = checkpoint_module(stage, x)
             else:
                 x = stage(x)
         return self.features(self.linear(self.gdc(x).flatten(1)))

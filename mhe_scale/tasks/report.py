@@ -15,9 +15,9 @@ from mhe_scale.engine.model import optimizer_state_numel
 from mhe_scale.eval.xmc import format_table
 
 
-def write_results(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], accelerator) -> str:
+def write_results(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], accelerator, note: str = "") -> str:
     """results {run name: {"metrics": {...}, "costs": {...}}} -> a metric table (percent) and a cost
-    table, printed; config.yaml, results.json and results.md saved by the main process.
+    table (and `note` under them), printed; config.yaml, results.json and results.md saved by the main process.
 
     config.yaml is the config this run used; a run that resumed checkpoints written with other
     values (train.resume_changed=true; a result's "config_changes") says so in a comment on top.
@@ -28,7 +28,7 @@ def write_results(cfg: ExperimentConfig, results: dict[str, dict[str, Any]], acc
     costs = {k: v["costs"] for k, v in results.items() if v["costs"]}
     if costs:
         tables.append(format_table(costs, percent=False, digits=3))
-    text = "\n\n".join(tables)
+    text = "\n\n".join(tables + ([note] if note else []))
     accelerator.print("\n" + text)
     if accelerator.is_main_process:
         out = Path(cfg.train.output_dir)
