@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -9,29 +11,6 @@ from mhe_scale.config import HeadConfig, OptimConfig
 from mhe_scale.engine.module import TrainingModule
 from mhe_scale.heads.base import ClassifierHead
 from mhe_scale.heads.factory import build_head
-
-
-class _Weights(nn.Module):
-    """encoder (+ replicated head) under the names checkpoints use: "encoder.*", "head.*"."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module | None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        if head is not None:
-            self.head = head
-
-
-class HeadLoss(nn.Module):
-    """head(features, targets) -> (loss, metrics) as tensors: ZeRO-3 hooks a leaf module's backward
-    through its tensor outputs, and a HeadOutput dataclass would hide them."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.head(features, targets)  # heads turn autocast off themselves (fp32 logits)
-        return out.loss, out.metrics
 
 
 class Classifier(TrainingModule):
@@ -47,34 +26,30 @@ class Classifier(TrainingModule):
         self.encoder = encoder
         self.sharded = is_class_sharded(head)
         if self.sharded:
-            self.__dict__["_sharded_head"] = head  # not a sub-module
+            self.__dict__["_sharded_head"] = head  # not a sub-module: outside DDP / ZeRO
         else:
-            self.head_loss = HeadLoss(head)
-        object.__setattr__(self, "weights", _Weights(encoder, None if self.sharded else head))
+            self.head = head
 
-    @property
-    def head(self) -> ClassifierHead:  # type: ignore[override]
-        return self.__dict__["_sharded_head"] if self.sharded else self.head_loss.head
+    def __getattr__(self, name: str) -> Any:
+        if name == "head" and "_sharded_head" in self.__dict__:
+            return self.__dict__["_sharded_head"]
+        return super().__getattr__(name)
 
     def forward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         features = self.encoder.forward_features(inputs)
-        if not self.sharded:
-            return self.head_loss(features, targets)
-        # cast to the head's dtype BEFORE the head all-gathers the features (bf16 engines)
-        dtype = next((p.dtype for p in self.head.parameters() if p.is_floating_point()), torch.float32)
-        if features.is_floating_point() and features.dtype != dtype:
-            features = features.to(dtype)
-        out = self.head(features, targets)
-        return out.loss, out.metrics
-
-    def checkpoint_module(self) -> nn.Module:
-        return self.weights
+        if self.sharded:  # cast to the head's dtype BEFORE the head all-gathers the features (bf16 engines)
+            dtype = next((p.dtype for p in self.head.parameters() if p.is_floating_point()), torch.float32)
+            if features.is_floating_point() and features.dtype != dtype:
+                features = features.to(dtype)
+        loss, metrics = self.head(features, targets)  # heads turn autocast off themselves (fp32 logits)
+        return loss, metrics
 
     def class_sharded_head(self) -> nn.Module | None:
         return self.head if self.sharded else None
 
     def zero3_leaf_modules(self) -> list[nn.Module]:
-        return [] if self.sharded else [self.head_loss]
+        # heads read sub-modules' weights directly: gather all of them when the head runs
+        return [] if self.sharded else [self.head]
 
     @torch.no_grad()
     def predict(self, inputs: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -16,8 +16,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -25,16 +24,16 @@ from torch import Tensor, nn
 from mhe_scale.labels.codec import check_label_range
 
 
-@dataclass
-class HeadOutput:
-    """What `head(features, targets)` returns.
+class HeadOutput(NamedTuple):
+    """What `head(features, targets)` returns (a named tuple: ZeRO-3 hooks a module's backward
+    through the tensors of tuple / dict outputs, so a head can be a ZeRO-3 leaf module).
 
     loss: scalar, the mean over the batch (what backward is called on).
     metrics: detached scalars worth logging (e.g. sampled-class count), never used for grads.
     """
 
     loss: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = {}  # never mutated: heads build a new dict
 
 
 class ClassifierHead(nn.Module, ABC):
