@@ -116,6 +116,7 @@ def resolve_deepspeed_config(dist: DistConfig, train: TrainConfig, mixed_precisi
         if dist.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"dist.zero_stage={dist.zero_stage} must be 0, 1, 2 or 3")
         _set(cfg, "zero_optimization.stage", dist.zero_stage)
+    check_no_pickle_settings(cfg, source)
     for section in ("optimizer", "scheduler"):
         if section in cfg:
             raise ValueError(f"{source} has an {section!r} section; the engine builds torch optimizers (optim.*) and "
@@ -141,6 +142,37 @@ def resolve_deepspeed_config(dist: DistConfig, train: TrainConfig, mixed_precisi
     if _get(cfg, "zero_optimization.stage") == 3:
         cfg["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
     return cfg
+
+
+CHECKPOINT_KEYS_SAFE = ("tag_validation", "use_node_local_storage", "parallel_write", "checkpoint_serialization")
+"""Keys of the DeepSpeed JSON's "checkpoint" section that make DeepSpeed 0.19 read no extra file: tag checks,
+which ranks write, how the (replaced) torch checkpoint engine would zip its files."""
+_PICKLE_SETTINGS = {
+    "checkpoint.load_universal": "DeepSpeed would read the universal checkpoint files (zero/optimizer_state.pt, "
+                                 "zero/<parameter>/*.pt) with torch.load(weights_only=False): a planted file runs "
+                                 "code; remove it (a mhe_scale checkpoint resumes on the world size it was written "
+                                 "with)",
+    "checkpoint.writer": "it selects DeepSpeed's Fast/Decoupled checkpoint engine, which writes and reads pickles "
+                         "and would replace the engine's pickle-free one; remove it",
+    "datastates_ckpt": "it selects the DataStates checkpoint engine (pickles); remove it",
+}
+
+
+def check_no_pickle_settings(cfg: dict[str, Any], source: str) -> None:
+    """Raise ValueError naming the key if the DeepSpeed config would make DeepSpeed unpickle files on
+    resume or replace the engine's pickle-free checkpoint engine (deepspeed_files.py): the "checkpoint"
+    section may only hold CHECKPOINT_KEYS_SAFE (and load_universal: false); no "datastates_ckpt"."""
+    section = cfg.get("checkpoint", {})
+    if not isinstance(section, dict):
+        raise ValueError(f"{source}: \"checkpoint\" must be an object, got {section!r}")
+    for key, why in _PICKLE_SETTINGS.items():
+        value = _get(cfg, key)
+        if value is not None and value is not False:
+            raise ValueError(f"{source} sets {key}={json.dumps(value)}: {why}")
+    unknown = sorted(set(section) - set(CHECKPOINT_KEYS_SAFE) - {"load_universal", "writer"})
+    if unknown:
+        raise ValueError(f"{source} sets checkpoint.{unknown[0]}, which the engine does not know to be free of "
+                         f"pickle loading; remove it (allowed: {', '.join(CHECKPOINT_KEYS_SAFE)})")
 
 
 def _free_port() -> int:
@@ -386,6 +418,9 @@ def deepspeed_state_hooks(engine: Any) -> tuple[Callable[[Path], None], Callable
 
     from mhe_scale.engine.deepspeed_files import SafetensorsCheckpointEngine
 
+    if engine.load_universal_checkpoint():
+        raise RuntimeError("DeepSpeed is set up with checkpoint.load_universal=true, which unpickles the universal "
+                           "checkpoint files on resume; build the accelerator with build_accelerator(cfg.dist, ...)")
     if not isinstance(engine.checkpoint_engine, (TorchCheckpointEngine, SafetensorsCheckpointEngine)):
         raise RuntimeError(f"DeepSpeed is set up with {type(engine.checkpoint_engine).__name__}; the engine replaces "
                            "only the default torch checkpoint engine: remove checkpoint engine options from the config")
