@@ -230,7 +230,8 @@ def build_accelerator(dist: DistConfig, train: TrainConfig, project_dir: str | P
             raise RuntimeError(f"the launcher started WORLD_SIZE={world} processes but accelerate sees "
                                f"{accelerator.num_processes}: the process group was not joined (gloo on CPU?)")
     else:
-        handlers = [InitProcessGroupKwargs(backend=None if cuda else "gloo", timeout=group_timeout(dist))]
+        # backend None: accelerate's choice (gloo on CPU); "gloo" would break a run without a launcher
+        handlers = [InitProcessGroupKwargs(backend=None, timeout=group_timeout(dist))]
         accelerator = Accelerator(cpu=not cuda, kwargs_handlers=handlers, **common)
     apply_process_group_timeout(dist.timeout_s)
     if dist.log_with is not None:
