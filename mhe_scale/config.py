@@ -77,6 +77,9 @@ class OptimConfig:
     """Decoupled (adamw) or L2 (sgd) weight decay."""
     momentum: float = 0.9
     """sgd momentum."""
+    no_decay_bias_norm: bool = False
+    """Weight decay 0 for parameters with at most one dimension (biases, LayerNorm / BatchNorm weights), as
+    LightXML's AdamW does (no_decay = bias, LayerNorm.weight); False: weight_decay applies to every parameter."""
 
 
 @dataclass(kw_only=True)
@@ -159,6 +162,10 @@ class DistConfig:
     shard_head: bool = False
     """Split the head's classes (or groups, or label table) across all processes (mhe_scale.parallel):
     fc, partial_fc, mhs and mhc; kept out of DDP / ZeRO with its own optimizer and per-rank files."""
+    timeout_s: float = 600.0
+    """Seconds a process waits in a collective (all-reduce, barrier, ...) for the others before it stops with
+    an error naming the rank that did not answer (a hung, stopped or cut-off process / node); torch's own
+    default would be 30 min (gloo) or 10 min (NCCL). Raise it if one rank legitimately works alone longer."""
 
 
 @dataclass(kw_only=True)

@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a collective's timeout: name the rank that did not answer (dist.timeout_s)
+        from mhe_scale.engine.accelerator import explain_timeout
+
+        explained = explain_timeout(exc, cfg.dist.timeout_s)
+        if explained is None:
+            raise
+        print(f"error: {explained}", file=sys.stderr)
+        return 3
     finally:
         accelerator.end_training()
     return 0

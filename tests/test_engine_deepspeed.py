@@ -7,6 +7,7 @@ op (cached under ~/.cache/mhe_scale/torch_extensions afterwards)."""
 
 import json
 import os
+import re
 from dataclasses import replace
 import shutil
 import subprocess
@@ -203,6 +204,137 @@ def test_bf16_zero2_trains_close_to_fp32_with_fp32_head_loss(tmp_path, reference
                                torch.tensor([r["loss"] for r in reference["plain"]]), rtol=3e-2, atol=3e-2)
     assert read_log(tmp_path / "b" / "loss_log.jsonl") == log[3:]
     assert json.loads((tmp_path / "facts.json").read_text())["dtype"] == "torch.bfloat16"
+
+
+# ---------------------------------------------------------------- planted pickles never run
+class Planted:
+    """Unpickling this runs code: it appends a line to `marker` (what a tampered checkpoint file could do)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'a').write('unpickled\\n')",)
+
+
+def plant(step_dir: Path, marker: str, replace_real: bool) -> list[str]:
+    """Write Planted pickles where DeepSpeed 0.19 might read one under <step>/deepspeed/engine (universal
+    checkpoint layout, expert / layer / ZeRO-3 / bf16 file names, and, with replace_real, DeepSpeed's own
+    files of this checkpoint), then rewrite the manifest so that it still verifies. Returns the paths."""
+    from mhe_scale.engine.checkpoint import write_manifest
+
+    engine = step_dir / "deepspeed" / "engine"
+    targets = [engine / "zero" / "optimizer_state.pt", engine / "expert_0_mp_rank_00_model_states.pt",
+               engine / "layer_0_expert_0_mp_rank_00_model_states.pt",
+               engine / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+               engine / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", step_dir / "deepspeed" / "latest.pt"]
+    model = tiny_model()  # the engine's module is EncoderThenHead: encoder.*, head_loss.head.*
+    names = [f"encoder.{n}" for n, _ in model.encoder.named_parameters()]
+    names += [f"head_loss.head.{n}" for n, _ in model.head.named_parameters()]
+    targets += [engine / "zero" / name / f"{kind}.pt" for name in names for kind in ("fp32", "exp_avg", "exp_avg_sq",
+                                                                                     "step")]
+    if replace_real:
+        targets = sorted(engine.glob("*.pt")) + [engine / "mp_rank_01_model_states.pt"]
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(Planted(marker), path)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    write_manifest(step_dir, manifest["step"], manifest["world_size"])
+    return [str(p.relative_to(step_dir)) for p in targets]
+
+
+def planted_child(out: str, phase: str) -> None:
+    """phase "plant": run a (4 steps, saves at 2 and 4); b resumes a's step 2 with pickles planted beside
+    DeepSpeed's files, c with DeepSpeed's files replaced by pickles. phase "universal": the same resume as b
+    under a DeepSpeed JSON with checkpoint.load_universal=true. One process, ZeRO-2."""
+    torch.set_num_threads(1)
+    marker = f"{out}/marker"
+    config = Path(out) / "universal.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "checkpoint": {"load_universal": True}}))
+    dist = DistConfig(deepspeed_config=str(config)) if phase == "universal" else DistConfig(zero_stage=2)
+    cfg = TrainConfig(**BASE, save_every=2, clip_grad_norm=None, resume=False)
+    try:
+        acc = build_accelerator(dist, cfg, project_dir=out)
+    except ValueError as exc:
+        Path(f"{out}/refused-{phase}.txt").write_text(str(exc))
+        return
+
+    def run(name: str, resume: bool):
+        model = tiny_model(0)
+        return fit(model, build_optimizer(OPTIM, model), tiny_data(MICRO * 4), replace(cfg, resume=resume), acc,
+                   out_dir=f"{out}/{name}")
+
+    if phase == "universal":
+        run("u", True)
+        return
+    run("a", False)
+    for name, replace_real in (("b", False), ("c", True), ("u", False)):
+        step = Path(f"{out}/{name}/checkpoints/step-00000002")
+        shutil.copytree(f"{out}/a/checkpoints/step-00000002", step)
+        Path(f"{out}/planted-{name}.json").write_text(json.dumps(plant(step, marker, replace_real)))
+    result = run("b", True)
+    Path(f"{out}/resumed-b.json").write_text(json.dumps(result.resumed_from))
+    try:
+        run("c", True)
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        Path(f"{out}/refused-c.txt").write_text(f"{type(exc).__name__}: {exc}")
+
+
+def launch_one(tmp: Path, phase: str) -> subprocess.CompletedProcess:
+    script = tmp / f"{phase}.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+                      "from test_engine_deepspeed import planted_child\n"
+                      f"planted_child({str(tmp)!r}, {phase!r})\n")
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_") and k not in launcher}
+    env |= {"OMP_NUM_THREADS": "1", "MASTER_PORT": str(29600 + (os.getpid() + len(phase)) % 900)}
+    return subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_planted_pickles_in_a_deepspeed_checkpoint_never_run(tmp_path):
+    probe = tmp_path / "probe.pt"
+    torch.save(Planted(str(tmp_path / "probe-ran")), probe)
+    torch.load(probe, weights_only=False)
+    assert (tmp_path / "probe-ran").is_file()  # the planted file does run code when unpickled
+    for phase in ("plant", "universal"):
+        proc = launch_one(tmp_path, phase)
+        assert not (tmp_path / "marker").exists(), f"{phase}: a planted pickle ran\n" + proc.stderr[-3000:]
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "zero/optimizer_state.pt" in " ".join(json.loads((tmp_path / "planted-b.json").read_text()))
+    assert json.loads((tmp_path / "resumed-b.json").read_text()) == 2  # pickles beside: resumed, never read
+    assert read_log(tmp_path / "b" / "loss_log.jsonl") == read_log(tmp_path / "a" / "loss_log.jsonl")[2:]
+    refused = (tmp_path / "refused-c.txt").read_text()  # pickles instead of DeepSpeed's files: refused
+    assert "is not a safetensors file written by mhe_scale's DeepSpeed checkpoint engine" in refused, refused
+    assert "refusing to unpickle it" in refused and "\n" not in refused
+    universal = (tmp_path / "refused-universal.txt").read_text()
+    assert "sets checkpoint.load_universal=true" in universal and "\n" not in universal, universal
+
+
+def test_settings_that_load_pickles_are_refused_naming_the_key(tmp_path):
+    train = TrainConfig(batch_size=8, output_dir="unused")
+    for extra, key in (({"checkpoint": {"load_universal": True}}, "checkpoint.load_universal=true"),
+                       ({"checkpoint": {"writer": {"type": "fast"}}}, "checkpoint.writer="),
+                       ({"checkpoint": {"writer": {}}}, "checkpoint.writer={}"),
+                       ({"datastates_ckpt": {}}, "datastates_ckpt={}"),
+                       ({"checkpoint": {"reader": 1}}, "checkpoint.reader")):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": 2}} | extra))
+        with pytest.raises(ValueError, match=re.escape(key)):
+            resolve_deepspeed_config(DistConfig(deepspeed_config=str(path)), train, "no")
+    safe = {"tag_validation": "Fail", "use_node_local_storage": True, "parallel_write": {"pipeline_stage": False},
+            "load_universal": False, "checkpoint_serialization": True}
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "checkpoint": safe}))
+    assert resolve_deepspeed_config(DistConfig(deepspeed_config=str(path)), train, "no")["checkpoint"] == safe
+
+    class UniversalEngine:  # built without build_accelerator: the hooks refuse it too
+        def load_universal_checkpoint(self) -> bool:
+            return True
+
+    from mhe_scale.engine.accelerator import deepspeed_state_hooks
+
+    with pytest.raises(RuntimeError, match="checkpoint.load_universal=true"):
+        deepspeed_state_hooks(UniversalEngine())
 
 
 # ---------------------------------------------------------------- config resolution (no processes)

@@ -171,6 +171,7 @@ def child_train_then_crash(out: str) -> None:
 def child_resume_and_evaluate(out: str) -> None:
     torch.set_num_threads(1)
     acc = build_accelerator(DistConfig(), TrainConfig(output_dir=out))
+    assert group_timeouts() == {"default": 600.0, "new": 600.0}  # dist.timeout_s, not gloo's silent 30 min
     sharded_run(acc, f"{out}/b", resume=True)
     # evaluation across ranks == one process on the whole set, same weights (101 rows, batch 8)
     torch.manual_seed(3)
@@ -241,6 +242,71 @@ def test_sharded_head_beside_ddp_equals_one_process_and_resumes_after_a_kill(tmp
     sharded_evals = [json.loads((tmp_path / f"sharded-eval-{r}.json").read_text()) for r in range(PROCS)]
     assert sharded_evals[0] == sharded_evals[1]  # one answer for the whole set, on every rank
     assert sharded_evals[0] == pytest.approx(evaluate(reference_model(), data(101, seed=5), [1, 3], 1000), abs=1e-6)
+
+
+# ---------------------------------------------------------------- a stopped rank: named, within dist.timeout_s
+TIMEOUT_S = 4.0
+
+
+def group_timeouts() -> dict[str, float]:
+    """Timeouts (s) of the default gloo group and of a group created afterwards (as DeepSpeed's are)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    groups = {"default": distributed_c10d._get_default_group(), "new": dist.new_group(list(range(PROCS)))}
+    return {k: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for k, g in groups.items()}
+
+
+def child_stopped_peer(out: str) -> None:
+    """mhe_scale.train.main with a task that all-reduces twice; rank 1 SIGSTOPs itself in between."""
+    import signal
+    import time
+
+    import torch.distributed as dist
+
+    import mhe_scale.tasks.synthetic as synthetic
+    from mhe_scale.train import main
+
+    def task(cfg, accelerator) -> None:
+        rank = accelerator.process_index
+        Path(f"{out}/timeouts-{rank}.json").write_text(json.dumps(group_timeouts()))
+        x = torch.ones(3)
+        dist.all_reduce(x)
+        if rank == 1:
+            Path(f"{out}/stopped").write_text(str(time.time()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        dist.all_reduce(x)
+
+    synthetic.run_synthetic = task
+    code = main(["configs/demo/mhp_synthetic.yaml", f"train.output_dir={out}", f"dist.timeout_s={TIMEOUT_S}"])
+    Path(f"{out}/exited-{dist.get_rank() if dist.is_initialized() else 0}").write_text(str(time.time()))
+    sys.exit(code)
+
+
+def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
+    import time
+
+    script = tmp_path / "child.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+                      f"from test_engine_distributed import child_stopped_peer; child_stopped_peer({str(tmp_path)!r})\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env |= {"OMP_NUM_THREADS": "1", "WORLD_SIZE": str(PROCS), "LOCAL_WORLD_SIZE": str(PROCS),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port(9)}
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(PROCS)]
+    try:
+        _, err = procs[0].communicate(timeout=240)
+        ended = time.time()
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    stopped = float((tmp_path / "stopped").read_text())
+    assert procs[0].returncode == 3, err[-3000:]
+    line = next(x for x in err.splitlines() if x.startswith("error: "))
+    assert line.startswith(f"error: rank 1 did not answer within {TIMEOUT_S:g} s (dist.timeout_s)"), line
+    assert "check that process / node" in line
+    assert ended - stopped < TIMEOUT_S + 10.0 + 10.0  # timeout + waiting for the others' reports + exit
+    assert json.loads((tmp_path / "timeouts-0.json").read_text()) == {"default": TIMEOUT_S, "new": TIMEOUT_S}
 
 
 # ---------------------------------------------------------------- bf16: fp32 logits in the head

@@ -150,6 +150,56 @@ def checkpoint_step(group, directory: str, save: bool) -> dict:
             "step": opt.state[head.weight]["step"].clone()}
 
 
+# ---------------------------------------------------------------- global-norm clipping of a sharded MHC head
+MHC_CLIP = dict(multilabel=True, sizes=(5, 5), top_k_groups=2, hidden=4)
+CLIP_STEPS, CLIP_NORM, CLIP_LR = 3, 0.05, 0.5
+
+
+class GroupAccelerator:
+    """What ShardedHeadTraining.clip_ uses of an Accelerator, over `group` (None: one process)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, group) -> None:
+        self.group, self.num_processes = group, get_world_size(group)
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "sum"
+        return all_reduce_sum(tensor, self.group)
+
+
+def clip_batch(world: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global features [B, D] (float64) and multi-label targets [B, 3] (-1 = padding) of one step."""
+    g = torch.Generator().manual_seed(100 + step)
+    total = sum(BATCH_SIZES[world])
+    targets = torch.randint(0, 23, (total, 3), generator=g)
+    targets[torch.rand(total, 3, generator=g) < 0.3] = -1
+    return torch.randn(total, D, generator=g, dtype=torch.float64), targets
+
+
+def mhc_clip_run(group, seed: int) -> dict:
+    """CLIP_STEPS SGD steps of a sharded MHC head clipped by ShardedHeadTraining.clip_ (norm small enough to
+    bind): this rank's state and the pre-clip norms."""
+    from mhe_scale.engine.prepared import ShardedHeadTraining
+
+    torch.manual_seed(seed)
+    ref = MultiHeadCascadeHead(D, 23, **MHC_CLIP).double()
+    head = ShardedMultiHeadCascadeHead(D, 23, group=group, **MHC_CLIP).double()
+    head.load_single_process_state_(ref.state_dict())
+    optimizer = torch.optim.SGD(head.parameters(), lr=CLIP_LR)
+    training = ShardedHeadTraining(head, optimizer, scheduler=None)
+    world, rows = get_world_size(group), row_slices(BATCH_SIZES[get_world_size(group)])[get_rank(group)]
+    norms = []
+    for step in range(CLIP_STEPS):
+        features, targets = clip_batch(world, step)
+        head(features[rows], targets[rows]).loss.backward()
+        norms.append(training.clip_(GroupAccelerator(group), [], CLIP_NORM).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"state": {k: v.clone() for k, v in head.state_dict().items()}, "norms": norms,
+            "names": head.single_process_names(), "sharded": head.sharded_parameters}
+
+
 def sharded_runs(world_group, seed: int, directory: str) -> dict:
     """On each of the 4 ranks: `sharded_run` (+ the checkpoint step) for every world it is in."""
     out = {}
@@ -159,6 +209,7 @@ def sharded_runs(world_group, seed: int, directory: str) -> dict:
             out[world] = sharded_run(group, seed)
             if world in (3, 2):
                 out[world]["checkpoint"] = checkpoint_step(group, directory, save=world == 3)
+            out[world]["clip"] = mhc_clip_run(group, seed)
         all_reduce_sum(torch.zeros(1), world_group)  # W=3 has saved before W=2 loads
     return out
 
@@ -279,3 +330,30 @@ def test_checkpoint_saved_by_three_ranks_loads_on_two(launched):
         assert torch.equal(torch.cat([s[key] for s in saved]), torch.cat([s[key] for s in loaded])), key
     assert all(torch.equal(s["step"], torch.tensor(1.0)) for s in saved + loaded)
     assert [s["weight"].shape[0] for s in saved] == [4, 4, 3] and [s["weight"].shape[0] for s in loaded] == [6, 5]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sharded_mhc_clipping_equals_one_process(world, launched):
+    """Global-norm clipping counts the replicated group layer and projections once, not once per rank:
+    the same pre-clip norms and weights as the single-process head clipped by torch on the whole batch."""
+    torch.manual_seed(SEED)
+    head = MultiHeadCascadeHead(D, 23, **MHC_CLIP).double()
+    optimizer = torch.optim.SGD(head.parameters(), lr=CLIP_LR)
+    norms = []
+    for step in range(CLIP_STEPS):
+        features, targets = clip_batch(world, step)
+        head(features, targets).loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(head.parameters(), CLIP_NORM).item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert min(norms) > 2 * CLIP_NORM  # clipping binds at every step
+    full = head.state_dict()
+    runs = [r["clip"] for r in launched[world]]
+    for run in runs:
+        assert run["norms"] == pytest.approx(norms, rel=1e-6)  # clip_ sums squares in fp32
+    for name, single in runs[0]["names"].items():
+        parts = [run["state"][name] for run in runs]
+        got = torch.cat(parts) if name in runs[0]["sharded"] else parts[0]
+        torch.testing.assert_close(got, full[single], rtol=1e-6, atol=1e-9, msg=name)
+        if name not in runs[0]["sharded"]:
+            assert all(torch.equal(p, parts[0]) for p in parts), name  # replicated: equal on every rank

@@ -12,6 +12,9 @@ The launcher decides how many processes run (`accelerate launch`, `torchrun`, `d
     always written (DeepSpeed's default is 1.0, accelerate's "auto" fill is 1.0 too).
   * DeepSpeed's shared-memory all-reduce op is JIT-compiled on first use: TORCH_EXTENSIONS_DIR
     defaults to ~/.cache/mhe_scale/torch_extensions/<key> so that happens once per machine.
+  * Every process group waits dist.timeout_s in a collective (apply_process_group_timeout: accelerate
+    would silently drop 600 s for gloo, DeepSpeed's own groups would keep torch's 30 min);
+    `explain_timeout` turns the timeout into an error naming the rank that did not answer.
 DeepSpeed checkpoints keep DeepSpeed's layout but are written and read without pickle
 (deepspeed_files.py; docs/engine.md, "DeepSpeed").
 """
@@ -23,8 +26,11 @@ import copy
 import hashlib
 import json
 import os
+import re
 import socket
+import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +116,7 @@ def resolve_deepspeed_config(dist: DistConfig, train: TrainConfig, mixed_precisi
         if dist.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"dist.zero_stage={dist.zero_stage} must be 0, 1, 2 or 3")
         _set(cfg, "zero_optimization.stage", dist.zero_stage)
+    check_no_pickle_settings(cfg, source)
     for section in ("optimizer", "scheduler"):
         if section in cfg:
             raise ValueError(f"{source} has an {section!r} section; the engine builds torch optimizers (optim.*) and "
@@ -135,6 +142,37 @@ def resolve_deepspeed_config(dist: DistConfig, train: TrainConfig, mixed_precisi
     if _get(cfg, "zero_optimization.stage") == 3:
         cfg["zero_optimization"].setdefault("stage3_gather_16bit_weights_on_model_save", True)
     return cfg
+
+
+CHECKPOINT_KEYS_SAFE = ("tag_validation", "use_node_local_storage", "parallel_write", "checkpoint_serialization")
+"""Keys of the DeepSpeed JSON's "checkpoint" section that make DeepSpeed 0.19 read no extra file: tag checks,
+which ranks write, how the (replaced) torch checkpoint engine would zip its files."""
+_PICKLE_SETTINGS = {
+    "checkpoint.load_universal": "DeepSpeed would read the universal checkpoint files (zero/optimizer_state.pt, "
+                                 "zero/<parameter>/*.pt) with torch.load(weights_only=False): a planted file runs "
+                                 "code; remove it (a mhe_scale checkpoint resumes on the world size it was written "
+                                 "with)",
+    "checkpoint.writer": "it selects DeepSpeed's Fast/Decoupled checkpoint engine, which writes and reads pickles "
+                         "and would replace the engine's pickle-free one; remove it",
+    "datastates_ckpt": "it selects the DataStates checkpoint engine (pickles); remove it",
+}
+
+
+def check_no_pickle_settings(cfg: dict[str, Any], source: str) -> None:
+    """Raise ValueError naming the key if the DeepSpeed config would make DeepSpeed unpickle files on
+    resume or replace the engine's pickle-free checkpoint engine (deepspeed_files.py): the "checkpoint"
+    section may only hold CHECKPOINT_KEYS_SAFE (and load_universal: false); no "datastates_ckpt"."""
+    section = cfg.get("checkpoint", {})
+    if not isinstance(section, dict):
+        raise ValueError(f"{source}: \"checkpoint\" must be an object, got {section!r}")
+    for key, why in _PICKLE_SETTINGS.items():
+        value = _get(cfg, key)
+        if value is not None and value is not False:
+            raise ValueError(f"{source} sets {key}={json.dumps(value)}: {why}")
+    unknown = sorted(set(section) - set(CHECKPOINT_KEYS_SAFE) - {"load_universal", "writer"})
+    if unknown:
+        raise ValueError(f"{source} sets checkpoint.{unknown[0]}, which the engine does not know to be free of "
+                         f"pickle loading; remove it (allowed: {', '.join(CHECKPOINT_KEYS_SAFE)})")
 
 
 def _free_port() -> int:
@@ -183,7 +221,7 @@ def build_accelerator(dist: DistConfig, train: TrainConfig, project_dir: str | P
         config = resolve_deepspeed_config(dist, train, precision, world)
         plugin = DeepSpeedPlugin(hf_ds_config=config, gradient_accumulation_steps=train.grad_accum_steps,
                                  gradient_clipping=config["gradient_clipping"], zero3_init_flag=False)
-        handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+        handlers = [InitProcessGroupKwargs(backend=None if cuda else "gloo", timeout=group_timeout(dist))]
         accelerator = Accelerator(cpu=False, deepspeed_plugin=plugin, kwargs_handlers=handlers, **common)
         if accelerator.distributed_type != DistributedType.DEEPSPEED:
             raise RuntimeError(f"DeepSpeed was asked for but accelerate set up {accelerator.distributed_type}; "
@@ -192,10 +230,108 @@ def build_accelerator(dist: DistConfig, train: TrainConfig, project_dir: str | P
             raise RuntimeError(f"the launcher started WORLD_SIZE={world} processes but accelerate sees "
                                f"{accelerator.num_processes}: the process group was not joined (gloo on CPU?)")
     else:
-        accelerator = Accelerator(cpu=not cuda, **common)
+        # backend None: accelerate's choice (gloo on CPU); "gloo" would break a run without a launcher
+        handlers = [InitProcessGroupKwargs(backend=None, timeout=group_timeout(dist))]
+        accelerator = Accelerator(cpu=not cuda, kwargs_handlers=handlers, **common)
+    apply_process_group_timeout(dist.timeout_s)
     if dist.log_with is not None:
         accelerator.init_trackers(TRACKER_RUN)
     return accelerator
+
+
+# ---------------------------------------------------------------- collective timeouts
+TIMEOUT_WAIT_S = 10.0
+"""After a timeout, how long a rank waits for the others to report the same timeout (see explain_timeout)."""
+_ANSWERED = "mhe_scale/timeout/answered/{}"
+_TIMEOUT_TEXT = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+class PeerTimeoutError(RuntimeError):
+    """A collective waited dist.timeout_s for another rank; the message names the rank(s) that did not answer."""
+
+
+def group_timeout(dist: DistConfig) -> timedelta:
+    """dist.timeout_s as the timedelta that torch.distributed takes; ValueError naming the key if not > 0."""
+    if not dist.timeout_s > 0:
+        raise ValueError(f"dist.timeout_s={dist.timeout_s} must be > 0 (seconds a collective waits for the others)")
+    return timedelta(seconds=float(dist.timeout_s))
+
+
+def apply_process_group_timeout(timeout_s: float) -> None:
+    """Make `timeout_s` the timeout of the default process group and of groups created later.
+
+    Passing it to InitProcessGroupKwargs is not enough: accelerate drops a value equal to that class's
+    default (600 s), and gloo then gets torch's 30 min (measured); DeepSpeed creates its own groups
+    (ZeRO clones the world group) with torch's default timeout. So the default group is set directly
+    and torch's default for new groups is replaced."""
+    import torch.distributed as tdist
+    from torch.distributed import distributed_c10d
+
+    delta = timedelta(seconds=float(timeout_s))
+    distributed_c10d.default_pg_timeout = delta  # read by new_group(timeout=None)
+    distributed_c10d.default_pg_nccl_timeout = delta
+    if tdist.is_available() and tdist.is_initialized():
+        distributed_c10d._set_pg_timeout(delta)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def explain_timeout(exc: BaseException, timeout_s: float, wait_s: float | None = None) -> PeerTimeoutError | None:
+    """A PeerTimeoutError naming the rank(s) that did not answer if `exc` is a collective's timeout
+    (gloo: RuntimeError "Timed out waiting ...ms"), else None.
+
+    Finds them through the rendezvous store: this rank records that it timed out, then waits up to
+    wait_s (default min(timeout_s, TIMEOUT_WAIT_S)) for every other rank to record the same; the
+    ones that never do are the stopped / hung / cut-off ones."""
+    import torch.distributed as tdist
+
+    if not isinstance(exc, RuntimeError) or isinstance(exc, PeerTimeoutError) or not _TIMEOUT_TEXT.search(str(exc)):
+        return None
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() < 2:
+        return None
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    wait_s = min(timeout_s, TIMEOUT_WAIT_S) if wait_s is None else wait_s
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    advice = (f"within {timeout_s:g} s (dist.timeout_s); check that process / node: stopped, hung, out of memory, "
+              "or cut off from the network? (If one rank legitimately works alone that long, e.g. a long save "
+              f"or evaluation, raise dist.timeout_s.) Rank {rank} timed out in a collective: {first}")
+    try:
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=max(wait_s, 1.0)))
+        store.set(_ANSWERED.format(rank), "1")
+        waiting = [r for r in range(world) if r != rank]
+        deadline = time.monotonic() + wait_s
+        while waiting:
+            waiting = [r for r in waiting if not store.check([_ANSWERED.format(r)])]
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    except Exception as store_exc:  # the store lives with rank 0 / the launcher: unreachable too
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        return PeerTimeoutError(f"another rank did not answer {advice}. The rendezvous store at {where} is "
+                                f"unreachable as well ({type(store_exc).__name__}): is rank 0's node or the network "
+                                "down?")
+    if not waiting:
+        return PeerTimeoutError(f"every rank reported a timeout, so some rank was busy elsewhere for longer than "
+                                f"{timeout_s:g} s (dist.timeout_s): raise it, or look for a rank stuck outside "
+                                f"collectives. Rank {rank}: {first}")
+    return PeerTimeoutError(f"{_ranks(waiting)} did not answer {advice}")
+
+
+@contextlib.contextmanager
+def named_timeouts(timeout_s: float) -> Iterator[None]:
+    """Re-raise a collective's timeout inside the block as a PeerTimeoutError naming the silent rank(s)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        explained = explain_timeout(exc, timeout_s)
+        if explained is None:
+            raise
+        raise explained from exc
 
 
 # ---------------------------------------------------------------- after prepare
@@ -283,6 +419,9 @@ def deepspeed_state_hooks(engine: Any) -> tuple[Callable[[Path], None], Callable
 
     from mhe_scale.engine.deepspeed_files import SafetensorsCheckpointEngine
 
+    if engine.load_universal_checkpoint():
+        raise RuntimeError("DeepSpeed is set up with checkpoint.load_universal=true, which unpickles the universal "
+                           "checkpoint files on resume; build the accelerator with build_accelerator(cfg.dist, ...)")
     if not isinstance(engine.checkpoint_engine, (TorchCheckpointEngine, SafetensorsCheckpointEngine)):
         raise RuntimeError(f"DeepSpeed is set up with {type(engine.checkpoint_engine).__name__}; the engine replaces "
                            "only the default torch checkpoint engine: remove checkpoint engine options from the config")

@@ -11,6 +11,8 @@ what JSON lacks:
     {"__size__": [...]} (torch.Size)  {"__dtype__": "torch.float32"}
     {"__enum__": name, "value": v} / {"__object__": name, "fields": {...}} for the classes in ALLOWED
 Loading reads safetensors and JSON only; a name outside ALLOWED is an error, so no code runs.
+The settings that would make DeepSpeed read files by other means (the JSON's checkpoint.load_universal,
+checkpoint.writer, datastates_ckpt) are refused by accelerator.check_no_pickle_settings.
 """
 
 from __future__ import annotations
@@ -109,12 +111,17 @@ def save_object(obj: Any, path: str) -> None:
 
 def load_object(path: str) -> Any:
     """Read a file written by `save_object` (tensors on CPU); never unpickles."""
-    with safe_open(path, framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} was not written by mhe_scale's DeepSpeed checkpoint engine (format "
-                             f"{meta.get('format')!r}); refusing to unpickle it")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if meta.get("format") == FORMAT else {}
+    except Exception as exc:  # a pickle (DeepSpeed's own format) or a damaged file: no safetensors header
+        raise ValueError(f"{path} is not a safetensors file written by mhe_scale's DeepSpeed checkpoint engine "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); refusing to "
+                         "unpickle it") from exc
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} was not written by mhe_scale's DeepSpeed checkpoint engine (format "
+                         f"{meta.get('format')!r}); refusing to unpickle it")
     return decode(json.loads(meta["json"]), tensors)
 
 

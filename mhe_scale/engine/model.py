@@ -66,7 +66,24 @@ def _parameter_groups(cfg: OptimConfig, model: Classifier) -> tuple[dict, dict]:
             {"params": list(model.head.parameters()), "lr": head_lr, "name": "head"})
 
 
+def split_no_decay(groups: list[dict]) -> list[dict]:
+    """Each group split in two: matrices (ndim >= 2) keep the optimizer's weight decay; biases and
+    normalisation weights (ndim <= 1) get weight_decay 0 in a group named "<name>.no_decay" (same lr).
+    Empty groups are dropped."""
+    out = []
+    for group in groups:
+        decay = [p for p in group["params"] if p.ndim >= 2]
+        flat = [p for p in group["params"] if p.ndim <= 1]
+        if decay:
+            out.append(group | {"params": decay})
+        if flat:
+            out.append(group | {"params": flat, "weight_decay": 0.0, "name": f"{group.get('name', 'group')}.no_decay"})
+    return out
+
+
 def _make_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if cfg.no_decay_bias_norm:
+        groups = split_no_decay(groups)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
@@ -75,7 +92,8 @@ def _make_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimiz
 
 
 def build_optimizer(cfg: OptimConfig, model: Classifier) -> torch.optim.Optimizer:
-    """Two parameter groups, encoder and head (the head may have its own lr)."""
+    """Two parameter groups, encoder and head (the head may have its own lr); with
+    optim.no_decay_bias_norm each is split into decayed matrices and undecayed biases / norm weights."""
     return _make_optimizer(cfg, list(_parameter_groups(cfg, model)))
 
 

@@ -7,7 +7,7 @@ returned by `module.class_sharded_head()` and is not a registered sub-module: it
 partitioning of what is already sharded); it all-gathers the features itself, with the xW backward
 that undoes the backbone's gradient averaging. `ShardedHeadTraining` holds its optimizer and lr
 schedule, steps them only when `accelerator.sync_gradients`, clips with the global norm over the
-module and every shard, and saves / loads each rank's shard (+ optimizer state) through an
+module and every shard (replicated head parameters counted once), and saves / loads each rank's shard (+ optimizer state) through an
 ExtraState (mhe_scale.parallel.checkpoint: per-rank files that reshard on load), plus the state of
 a sampling head's own generator so that a resumed run draws the same groups / negatives as an
 uninterrupted one.
@@ -29,6 +29,17 @@ def is_class_sharded(head: nn.Module) -> bool:
     from mhe_scale.parallel.sharded_heads import ShardedMixin
 
     return isinstance(head, ShardedMixin)
+
+
+def sharded_parameters(head: nn.Module) -> list[nn.Parameter]:
+    """The parameters of a class-sharded head that differ per rank (its `sharded_parameters` names);
+    the others (e.g. MHC's group layer and projections) are replicated: equal on every rank, with
+    equal gradients, so a global norm counts them once, not once per rank."""
+    named = dict(head.named_parameters())
+    missing = [n for n in head.sharded_parameters if n not in named]  # type: ignore[attr-defined]
+    if missing:
+        raise ValueError(f"{type(head).__name__}.sharded_parameters names {missing}, which are not its parameters")
+    return [named[n] for n in head.sharded_parameters]  # type: ignore[attr-defined]
 
 
 class Schedulers:
@@ -54,6 +65,7 @@ class ShardedHeadTraining:
     def __init__(self, head: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         self.head, self.optimizer, self.scheduler = head, optimizer, scheduler
         self.params = [p for p in head.parameters() if p.requires_grad]
+        self.sharded_ids = {id(p) for p in sharded_parameters(head)}
         self.dtype = next((p.dtype for p in self.params if p.is_floating_point()), torch.float32)
 
     def step(self) -> None:
@@ -66,21 +78,22 @@ class ShardedHeadTraining:
     def clip_(self, accelerator, encoder_params: list[nn.Parameter], max_norm: float) -> Tensor:
         """Clip encoder and head gradients together by their global L2 norm, returned (pre-clip).
 
-        Encoder gradients are identical on every rank after DDP; the head's squared norm is summed
-        over ranks (one all-reduce of one number), so the norm equals the single-process one."""
+        Encoder gradients are identical on every rank after DDP, and so are those of the head's
+        replicated parameters (e.g. MHC's group layer and projections); only the squared norm of the
+        sharded ones is summed over ranks (one all-reduce of one number), so the norm equals the
+        single-process one."""
         params = [p for p in encoder_params + self.params if p.grad is not None]
-        owned = {id(p) for p in self.params}
 
         def squared_norm(grads: list[Tensor]) -> Tensor:
             if not grads:
                 return torch.zeros((), device=accelerator.device)
             return torch.nn.utils.get_total_norm(grads).float().square().to(accelerator.device)
 
-        encoder_sq = squared_norm([p.grad for p in params if id(p) not in owned])
-        head_sq = squared_norm([p.grad for p in params if id(p) in owned])
+        same_sq = squared_norm([p.grad for p in params if id(p) not in self.sharded_ids])
+        sharded_sq = squared_norm([p.grad for p in params if id(p) in self.sharded_ids])
         if accelerator.num_processes > 1:
-            head_sq = accelerator.reduce(head_sq.reshape(1), "sum")[0]
-        total = (encoder_sq + head_sq).sqrt()
+            sharded_sq = accelerator.reduce(sharded_sq.reshape(1), "sum")[0]
+        total = (same_sq + sharded_sq).sqrt()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 

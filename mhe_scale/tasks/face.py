@@ -10,8 +10,9 @@ data.name selects the images:
   The head is built for data.num_classes identities, which must cover the file's labels.
 - face_synthetic: random images (SyntheticFaceDataset, data.num_train of them, data.num_classes
   identities) for throughput runs.
-Mixed precision comes from the launcher (`accelerate launch --mixed_precision fp16|bf16`); heads
-compute their logits in fp32 either way. Output as the other tasks: {output_dir}/config.yaml,
+Mixed precision comes from the launcher (`accelerate launch --mixed_precision bf16`; fp16 is refused
+with dist.shard_head, which the face configs set); heads compute their logits in fp32 either way.
+Output as the other tasks: {output_dir}/config.yaml,
 results.json, results.md, and per head its checkpoints, loss_log.jsonl and (with train.eval_every)
 eval_log.jsonl of the verification accuracies. Verification embeds with the backbone module
 itself, so it is not supported under ZeRO-3 (partitioned weights).
