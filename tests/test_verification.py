@@ -189,6 +189,27 @@ def test_numpy_issame_and_resize(tmp_path):
     assert pairs.decode(size=112).shape == (2, 3, 112, 112)
 
 
+@pytest.mark.parametrize("protocol", range(6))
+@pytest.mark.parametrize("numpy_issame", [False, True])
+def test_python3_pickles_of_every_protocol(tmp_path, protocol, numpy_issame):
+    """Protocols 0-2 store bytes as _codecs.encode(text, 'latin1'); protocol 5 rebuilds numpy arrays
+    with numpy._core.numeric._frombuffer: both are pure and allowed."""
+    blobs = encode_images(smooth_images(4, 16, 4))
+    issame = np.array([True, False]) if numpy_issame else [True, False]
+    path = tmp_path / f"p{protocol}.bin"
+    path.write_bytes(pickle.dumps((blobs, issame), protocol=protocol))
+    pairs = read_face_bin(path)
+    assert pairs.images == blobs and pairs.issame.tolist() == [True, False]
+
+
+def test_codecs_encode_only_as_latin1(tmp_path):
+    """The stand-in for _codecs.encode answers (str, 'latin1') and nothing else."""
+    path = tmp_path / "codec.bin"
+    path.write_bytes(b"c_codecs\nencode\n(Vabc\nVrot13\ntR.")  # _codecs.encode("abc", "rot13")
+    with pytest.raises(FaceBinError, match="only allowed as \\(str, 'latin1'\\)"):
+        read_face_bin(path)
+
+
 def test_python2_pickle_layout(tmp_path):
     """Python 2 wrote image bytes as str (BINSTRING): the default decoding fails, 'bytes' works."""
     blobs = encode_images(smooth_images(2, 16, 3))
