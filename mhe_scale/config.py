@@ -119,6 +119,9 @@ class ModelConfig:
     """hf: freeze the embeddings and the lowest n transformer layers (0 = fine-tune everything)."""
     grad_checkpointing: bool = False
     """hf: recompute layer activations in backward (less memory, slower steps)."""
+    sync_batchnorm: bool = False
+    """face: with several processes, BatchNorm statistics over all of them (torch.nn.SyncBatchNorm, GPU
+    only); false: each process normalises with its own micro-batch (differs from one process)."""
 
 
 @dataclass(kw_only=True)
@@ -305,6 +308,18 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: bad config key '{key}': {msg}")
 
 
+_PATH_LIST_KEYS = (("eval", "verification"),)
+
+
+def _one_path_as_list(raw: DictConfig) -> DictConfig:
+    """A single path given where a list of paths is expected (`eval.verification=/x.bin`) -> [path]."""
+    for section, key in _PATH_LIST_KEYS:
+        node = raw.get(section) if isinstance(raw, DictConfig) else None
+        if isinstance(node, DictConfig) and isinstance(node.get(key), str):
+            node[key] = [node[key]] if node[key] else []
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 schema: type = ExperimentConfig) -> Any:
     """YAML file (optional) + dotted overrides -> a validated, read-only config object.
@@ -314,14 +329,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = OmegaConf.structured(schema)
     if path is not None:
         try:
-            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
+            cfg = OmegaConf.merge(cfg, _one_path_as_list(_read_yaml(Path(path))))
         except OmegaConfBaseException as exc:
             raise _explain(exc, str(path)) from exc
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=0.1")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = OmegaConf.merge(cfg, _one_path_as_list(OmegaConf.from_dotlist([item])))
         except OmegaConfBaseException as exc:
             raise _explain(exc, f"override {item!r}") from exc
     try:

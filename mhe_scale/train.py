@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"error: data.name={cfg.data.name!r} has no task yet; known: synthetic, xc, xmc_text, face_recordio, face_synthetic", file=sys.stderr)
             return 2
+    except ConfigError as exc:  # a task found a config value it cannot use (e.g. a placeholder data path)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         accelerator.end_training()
     return 0
