@@ -328,8 +328,10 @@ if rank == 0:
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     nn.functional.cross_entropy(ref(x), y).backward()
     ref_opt.step()
-    err = max(float((a.cpu() - b).abs().max()) for a, b in zip(model.module.parameters(), ref.parameters()))
+    err = max(float((a.detach().cpu() - b.detach()).abs().max()) for a, b in zip(model.module.parameters(),
+                                                                             ref.parameters()))
     open(out, "w").write(str(err))
+dist.barrier()  # no process tears gloo down while the other still works
 dist.destroy_process_group()
 '''
 
@@ -344,10 +346,15 @@ def test_two_processes_batchnorm_vs_one_process(tmp_path, sync):
 
     if sync and torch.cuda.device_count() < 2:
         pytest.skip("SyncBatchNorm runs on GPU tensors only; needs 2 CUDA devices")
+    import socket
+
     script, out = tmp_path / "child.py", tmp_path / "err.txt"
     script.write_text(BN_CHILD)
+    with socket.socket() as s:  # a free port: other test runs may share the machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29600 + os.getpid() % 1000), str(script), str(int(sync)), str(out)],
+                           "--master_port", str(port), str(script), str(int(sync)), str(out)],
                           cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
