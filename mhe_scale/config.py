@@ -278,6 +278,18 @@ def _apply_override(raw: DictConfig, item: str) -> DictConfig:
     return OmegaConf.merge(raw, parsed)  # type: ignore[return-value]
 
 
+_PATH_LIST_KEYS = (("eval", "verification"),)
+
+
+def _one_path_as_list(raw: DictConfig) -> DictConfig:
+    """A single path given where a list of paths is expected (`eval.verification=/x.bin`) -> [path]."""
+    for section, key in _PATH_LIST_KEYS:
+        node = raw.get(section) if isinstance(raw, DictConfig) else None
+        if isinstance(node, DictConfig) and isinstance(node.get(key), str):
+            node[key] = [node[key]] if node[key] else []
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 schema: type | None = None) -> Any:
     """YAML file (optional) + dotted overrides -> a validated, read-only config object.
@@ -289,6 +301,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: DictConfig = _read_yaml(Path(path)) if path is not None else OmegaConf.create({})
     for item in overrides or []:
         raw = _apply_override(raw, item)
+    raw = _one_path_as_list(raw)
     source = f"{path}" + (" + overrides" if overrides else "") if path is not None else "overrides"
     if schema is None:
         from mhe_scale.tasks.registry import resolve_task

@@ -228,9 +228,9 @@ def plant(step_dir: Path, marker: str, replace_real: bool) -> list[str]:
                engine / "layer_0_expert_0_mp_rank_00_model_states.pt",
                engine / "zero_pp_rank_0_mp_rank_00_model_states.pt",
                engine / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", step_dir / "deepspeed" / "latest.pt"]
-    model = tiny_model()  # the engine's module is EncoderThenHead: encoder.*, head_loss.head.*
+    model = tiny_model()  # the engine prepares the Classifier itself: encoder.*, head.*
     names = [f"encoder.{n}" for n, _ in model.encoder.named_parameters()]
-    names += [f"head_loss.head.{n}" for n, _ in model.head.named_parameters()]
+    names += [f"head.{n}" for n, _ in model.head.named_parameters()]
     targets += [engine / "zero" / name / f"{kind}.pt" for name in names for kind in ("fp32", "exp_avg", "exp_avg_sq",
                                                                                      "step")]
     if replace_real:

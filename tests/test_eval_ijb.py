@@ -115,7 +115,10 @@ def naive_templates(feats, templates, medias, scores=None, keep_norm=False) -> d
 
 
 def naive_tar(scores, labels, far_target, rule) -> float:
-    """Threshold loop: every distinct score (and +inf) as a threshold, accept score >= t."""
+    """Threshold loop: every distinct score (and +inf) as a threshold, accept score >= t.
+
+    at_most: the best TAR with FAR <= target; nearest (the published IJB rule): among the
+    thresholds whose FAR is closest to the target, the best TAR."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
     best, best_gap = 0.0, math.inf
     for t in [math.inf] + sorted(set(scores.tolist()), reverse=True):
@@ -125,6 +128,8 @@ def naive_tar(scores, labels, far_target, rule) -> float:
             best = max(best, tar)
         if rule == "nearest" and abs(far - far_target) < best_gap:
             best, best_gap = tar, abs(far - far_target)
+        elif rule == "nearest" and abs(far - far_target) == best_gap:
+            best = max(best, tar)
     return best
 
 
@@ -311,8 +316,21 @@ def test_roc_matches_sklearn(rule) -> None:
     np.testing.assert_allclose(far.numpy(), fpr)
     np.testing.assert_allclose(tar.numpy(), tpr)
     fpr, tpr, _ = metrics.roc_curve(labels.numpy(), scores.numpy())  # default: intermediate points dropped
-    want = [tpr[fpr <= f].max() if rule == "at_most" else tpr[np.argmin(np.abs(fpr - f))] for f in FARS]
+    # the published read-outs: at_most = best TPR with FPR <= target; nearest = insightface's IJB
+    # script (flip the ROC, then the first point of minimal |FPR - target|: the largest TPR at that FPR)
+    flipped_fpr, flipped_tpr = np.flipud(fpr), np.flipud(tpr)
+    want = [tpr[fpr <= f].max() if rule == "at_most" else flipped_tpr[np.argmin(np.abs(flipped_fpr - f))]
+            for f in FARS]
     np.testing.assert_allclose(tar_at_far(far, tar, FARS, rule).numpy(), want)
+
+
+def test_nearest_rule_takes_the_highest_tar_at_the_nearest_far() -> None:
+    """Known answer: 10 negatives, 4 positives above them all -> at FAR 0 the ROC holds TAR 0, .25, .5,
+    .75, 1; the published rule reads TAR 1 at FAR 1e-4 (the lowest-TAR tie-break read 0)."""
+    scores = torch.tensor([5.0, 4.0, 3.0, 2.0] + [0.1 * i for i in range(10)], dtype=torch.float64)
+    labels = torch.arange(14) < 4
+    far, tar, _ = roc(scores, labels)
+    assert tar_at_far(far, tar, (1e-4, 0.1, 0.14), "nearest").tolist() == [1.0, 1.0, 1.0]
 
 
 def test_identification_matches_loop() -> None:
@@ -343,23 +361,29 @@ def run_tool(*args: str, subprocess_run: bool = False) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@pytest.mark.parametrize("face_score", [False, True])
-def test_cli_with_precomputed_features(mini, tmp_path, face_score) -> None:
+@pytest.mark.parametrize("published", [True, False])
+def test_cli_with_precomputed_features(mini, tmp_path, published) -> None:
+    """Default = the published protocol (face norms kept, detector-score weights, nearest-FAR read-out);
+    the other behaviour is --no-face-score --no-keep-norm --far-rule at_most."""
     root, info = mini
     out = tmp_path / "out"
+    other = ["--no-face-score", "--no-keep-norm", "--far-rule", "at_most"]
     code, stderr = run_tool("--root", str(root), "--features", str(root / "feats.npy"), "--out", str(out),
-                            *(["--face-score"] if face_score else []), subprocess_run=not face_score)
+                            *([] if published else other), subprocess_run=published)
     assert code == 0, stderr
     res = json.loads((out / "results.json").read_text())
+    assert res["protocol"] == {"face_score": published, "keep_norm": published, "flip": True,
+                               "far_rule": "nearest" if published else "at_most"}
     assert (out / "roc.png").stat().st_size > 1000 and (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
     faces = info["faces"]
     tmpl = naive_templates(np.load(root / "feats.npy"), [f[1] for f in faces], [f[2] for f in faces],
-                           info["scores"].round(4) if face_score else None)
+                           info["scores"].round(4) if published else None, keep_norm=published)
     pair_scores = np.array([tmpl[a] @ tmpl[b] for a, b, _ in info["pairs"]])
     np.testing.assert_allclose(np.load(out / "scores.npy"), pair_scores, atol=1e-5)
     labels = np.array([p[2] for p in info["pairs"]], bool)
+    rule = "nearest" if published else "at_most"
     for f in FARS:  # the tool's scores, so float32 rounding cannot flip a tie
-        assert res["verification"][f"TAR@FAR={f:g}"] == naive_tar(np.load(out / "scores.npy"), labels, f, "at_most")
+        assert res["verification"][f"TAR@FAR={f:g}"] == naive_tar(np.load(out / "scores.npy"), labels, f, rule)
     probe = info["groups"]["probe_mixed"]
     for gallery in ("G1", "G2"):
         gal = sorted(info["groups"][gallery])

@@ -15,14 +15,21 @@ from PIL import Image
 from torch import nn
 
 from mhe_scale.data.face_bin import FaceBinError, encode_images, read_face_bin, write_face_bin
-from mhe_scale.eval.verification import (ACC_THRESHOLDS, counts_below, embed_images, evaluate_bin, fold_ids,
-                                         pair_distances, verification_metrics)
+from mhe_scale.eval.verification import (ACC_THRESHOLDS, FAR_THRESHOLDS, data_thresholds, embed_images, evaluate_bin,
+                                         fold_ids, pair_distances, verification_metrics)
 
 torch.set_num_threads(1)
 
 
+def naive_thresholds(train_dist):
+    """The data-driven candidates written out: below all, midpoints of distinct neighbours, above all."""
+    u = sorted(set(float(v) for v in train_dist))
+    return [u[0]] + [(a + b) / 2 for a, b in zip(u, u[1:])] + [np.nextafter(u[-1], np.inf)]
+
+
 def naive_metrics(dist, same, folds, thresholds, far_thresholds, far_target):
-    """Loops over folds and thresholds, as the protocol is written (numpy per threshold)."""
+    """Loops over folds and thresholds, as the protocol is written (numpy per threshold);
+    thresholds / far_thresholds None: the training folds' naive_thresholds."""
     dist, same = np.asarray(dist, dtype=np.float64), np.asarray(same, dtype=bool)
     n = len(dist)
     bounds = np.cumsum([0] + [n // folds + (1 if k < n % folds else 0) for k in range(folds)])
@@ -32,14 +39,14 @@ def naive_metrics(dist, same, folds, thresholds, far_thresholds, far_target):
         test[bounds[k]:bounds[k + 1]] = True
         train = ~test
         best_t, best_acc = None, -1.0
-        for t in thresholds:
+        for t in (naive_thresholds(dist[train]) if thresholds is None else thresholds):
             acc = np.mean((dist[train] < t) == same[train])
             if acc > best_acc:
                 best_t, best_acc = t, acc
         thrs.append(best_t)
         accs.append(np.mean((dist[test] < best_t) == same[test]))
         chosen = -np.inf
-        for t in far_thresholds:
+        for t in (naive_thresholds(dist[train]) if far_thresholds is None else far_thresholds):
             far_train = np.sum((dist[train] < t) & ~same[train]) / np.sum(~same[train])
             if far_train <= far_target:
                 chosen = t
@@ -70,24 +77,25 @@ def test_fold_ids_unshuffled_kfold():
         fold_ids(5, 10)
 
 
-def test_counts_below_matches_naive():
-    g = torch.Generator().manual_seed(0)
-    values = torch.rand(200, generator=g, dtype=torch.float64).round(decimals=1)
-    group = torch.randint(0, 5, (200,), generator=g)
-    thr = torch.linspace(0, 1, 11, dtype=torch.float64)
-    expected = torch.tensor([[int(((values < t) & (group == k)).sum()) for t in thr] for k in range(6)])
-    assert torch.equal(counts_below(values, group, 6, thr), expected)  # group 5 is empty
+def test_data_thresholds_split_every_gap():
+    d = torch.tensor([0.5, 0.1, 0.5, 0.3, 1e-9], dtype=torch.float64)
+    assert data_thresholds(d).tolist() == [1e-9, (1e-9 + 0.1) / 2, 0.2, 0.4, np.nextafter(0.5, 1)]
+    tiny = torch.tensor([1.0, np.nextafter(1.0, 2)], dtype=torch.float64)  # the midpoint rounds down
+    assert bool(((tiny < data_thresholds(tiny)[1]) == torch.tensor([True, False])).all())
 
 
+@pytest.mark.parametrize("grid", [True, False])
 @pytest.mark.parametrize("n, folds, seed, exact_far", [(603, 10, 0, False), (240, 10, 1, True), (97, 4, 2, True)])
-def test_kfold_metrics_match_naive_loops(n, folds, seed, exact_far):
+def test_kfold_metrics_match_naive_loops(n, folds, seed, exact_far, grid):
     dist, same = synthetic_pairs(n, seed)
     far_grid = torch.arange(0, 400, dtype=torch.float64) / 100
     # exact_far: a target that fold 0's training negatives hit exactly (tests '<=' against '<')
     far_target = 3 / int((~same[len(fold_ids(n, folds)[fold_ids(n, folds) == 0]):]).sum()) if exact_far else 0.05
-    res = verification_metrics(dist, same, folds, far_target=far_target, far_thresholds=far_grid)
-    accs, thrs, tars, fars, far_thrs = naive_metrics(dist.numpy(), same.numpy(), folds, ACC_THRESHOLDS.numpy(),
-                                           far_grid.numpy(), far_target)
+    res = verification_metrics(dist, same, folds, far_target=far_target, thresholds=ACC_THRESHOLDS if grid else None,
+                               far_thresholds=far_grid if grid else None)
+    accs, thrs, tars, fars, far_thrs = naive_metrics(dist.numpy(), same.numpy(), folds,
+                                                     ACC_THRESHOLDS.numpy() if grid else None,
+                                                     far_grid.numpy() if grid else None, far_target)
     np.testing.assert_allclose(res.fold_accuracy.numpy(), accs, rtol=0, atol=1e-12)
     np.testing.assert_allclose(res.fold_threshold.numpy(), thrs, rtol=0, atol=0)
     np.testing.assert_allclose(res.fold_tar_threshold.numpy(), far_thrs, rtol=0, atol=0)
@@ -109,6 +117,29 @@ def test_perfect_separation():
     assert 0.6 <= res.threshold <= 1.5
     assert res.tar == 1.0 and res.far == 0.0
     assert "accuracy 100.00 +- 0.00 %" in res.summary()
+
+
+def test_collapsed_model_thresholds_come_from_the_data(recwarn):
+    """Every distance below 1e-7 (a collapsed model) but separable: the data-driven thresholds find the
+    split; insightface's 0.01 grid cannot (50 %), and says so instead of reporting 50.00 +- 0 silently."""
+    same = torch.arange(600) % 2 == 0
+    dist = torch.where(same, 1e-9, 5e-8) * (1 + torch.rand(600, generator=torch.Generator().manual_seed(0)))
+    res = verification_metrics(dist.double(), same)
+    assert res.accuracy == 1.0 and res.tar == 1.0 and len(recwarn) == 0
+    with pytest.warns(UserWarning, match="between two points of the thresholds grid"):
+        grid = verification_metrics(dist.double(), same, thresholds=ACC_THRESHOLDS, far_thresholds=FAR_THRESHOLDS)
+    assert grid.accuracy == 0.5
+    with pytest.warns(UserWarning, match="all 600 distances are equal"):
+        verification_metrics(torch.zeros(600, dtype=torch.float64), same)
+
+
+def test_no_impostor_pairs_gives_nan_tar_and_a_warning():
+    g = torch.Generator().manual_seed(1)
+    dist = torch.rand(300, generator=g, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="no impostor .* TAR@FAR is undefined"):
+        res = verification_metrics(dist, torch.ones(300, dtype=torch.bool), name="all_genuine.bin")
+    assert np.isnan(res.tar) and res.impostors == 0 and res.genuine == 300 and not res.far_resolved
+    assert "n/a (0 impostor pairs)" in res.summary()
 
 
 def test_metric_input_errors():
@@ -189,6 +220,27 @@ def test_numpy_issame_and_resize(tmp_path):
     assert pairs.decode(size=112).shape == (2, 3, 112, 112)
 
 
+@pytest.mark.parametrize("protocol", range(6))
+@pytest.mark.parametrize("numpy_issame", [False, True])
+def test_python3_pickles_of_every_protocol(tmp_path, protocol, numpy_issame):
+    """Protocols 0-2 store bytes as _codecs.encode(text, 'latin1'); protocol 5 rebuilds numpy arrays
+    with numpy._core.numeric._frombuffer: both are pure and allowed."""
+    blobs = encode_images(smooth_images(4, 16, 4))
+    issame = np.array([True, False]) if numpy_issame else [True, False]
+    path = tmp_path / f"p{protocol}.bin"
+    path.write_bytes(pickle.dumps((blobs, issame), protocol=protocol))
+    pairs = read_face_bin(path)
+    assert pairs.images == blobs and pairs.issame.tolist() == [True, False]
+
+
+def test_codecs_encode_only_as_latin1(tmp_path):
+    """The stand-in for _codecs.encode answers (str, 'latin1') and nothing else."""
+    path = tmp_path / "codec.bin"
+    path.write_bytes(b"c_codecs\nencode\n(Vabc\nVrot13\ntR.")  # _codecs.encode("abc", "rot13")
+    with pytest.raises(FaceBinError, match="only allowed as \\(str, 'latin1'\\)"):
+        read_face_bin(path)
+
+
 def test_python2_pickle_layout(tmp_path):
     """Python 2 wrote image bytes as str (BINSTRING): the default decoding fails, 'bytes' works."""
     blobs = encode_images(smooth_images(2, 16, 3))
@@ -241,3 +293,14 @@ def test_evaluate_bin_end_to_end(tmp_path):
     write_face_bin(path, images, issame)
     res = evaluate_bin(TinyNet(size), path, batch_size=16, size=size)
     assert res.accuracy == 1.0 and res.tar == 1.0
+
+
+def test_evaluate_bin_all_genuine_pairs(tmp_path):
+    """A .bin with no impostor pairs: TAR nan with a warning naming the file, not a silent 'TAR 0.00'."""
+    torch.manual_seed(0)
+    images = smooth_images(40, 16, 5)
+    path = tmp_path / "all_genuine.bin"
+    write_face_bin(path, images, torch.ones(20, dtype=torch.bool))
+    with pytest.warns(UserWarning, match=rf"{re.escape(str(path))}: no impostor"):
+        res = evaluate_bin(TinyNet(16), path, batch_size=16, size=16)
+    assert np.isnan(res.tar) and res.impostors == 0

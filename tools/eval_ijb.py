@@ -2,7 +2,14 @@
 
     python tools/eval_ijb.py --root /data/IJB_release --dataset IJBC \\
         --model-module my_models.py:build --model-kwargs '{"weights": "backbone.pth"}' --out runs/ijbc
-    python tools/eval_ijb.py --root /data/IJB_release --features ijbc_feats.npy --face-score --out runs/ijbc
+    python tools/eval_ijb.py --root /data/IJB_release --features ijbc_feats.npy --out runs/ijbc
+
+Defaults follow the published IJB protocol (insightface's IJB evaluation, the numbers papers report):
+each face feature f = model(x) + model(flip x) keeps its norm (--keep-norm) and is multiplied by its
+detector score (--face-score) before media averaging; TAR@FAR is read with --far-rule nearest (the
+highest TAR among the ROC points whose FAR is nearest to the target). --no-keep-norm
+--no-face-score pools unit-length faces without scores (lower TAR on IJB-C, not comparable with
+published tables); --far-rule at_most reads the best TAR whose FAR does not exceed the target.
 
 --root holds IJBC/ (or IJBB/) in insightface's layout (meta/ + loose_crop/; see mhe_scale/eval/ijb.py).
 --model-module 'package.module:function' or 'path/to/file.py:function': the function (called with
@@ -140,14 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-features", type=Path, help="write the extracted per-face features here (.npy)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--tasks", nargs="+", choices=("verify", "identify"), default=["verify", "identify"])
-    p.add_argument("--face-score", action="store_true", help="weight each face by its detector score")
-    p.add_argument("--keep-norm", action="store_true", help="do not L2-normalise faces before pooling")
+    p.add_argument("--face-score", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight each face by its detector score (published protocol; --no-face-score: unweighted)")
+    p.add_argument("--keep-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="pool faces with their feature norm (published protocol); --no-keep-norm L2-normalises "
+                        "each face first")
     p.add_argument("--no-flip", action="store_true", help="features of the image only, without its mirror")
     p.add_argument("--channels", choices=("rgb", "bgr"), default="rgb",
                    help="channel order fed to the model: rgb for models trained here (the RecordIO readers "
                         "decode to RGB), bgr for models trained on OpenCV-decoded images")
-    p.add_argument("--far-rule", choices=("at_most", "nearest"), default="at_most",
-                   help="TAR@FAR read-out: best TAR with FAR <= target, or insightface's nearest-FAR point")
+    p.add_argument("--far-rule", choices=("at_most", "nearest"), default="nearest",
+                   help="TAR@FAR read-out: nearest (published: highest TAR at the FAR nearest the target) or "
+                        "at_most (best TAR with FAR <= target, a real operating point)")
     p.add_argument("--batch-size", type=int, default=128, help="faces per forward pass")
     p.add_argument("--pair-batch", type=int, default=1024, help="template pairs scored per batch")
     p.add_argument("--num-workers", type=int, default=0, help="image loading processes")
@@ -163,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         names, templates, medias = read_faces(paths["faces"])
         feats, scores = face_features(args, paths, names, args.face_score)
         tids, tfeats = template_features(feats, templates, medias, scores, args.keep_norm)
-        results: dict = {"faces": len(names), "templates": len(tids)}
+        results: dict = {"faces": len(names), "templates": len(tids),
+                         "protocol": {"face_score": args.face_score, "keep_norm": args.keep_norm,
+                                      "flip": not args.no_flip, "far_rule": args.far_rule}}
         if "verify" in args.tasks:
             results["verification"] = verification(args, paths, tids, tfeats)
         if "identify" in args.tasks:
@@ -174,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - start, 2)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"{args.dataset}: {len(names)} faces, {len(tids)} templates ({results['seconds']} s); results in {args.out}")
+    print("protocol: " + ", ".join(f"{k}={v}" for k, v in results["protocol"].items()))
     for section in ("verification", "identification"):
         rows = results.get(section, {})
         rows = rows if section == "identification" else {"1:1": rows}

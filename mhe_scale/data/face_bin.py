@@ -3,11 +3,14 @@
 A `.bin` file is a pickle of `(images, issame)`: `images` a list of 2P encoded images (JPEG/PNG
 bytes), pair i being images 2i and 2i+1, and `issame` P booleans (same identity or not).
 Pickle can run arbitrary code while loading, so these files are read with `RestrictedUnpickler`,
-which resolves no class or function at all: bytes, lists, tuples, bools and ints need none.
+which resolves no class or function except one pure string function: bytes, lists, tuples, bools
+and ints need none, except that Python 3 writes bytes at pickle protocols 0-2 as
+`_codecs.encode(text, "latin1")`; that one call is answered by a stand-in that only does
+`text.encode("latin1")` (any other encoding is refused), so files written at protocols 0-5 read.
 Only with `allow_numpy=True` (the default; some files store `issame` as a numpy bool array) does it
 resolve the few numpy callables that rebuild an array (`numpy.ndarray`, `numpy.dtype`,
-`numpy[._]core.multiarray._reconstruct` and `.scalar`); they allocate arrays and call nothing
-else, and object-dtype arrays are refused after loading. Everything else (e.g. `os.system`)
+`numpy[._]core.multiarray._reconstruct` and `.scalar`, and protocol 5's
+`numpy[._]core.numeric._frombuffer`); they allocate arrays and call nothing else, and object-dtype arrays are refused after loading. Everything else (e.g. `os.system`)
 raises FaceBinError naming the file and the refused global. Files written by Python 2 are read
 with `encoding="bytes"` when the default decoding fails.
 """
@@ -30,7 +33,17 @@ _NUMPY_GLOBALS = frozenset({
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 })
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """Stand-in for `_codecs.encode` in pickles: Python 3 stores bytes at protocols 0-2 as
+    _codecs.encode(text, 'latin1'); only that (pure) call is answered."""
+    if not isinstance(text, str) or encoding.lower().replace("-", "").replace("_", "") != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode is only allowed as (str, 'latin1'), got ({type(text).__name__}, "
+                                     f"{encoding!r})")
+    return text.encode("latin1")
 
 
 class FaceBinError(ValueError):
@@ -49,6 +62,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.path, self.allow_numpy = path, allow_numpy
 
     def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         if self.allow_numpy and (module, name) in _NUMPY_GLOBALS:
             return super().find_class(module, name)
         raise FaceBinError(self.path, f"refusing to load global {module}.{name}: a .bin pair file holds only "

@@ -121,7 +121,7 @@ def _inputs(targets: Tensor, proto: Tensor, noise: float, gen: torch.Generator) 
 
 
 def make_synthetic(cfg: SyntheticDataConfig) -> SyntheticData:
-    """Build train and test splits from a DataConfig (name 'synthetic')."""
+    """Build train and test splits from a SyntheticDataConfig (name 'synthetic')."""
     if cfg.num_classes < 2:
         raise ValueError(f"data.num_classes must be >= 2, got {cfg.num_classes}")
     if cfg.labels_per_point < 1:

@@ -259,8 +259,9 @@ def tar_at_far(far: Tensor, tar: Tensor, targets: Sequence[float] = FARS, rule: 
     """TAR at each target FAR from a ROC (far, tar ascending) -> float64 [len(targets)].
 
     rule 'at_most': the best TAR whose FAR does not exceed the target (a real operating point).
-    rule 'nearest': the TAR of the first ROC point whose FAR is closest to the target (what
-    insightface's IJB tables report; may sit at a FAR slightly above the target).
+    rule 'nearest': among the ROC points whose FAR is closest to the target, the highest TAR
+    (the published IJB rule: insightface reverses sklearn's roc_curve before taking the first
+    nearest point, "select largest tpr at same fpr"); may sit at a FAR slightly above the target.
     """
     t = torch.tensor(list(targets), dtype=torch.float64)
     if not bool(((t >= 0) & (t <= 1)).all()):
@@ -268,7 +269,11 @@ def tar_at_far(far: Tensor, tar: Tensor, targets: Sequence[float] = FARS, rule: 
     if rule == "at_most":
         return tar[torch.searchsorted(far, t, right=True) - 1]
     if rule == "nearest":
-        return torch.stack([tar[torch.argmin((far - x).abs())] for x in t.tolist()])  # one pass per target
+        out = []
+        for x in t.tolist():  # one pass over the ROC per target
+            gap = (far - x).abs()
+            out.append(tar[gap == gap.min()].max())
+        return torch.stack(out)
     raise ValueError(f"rule must be 'at_most' or 'nearest', got {rule!r}")
 
 

@@ -6,24 +6,35 @@ distance is the squared L2 distance d_i = |e_2i - e_2i+1|^2 in [0, 4]; "same" is
 d_i < threshold.
 
 Accuracy: the P pairs are cut into K contiguous folds (the first P mod K folds one pair larger,
-as an unshuffled K-fold split). For each fold the threshold on the grid (default 0, 0.01, ..,
-3.99) with the most correct pairs on the other K-1 folds is chosen (the smallest on ties), and
-the fold's accuracy at that threshold is its score; reported: mean and population std over folds.
+as an unshuffled K-fold split). For each fold the threshold with the most correct pairs on the
+other K-1 folds is chosen (the smallest on ties), and the fold's accuracy at that threshold is its
+score; reported: mean and population std over folds.
 
-TAR@FAR (VAL@FAR): per fold, the largest grid threshold (default step 0.001) whose false accept
-rate on the other folds is <= far_target; TAR and FAR are then measured on the fold; reported:
-mean +- std of TAR and mean FAR. (Insightface interpolates the threshold between grid points;
-choosing the grid point keeps the FAR bound and can only lower TAR by less than one grid step.)
-A fold without same (different) pairs gives TAR (FAR) nan.
+Thresholds (default, thresholds=None): taken from the data, per fold: the midpoints of the sorted
+distinct distances of the training folds, plus one below and one above them all, so every way the
+training distances can be split is tried whatever their scale. insightface's fixed grid (0, 0.01,
+.., 3.99: ACC_THRESHOLDS) is available as thresholds=ACC_THRESHOLDS; on a trained model the two
+agree to a few hundredths of a percent, but a collapsed model whose distances all fall between two
+grid points reads 50 % on the grid: that case is warned about.
 
-Counting is vectorised over pairs and thresholds: distances are sorted per (fold, same/different)
-group and every threshold is located with one searchsorted.
+TAR@FAR (VAL@FAR): per fold, the largest threshold (data-driven as above, or the far_thresholds
+grid, e.g. FAR_THRESHOLDS of step 0.001) whose false accept rate on the other folds is <=
+far_target; TAR and FAR are then measured on the fold; reported: mean +- std of TAR and mean FAR.
+(insightface interpolates the threshold between grid points; a threshold at or below every
+training distance keeps the FAR bound and accepts nothing on the training folds.) A FAR target
+below 1 / (impostor pairs of the training folds) cannot be resolved: the threshold then only
+admits no training impostor (see VerificationResult.impostors). Without impostor pairs TAR@FAR is
+undefined: nan, with a warning. A fold without same (different) test pairs gives TAR (FAR) nan.
+
+Counting is vectorised over pairs and thresholds (sort + searchsorted); the only loop is over
+the K folds.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +43,15 @@ from torch import Tensor, nn
 
 from mhe_scale.data.face_bin import FaceBin, read_face_bin
 
-ACC_THRESHOLDS = torch.arange(400, dtype=torch.float64) / 100  # 0.00 .. 3.99
+ACC_THRESHOLDS = torch.arange(400, dtype=torch.float64) / 100  # 0.00 .. 3.99, insightface's grid
 FAR_THRESHOLDS = torch.arange(4000, dtype=torch.float64) / 1000  # 0.000 .. 3.999
 
 
 @dataclass(frozen=True)
 class VerificationResult:
     """Fold means (accuracy, tar, far) in [0, 1]; per-fold values in the tensors [K]
-    (fold_tar_threshold: the TAR@FAR threshold, -inf where no grid point met the FAR target)."""
+    (fold_tar_threshold: the TAR@FAR threshold, -inf where no threshold met the FAR target, nan
+    where the training folds hold no impostor pair); genuine / impostors: same / different pairs."""
 
     accuracy: float
     accuracy_std: float
@@ -51,11 +63,21 @@ class VerificationResult:
     fold_accuracy: Tensor
     fold_threshold: Tensor
     fold_tar_threshold: Tensor
+    genuine: int = 0
+    impostors: int = 0
+
+    @property
+    def far_resolved(self) -> bool:
+        """True when the training folds hold enough impostor pairs (>= 1 / far_target) to measure far_target."""
+        return self.impostors > 0 and self.impostors * (1 - 1 / len(self.fold_accuracy)) * self.far_target >= 1
 
     def summary(self) -> str:
-        return (f"accuracy {100 * self.accuracy:.2f} +- {100 * self.accuracy_std:.2f} % "
-                f"(threshold {self.threshold:.2f}), TAR {100 * self.tar:.2f} +- {100 * self.tar_std:.2f} % "
-                f"@ FAR {self.far_target:g} (measured FAR {100 * self.far:.3f} %)")
+        acc = (f"accuracy {100 * self.accuracy:.2f} +- {100 * self.accuracy_std:.2f} % "
+               f"(threshold {self.threshold:.4g})")
+        if math.isnan(self.tar):
+            return f"{acc}, TAR @ FAR {self.far_target:g} n/a ({self.impostors} impostor pairs)"
+        return (f"{acc}, TAR {100 * self.tar:.2f} +- {100 * self.tar_std:.2f} % @ FAR {self.far_target:g} "
+                f"(measured FAR {100 * self.far:.3f} %)")
 
 
 def fold_ids(n: int, folds: int) -> Tensor:
@@ -67,25 +89,44 @@ def fold_ids(n: int, folds: int) -> Tensor:
     return torch.repeat_interleave(torch.arange(folds), sizes)
 
 
-def counts_below(values: Tensor, group: Tensor, num_groups: int, thresholds: Tensor) -> Tensor:
-    """#{i : group_i = g, values_i < thresholds_t} -> LongTensor [num_groups, T], without a loop."""
-    order = values.argsort(stable=True)
-    order = order[group[order].argsort(stable=True)]  # by group, then by value
-    sizes = torch.bincount(group, minlength=num_groups)
-    starts = torch.cumsum(sizes, 0) - sizes
-    g = group[order]
-    padded = values.new_full((num_groups, max(int(sizes.max()), 1)), math.inf)
-    padded[g, torch.arange(len(order)) - starts[g]] = values[order]
-    query = thresholds.to(values.dtype).expand(num_groups, -1).contiguous()
-    return torch.searchsorted(padded, query, side="left")
+def data_thresholds(distances: Tensor) -> Tensor:
+    """Candidate thresholds for `d < t` from distances [n] (float64) -> ascending [U + 1]: the smallest
+    distance (accepts none), the midpoints of consecutive distinct distances, and the next float
+    above the largest (accepts all); each split of the distances is reached exactly once."""
+    u = torch.unique(distances)  # sorted
+    mid = (u[1:] + u[:-1]) / 2
+    mid = torch.where(mid > u[:-1], mid, u[1:])  # adjacent floats: the midpoint may round down
+    top = torch.nextafter(u[-1:], torch.full_like(u[-1:], math.inf))
+    return torch.cat([u[:1], mid, top])
+
+
+def _below(sorted_values: Tensor, thresholds: Tensor) -> Tensor:
+    """#{v < t} for each threshold [T] -> LongTensor [T]; sorted_values ascending."""
+    return torch.searchsorted(sorted_values, thresholds, side="left")
+
+
+def _rate(count: Tensor | int, n: int) -> float:
+    return float(count) / n if n else math.nan
+
+
+def _check_grid(name: str, grid: Tensor, d: Tensor, what: str) -> None:
+    if grid.dim() != 1 or grid.numel() == 0 or bool((grid[1:] < grid[:-1]).any()):
+        raise ValueError(f"{name} must be a non-empty ascending 1-D grid")
+    cells = torch.bucketize(d, grid, right=True)  # grid cell of each distance
+    if len(d) > 1 and bool((cells == cells[0]).all()) and not bool((d == d[0]).all()):
+        warnings.warn(f"{what}: all {len(d)} distances lie in [{float(d.min()):.3g}, {float(d.max()):.3g}], between "
+                      f"two points of the {name} grid, which cannot split them: accuracy is that of accepting all or "
+                      f"none (50 % on balanced pairs); use data-driven thresholds ({name}=None)", stacklevel=3)
 
 
 def verification_metrics(distances: Tensor, issame: Tensor, folds: int = 10, far_target: float = 1e-3,
-                         thresholds: Tensor | None = None, far_thresholds: Tensor | None = None) -> VerificationResult:
+                         thresholds: Tensor | None = None, far_thresholds: Tensor | None = None,
+                         name: str = "verification pairs") -> VerificationResult:
     """distances [P] (smaller = more alike), issame bool [P] -> K-fold accuracy and TAR@FAR.
 
-    thresholds / far_thresholds: ascending grids for accuracy / TAR (defaults: ACC_THRESHOLDS,
-    FAR_THRESHOLDS, suited to squared L2 distances of unit vectors).
+    thresholds / far_thresholds: None (default) takes them from the training folds' distances
+    (data_thresholds); or ascending grids, e.g. ACC_THRESHOLDS / FAR_THRESHOLDS (insightface's).
+    name appears in warnings (e.g. the .bin path).
     """
     if distances.dim() != 1 or issame.shape != distances.shape:
         raise ValueError(f"distances and issame must both be [P], got {list(distances.shape)} and {list(issame.shape)}")
@@ -93,34 +134,50 @@ def verification_metrics(distances: Tensor, issame: Tensor, folds: int = 10, far
     if not bool(torch.isfinite(d).all()):
         raise ValueError("distances contain nan/inf: check the embeddings (a zero embedding cannot be normalised)")
     same = issame.detach().cpu().bool()
-    thr = (ACC_THRESHOLDS if thresholds is None else thresholds).double().cpu()
-    far_thr = (FAR_THRESHOLDS if far_thresholds is None else far_thresholds).double().cpu()
-    for name, grid in (("thresholds", thr), ("far_thresholds", far_thr)):
-        if grid.dim() != 1 or grid.numel() == 0 or bool((grid[1:] < grid[:-1]).any()):
-            raise ValueError(f"{name} must be a non-empty ascending 1-D grid")
     fold = fold_ids(len(d), folds)
-    group = 2 * fold + same.long()  # (fold, different=0 / same=1)
-    n_group = torch.bincount(group, minlength=2 * folds).view(folds, 2)
-    n_neg, n_pos = n_group[:, 0], n_group[:, 1]
-
-    below = counts_below(d, group, 2 * folds, thr).view(folds, 2, -1)  # [K, 2, T]
-    correct = below[:, 1] + (n_neg[:, None] - below[:, 0])  # true accepts + true rejects, [K, T]
-    best = (correct.sum(0, keepdim=True) - correct).argmax(dim=1)  # on the other folds; first max
-    fold_acc = correct.gather(1, best[:, None]).squeeze(1).double() / n_group.sum(1)
-
-    below = counts_below(d, group, 2 * folds, far_thr).view(folds, 2, -1)
-    fa_train = below[:, 0].sum(0, keepdim=True) - below[:, 0]  # false accepts on the other folds
-    n_neg_train = (n_neg.sum() - n_neg).double()
-    ok = fa_train.double() / n_neg_train[:, None] <= far_target  # a prefix of the grid (monotone)
-    idx = ok.sum(1) - 1
-    has = idx >= 0  # else no grid threshold meets the target: accept nothing
-    tar = torch.where(has, below[:, 1].gather(1, idx.clamp(min=0)[:, None]).squeeze(1), 0).double() / n_pos
-    far = torch.where(has, below[:, 0].gather(1, idx.clamp(min=0)[:, None]).squeeze(1), 0).double() / n_neg
+    grids = {}
+    for key, grid in (("thresholds", thresholds), ("far_thresholds", far_thresholds)):
+        if grid is not None:
+            grids[key] = grid.double().cpu()
+            _check_grid(key, grids[key], d, name)
+    if bool((d == d[0]).all()):
+        warnings.warn(f"{name}: all {len(d)} distances are equal ({float(d[0]):.3g}): the model maps every image "
+                      f"to the same embedding, so no threshold separates any pair", stacklevel=2)
+    genuine, impostors = int(same.sum()), int((~same).sum())
+    if impostors == 0:
+        warnings.warn(f"{name}: no impostor (different-identity) pairs among {len(d)} pairs: TAR@FAR is undefined "
+                      f"and reported as nan, and accuracy only counts genuine pairs", stacklevel=2)
+    acc, thr_acc, tar, far, thr_tar = [], [], [], [], []
+    for k in range(folds):
+        test = fold == k
+        tr_d, tr_s = d[~test], same[~test]
+        tr_pos, tr_neg = tr_d[tr_s].sort().values, tr_d[~tr_s].sort().values
+        te_pos, te_neg = d[test & same].sort().values, d[test & ~same].sort().values
+        cand = grids["thresholds"] if "thresholds" in grids else data_thresholds(tr_d)
+        correct = _below(tr_pos, cand) + (len(tr_neg) - _below(tr_neg, cand))  # true accepts + true rejects
+        t = cand[int(correct.argmax()):][:1]  # first max: the smallest best threshold
+        acc.append(float(_below(te_pos, t) + (len(te_neg) - _below(te_neg, t))) / int(test.sum()))
+        thr_acc.append(float(t))
+        if not len(tr_neg):  # no impostors to set a FAR by
+            tar.append(math.nan), far.append(math.nan), thr_tar.append(math.nan)
+            continue
+        far_cand = grids["far_thresholds"] if "far_thresholds" in grids else cand
+        ok = _below(tr_neg, far_cand).double() / len(tr_neg) <= far_target  # a prefix (monotone in t)
+        idx = int(ok.sum()) - 1
+        if idx < 0:  # no threshold meets the target: accept nothing
+            tar.append(_rate(0, len(te_pos))), far.append(_rate(0, len(te_neg))), thr_tar.append(-math.inf)
+            continue
+        ft = far_cand[idx:idx + 1]
+        tar.append(_rate(_below(te_pos, ft), len(te_pos)))
+        far.append(_rate(_below(te_neg, ft), len(te_neg)))
+        thr_tar.append(float(ft))
+    fold_acc, fold_tar, fold_far = (torch.tensor(v, dtype=torch.float64) for v in (acc, tar, far))
+    fold_thr = torch.tensor(thr_acc, dtype=torch.float64)
     return VerificationResult(
         accuracy=float(fold_acc.mean()), accuracy_std=float(fold_acc.std(unbiased=False)),
-        threshold=float(thr[best].mean()), tar=float(tar.mean()), tar_std=float(tar.std(unbiased=False)),
-        far=float(far.mean()), far_target=far_target, fold_accuracy=fold_acc, fold_threshold=thr[best],
-        fold_tar_threshold=torch.where(has, far_thr[idx.clamp(min=0)], -math.inf))
+        threshold=float(fold_thr.mean()), tar=float(fold_tar.mean()), tar_std=float(fold_tar.std(unbiased=False)),
+        far=float(fold_far.mean()), far_target=far_target, fold_accuracy=fold_acc, fold_threshold=fold_thr,
+        fold_tar_threshold=torch.tensor(thr_tar, dtype=torch.float64), genuine=genuine, impostors=impostors)
 
 
 def pair_distances(embeddings: Tensor) -> Tensor:
@@ -162,10 +219,17 @@ def embed_images(model: nn.Module, images: Tensor | FaceBin, batch_size: int = 6
     return torch.cat(out)
 
 
+def bin_distances(model: nn.Module, path: str | os.PathLike, batch_size: int = 64, size: int = 112,
+                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """One insightface .bin pair file (read with the restricted unpickler) -> (distances [P], issame bool [P])."""
+    pairs = read_face_bin(path)
+    embeddings = embed_images(model, pairs, batch_size, True, size, device)
+    return pair_distances(embeddings), pairs.issame
+
+
 def evaluate_bin(model: nn.Module, path: str | os.PathLike, batch_size: int = 64, folds: int = 10,
                  far_target: float = 1e-3, size: int = 112,
                  device: torch.device | str | None = None) -> VerificationResult:
     """The standard protocol on one insightface .bin pair file (read with the restricted unpickler)."""
-    pairs = read_face_bin(path)
-    embeddings = embed_images(model, pairs, batch_size, True, size, device)
-    return verification_metrics(pair_distances(embeddings), pairs.issame, folds, far_target)
+    distances, issame = bin_distances(model, path, batch_size, size, device)
+    return verification_metrics(distances, issame, folds, far_target, name=str(path))

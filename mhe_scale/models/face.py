@@ -39,7 +39,10 @@ class FaceModelConfig:
     width_mult: float = 1.0
     """mobilefacenet: channel width multiplier (small values for tests and CPU runs)."""
     grad_checkpointing: bool = False
-    """hf: recompute layer activations in backward (less memory, slower steps)."""
+    """Recompute block activations in backward (less memory, slower steps; BN statistics update once)."""
+    sync_batchnorm: bool = False
+    """With several processes, BatchNorm statistics over all of them (torch.nn.SyncBatchNorm, GPU
+    only); false: each process normalises with its own micro-batch (differs from one process)."""
 
 FACE_BACKBONES: dict[str, Callable[..., nn.Module]] = {
     **{f"iresnet{depth}": partial(IResNet, layers) for depth, layers in IRESNET_LAYERS.items()},

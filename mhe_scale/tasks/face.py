@@ -14,8 +14,22 @@ Mixed precision comes from the launcher (`accelerate launch --mixed_precision bf
 with dist.shard_head, which the face configs set); heads compute their logits in fp32 either way.
 Output as the other tasks: {output_dir}/config.yaml,
 results.json, results.md, and per head its checkpoints, loss_log.jsonl and (with train.eval_every)
-eval_log.jsonl of the verification accuracies. Verification embeds with the backbone module
-itself, so it is not supported under ZeRO-3 (partitioned weights).
+eval_log.jsonl of the verification results: per .bin, "<name> acc" and "<name> acc std" (mean and
+population std over the 10 folds) and "<name> TAR@FAR=1e-3" / "=1e-4" where the file holds enough
+impostor pairs to measure that FAR (LFW's 3,000 resolve 1e-3, not 1e-4); see
+mhe_scale/eval/verification.py and tools/eval_verification.py (scores a saved checkpoint).
+Verification embeds with the backbone module itself, so it is not supported under ZeRO-3
+(partitioned weights).
+
+Batch norm with several processes: each process normalises with the statistics of its own
+micro-batch (as in insightface's arcface_torch), so N processes do not train exactly like one
+process on the union batch, from the first step on. model.sync_batchnorm=true converts the
+backbone's BatchNorm layers to torch.nn.SyncBatchNorm (statistics over all processes) when more
+than one process runs; torch's SyncBatchNorm (2.13) runs only on GPU (CUDA/XPU) tensors, so on
+CPU processes the option is refused with an error.
+
+The shipped configs/face/*.yaml point data.path and eval.verification at placeholders under
+/train_tmp/: the task checks every file before training and stops with one line naming the key.
 """
 
 from __future__ import annotations
@@ -31,13 +45,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mhe_scale.config import ExperimentConfig, HeadConfig
+from mhe_scale.config import ConfigError, ExperimentConfig, HeadConfig
 from mhe_scale.data.dali_face import DALIRecordDataset, FaceTransform, dali_available
 from mhe_scale.data.face_dataset import FaceDataConfig, RecordIOFaceDataset, SyntheticFaceDataset
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
-from mhe_scale.eval.verification import evaluate_bin
+from mhe_scale.eval.verification import bin_distances, verification_metrics
 from mhe_scale.tasks.report import resume_record, training_costs, write_results
 from mhe_scale.models.face import FACE_BACKBONES, FaceModelConfig, build_face_backbone
 from mhe_scale.tasks.registry import register_task
@@ -45,6 +59,9 @@ from mhe_scale.tasks.synthetic import head_label, run_folder
 from mhe_scale.tasks.paths import config_path_candidates
 
 FACE_DATA = ("face_recordio", "face_synthetic")
+PLACEHOLDER = "/train_tmp/"
+"""Prefix of the dataset paths in the shipped configs/face/*.yaml (insightface's convention)."""
+VERIFICATION_FARS = (1e-3, 1e-4)
 
 
 @dataclass(kw_only=True)
@@ -66,12 +83,14 @@ class FaceData:
 def resolve_file(path: str | None, key: str) -> Path:
     """A file named by config key `key`: as given (from the working directory), else from the repository root."""
     if not path:
-        raise ValueError(f"{key} is not set; point it at the file")
+        raise ConfigError(f"{key} is not set; point it at the file")
     candidates = config_path_candidates(path)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{key}={path!r}: no such file (tried {' and '.join(map(str, candidates))})")
+    hint = (f"; the shipped configs/face/*.yaml hold a placeholder under {PLACEHOLDER}: set {key}=<your copy>"
+            if str(path).startswith(PLACEHOLDER) else "")
+    raise ConfigError(f"{key}={path!r}: no such file (tried {' and '.join(map(str, candidates))}){hint}")
 
 
 def load_face_data(cfg: FaceDataConfig, batch_size: int, device: torch.device) -> FaceData:
@@ -86,7 +105,7 @@ def load_face_data(cfg: FaceDataConfig, batch_size: int, device: torch.device) -
     rec = resolve_file(cfg.path, "data.path")
     idx = resolve_file(cfg.idx_path, "data.idx_path") if cfg.idx_path else rec.with_suffix(".idx")
     if not idx.is_file():
-        raise FileNotFoundError(f"{idx} (the .idx of data.path) does not exist; set data.idx_path")
+        raise ConfigError(f"{idx} (the .idx of data.path) does not exist; set data.idx_path")
     use_dali = cfg.dali and dali_available()
     if cfg.dali and not use_dali:
         warnings.warn(f"data.dali=true but nvidia.dali cannot be imported; reading {rec} with PIL instead", stacklevel=2)
@@ -123,12 +142,35 @@ def build_face_encoder(cfg: FaceModelConfig, image_size: int) -> nn.Module:
     return backbone
 
 
-def verify(backbone: nn.Module, paths: list[str], batch_size: int, image_size: int) -> dict[str, float]:
-    """10-fold accuracy on each .bin pair file -> {"<name> acc": accuracy in [0, 1]}."""
+def sync_batchnorm(backbone: nn.Module, enabled: bool, num_processes: int, device: torch.device) -> nn.Module:
+    """model.sync_batchnorm: BatchNorm -> torch.nn.SyncBatchNorm when several processes run (GPU only)."""
+    if not enabled or num_processes < 2:
+        return backbone
+    if device.type not in ("cuda", "xpu"):
+        raise ConfigError(f"model.sync_batchnorm=true with {num_processes} processes on {device.type}: torch's "
+                          f"SyncBatchNorm runs only on GPU (CUDA/XPU) tensors; set model.sync_batchnorm=false "
+                          f"(per-process batch statistics) or train on GPUs")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+
+
+def verify(backbone: nn.Module, paths: list[str], batch_size: int, image_size: int,
+           fars: tuple[float, ...] = VERIFICATION_FARS) -> dict[str, float]:
+    """10-fold protocol on each .bin pair file -> {"<name> acc", "<name> acc std", "<name> TAR@FAR=<f>"}
+    in [0, 1]; a TAR@FAR only where the file holds enough impostor pairs to measure that FAR."""
     out = {}
     for path in paths:
-        result = evaluate_bin(backbone, resolve_file(path, "eval.verification"), batch_size, size=image_size)
-        out[f"{Path(path).stem} acc"] = result.accuracy
+        file = resolve_file(path, "eval.verification")
+        distances, issame = bin_distances(backbone, file, batch_size, size=image_size)
+        for i, far in enumerate(fars):
+            with warnings.catch_warnings():
+                if i > 0:  # the first target already warned about these distances
+                    warnings.simplefilter("ignore")
+                result = verification_metrics(distances, issame, far_target=far, name=str(file))
+            if i == 0:
+                out[f"{Path(path).stem} acc"] = result.accuracy
+                out[f"{Path(path).stem} acc std"] = result.accuracy_std
+            if result.far_resolved:
+                out[f"{Path(path).stem} TAR@FAR={far:g}"] = result.tar
     return out
 
 
@@ -137,6 +179,7 @@ def train_face_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: FaceData,
     """Fresh backbone (same seed for every head) + head; train, verify -> {metrics, costs}."""
     torch.manual_seed(cfg.train.seed)
     backbone = build_face_encoder(cfg.model, cfg.data.image_size)
+    backbone = sync_batchnorm(backbone, cfg.model.sync_batchnorm, accelerator.num_processes, accelerator.device)
     head = build_run_head(head_cfg, cfg.dist.shard_head, backbone.num_features, data.num_classes, False,
                           seed=cfg.train.seed)
     model = Classifier(backbone, head)
@@ -164,6 +207,8 @@ def run_face(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
     """Train cfg.head (and cfg.eval.baseline if set) on the face data; print and save the tables."""
     start = time.perf_counter()
     data = load_face_data(cfg.data, cfg.train.batch_size, accelerator.device)
+    for path in cfg.eval.verification:  # before training: a missing file would stop it at the first evaluation
+        resolve_file(path, "eval.verification")
     accelerator.print(f"{data.description} ({time.perf_counter() - start:.1f}s)")
     runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
     results: dict[str, dict[str, Any]] = {}
