@@ -264,7 +264,9 @@ def child_stopped_peer(out: str) -> None:
 
     import torch.distributed as dist
 
-    import mhe_scale.tasks.synthetic as synthetic
+    import dataclasses
+
+    from mhe_scale.tasks import registry
     from mhe_scale.train import main
 
     def task(cfg, accelerator) -> None:
@@ -277,7 +279,7 @@ def child_stopped_peer(out: str) -> None:
             os.kill(os.getpid(), signal.SIGSTOP)
         dist.all_reduce(x)
 
-    synthetic.run_synthetic = task
+    registry._TASKS["synthetic"] = dataclasses.replace(registry.get_task("synthetic"), run=task)
     code = main(["configs/demo/mhp_synthetic.yaml", f"train.output_dir={out}", f"dist.timeout_s={TIMEOUT_S}"])
     Path(f"{out}/exited-{dist.get_rank() if dist.is_initialized() else 0}").write_text(str(time.time()))
     sys.exit(code)

@@ -346,7 +346,7 @@ def test_sync_batchnorm_option():
     from mhe_scale.config import ConfigError
     from mhe_scale.tasks.face import build_face_encoder, sync_batchnorm
 
-    cfg = load_config(None, ["model.name=mobilefacenet", "model.num_features=8", "model.width_mult=0.25"]).model
+    cfg = load_config(None, ["task=face", "model.name=mobilefacenet", "model.num_features=8", "model.width_mult=0.25"]).model
     net = build_face_encoder(cfg, 32)
     assert sync_batchnorm(net, True, 1, torch.device("cpu")) is net  # one process: nothing to synchronise
     with pytest.raises(ConfigError, match="model.sync_batchnorm=true with 2 processes on cpu.*GPU"):

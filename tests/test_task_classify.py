@@ -140,3 +140,9 @@ def test_shipped_classify_configs_load():
     for path in sorted((REPO / "configs" / "classify").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.task == "classify", path
+
+
+def test_head_factory_errors_are_one_line(archive, tmp_path, capsys):
+    code = train_main(["configs/classify/cifar10_r18_mhp.yaml", *overrides(archive, tmp_path / "run", "head.sizes=[2,2]")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: head sizes [2, 2]"), lines

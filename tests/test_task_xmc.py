@@ -178,8 +178,11 @@ def test_tiny_generated_run_without_shared_data(tmp_path):
     cfg = load_config(REPO / "configs" / "xmc" / "medical.yaml",
                       [f"data.path={tmp_path / 'data'}", "model.hidden=32", "model.num_features=16", "model.dropout=0",
                        "train.epochs=8", "train.batch_size=32", "optim.lr=0.01", f"train.output_dir={out}",
-                       "head.num_groups=4", "head.top_k_groups=2", "head.hidden=16"])
+                       "head.num_groups=4", "head.top_k_groups=2", "head.hidden=16", "train.eval_every=5"])
     results = run_xmc(cfg, Accelerator(cpu=True))
+    for folder in ("mhc", "fc-baseline"):  # train.eval_every works in the XMC tasks, per head
+        rows = [json.loads(line) for line in (out / folder / "eval_log.jsonl").read_text().splitlines()]
+        assert rows and all(r["step"] % 5 == 0 and 0 <= r["P@1"] <= 1 for r in rows), folder
     saved = json.loads((out / "results.json").read_text())
     assert set(saved) == set(results) == {"mhc", "fc", POPULARITY}
     assert "path: " + str(tmp_path / "data") in (out / "config.yaml").read_text()

@@ -149,7 +149,7 @@ CHECKPOINT_KEYS_SAFE = ("tag_validation", "use_node_local_storage", "parallel_wr
 which ranks write, how the (replaced) torch checkpoint engine would zip its files."""
 _PICKLE_SETTINGS = {
     "checkpoint.load_universal": "DeepSpeed would read the universal checkpoint files (zero/optimizer_state.pt, "
-                                 "zero/<parameter>/*.pt) with torch.load(weights_only=False): a planted file runs "
+                                 "zero/<parameter>/*.pt) with a pickle loader (weights_only=False): a planted file runs "
                                  "code; remove it (a mhe_scale checkpoint resumes on the world size it was written "
                                  "with)",
     "checkpoint.writer": "it selects DeepSpeed's Fast/Decoupled checkpoint engine, which writes and reads pickles "
