@@ -15,8 +15,7 @@ labels (flag > 1, or .lst lines with several) get a warning, since single-label 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field  # noqa: F401 (config section)
-from typing import Optional  # noqa: F401
+from typing import Optional
 
 import io
 import os

@@ -12,9 +12,6 @@ Everything is a pure function of the config, so every process generates the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field  # noqa: F401 (config section)
-from typing import Optional  # noqa: F401
-
 from dataclasses import dataclass
 
 import torch

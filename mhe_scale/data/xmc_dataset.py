@@ -20,8 +20,8 @@ as in Parabel / LightXML label trees), every level of the tree processed at once
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field  # noqa: F401 (config section)
-from typing import Optional  # noqa: F401
+from dataclasses import dataclass
+from typing import Optional
 
 import warnings
 from collections.abc import Sequence

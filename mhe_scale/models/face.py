@@ -11,8 +11,7 @@ Keyword arguments go to the model's constructor (see each class's docstring); ev
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field  # noqa: F401 (config section)
-from typing import Optional  # noqa: F401
+from dataclasses import dataclass
 
 from collections.abc import Callable
 from functools import partial

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field  # noqa: F401 (config section)
-from typing import Optional  # noqa: F401
+from dataclasses import dataclass
 
 from torch import Tensor, nn
-
 
 
 @dataclass(kw_only=True)

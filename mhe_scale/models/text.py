@@ -11,17 +11,15 @@ so HF_HUB_OFFLINE=1 changes nothing here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field  # noqa: F401 (config section)
-from typing import Optional  # noqa: F401
+from dataclasses import dataclass
 
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-
 
 
 @dataclass(kw_only=True)

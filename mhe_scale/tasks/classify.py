@@ -29,8 +29,7 @@ from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head,
 from mhe_scale.eval.distributed import evaluating, test_batches
 from mhe_scale.models.image import ImageModelConfig, build_image_model
 from mhe_scale.tasks.registry import register_task
-from mhe_scale.tasks.report import training_costs, write_results
-from mhe_scale.tasks.synthetic import head_label, run_folder
+from mhe_scale.tasks.report import head_label, train_each_head, training_costs, write_results
 
 
 @dataclass(kw_only=True)
@@ -119,10 +118,6 @@ def run_classify(cfg: ClassifyConfig, accelerator) -> dict[str, dict[str, Any]]:
     start = time.perf_counter()
     data = load_image_data(cfg.data, accelerator)
     accelerator.print(f"{data.description} ({time.perf_counter() - start:.1f}s)")
-    runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
-    results: dict[str, dict[str, Any]] = {}
-    for i, head_cfg in enumerate(runs):
-        name = head_label(head_cfg) + (" (baseline)" if i > 0 and head_label(head_cfg) in results else "")
-        results[name] = train_classifier(cfg, head_cfg, data, accelerator, run_folder(head_cfg) + ("-baseline" if i else ""))
+    results = train_each_head(cfg, lambda head_cfg, folder: train_classifier(cfg, head_cfg, data, accelerator, folder))
     write_results(cfg, results, accelerator)
     return results

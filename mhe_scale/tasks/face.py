@@ -52,10 +52,9 @@ from mhe_scale.engine.loop import fit
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
 from mhe_scale.eval.verification import bin_distances, verification_metrics
-from mhe_scale.tasks.report import resume_record, training_costs, write_results
+from mhe_scale.tasks.report import head_label, resume_record, train_each_head, training_costs, write_results
 from mhe_scale.models.face import FACE_BACKBONES, FaceModelConfig, build_face_backbone
 from mhe_scale.tasks.registry import register_task
-from mhe_scale.tasks.synthetic import head_label, run_folder
 from mhe_scale.tasks.paths import config_path_candidates
 
 FACE_DATA = ("face_recordio", "face_synthetic")
@@ -210,10 +209,6 @@ def run_face(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
     for path in cfg.eval.verification:  # before training: a missing file would stop it at the first evaluation
         resolve_file(path, "eval.verification")
     accelerator.print(f"{data.description} ({time.perf_counter() - start:.1f}s)")
-    runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
-    results: dict[str, dict[str, Any]] = {}
-    for i, head_cfg in enumerate(runs):
-        name = head_label(head_cfg) + (" (baseline)" if i > 0 and head_label(head_cfg) in results else "")
-        results[name] = train_face_head(cfg, head_cfg, data, accelerator, run_folder(head_cfg) + ("-baseline" if i else ""))
+    results = train_each_head(cfg, lambda head_cfg, folder: train_face_head(cfg, head_cfg, data, accelerator, folder))
     write_results(cfg, results, accelerator)
     return results

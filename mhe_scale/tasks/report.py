@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mhe_scale.config import ExperimentConfig, to_yaml
+from mhe_scale.config import ExperimentConfig, HeadConfig, to_yaml
 from mhe_scale.engine.accelerator import is_deepspeed
 from mhe_scale.engine.model import optimizer_state_numel
 from mhe_scale.eval.xmc import format_table
@@ -66,3 +67,26 @@ def training_costs(result, head: nn.Module, optimizer: torch.optim.Optimizer,
         costs["head optim state (M)"] = optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e6
     costs["final loss"] = result.last_loss
     return costs
+
+
+def head_label(cfg: HeadConfig) -> str:
+    return cfg.name if cfg.sizes is None else f"{cfg.name} {list(cfg.sizes)}"
+
+
+def run_folder(cfg: HeadConfig, baseline: bool = False) -> str:
+    """Sub-folder of output_dir for one head's checkpoints and loss log, e.g. 'mhp-317x316'; the
+    baseline's ends in '-baseline', so a baseline with the head's name and sizes has its own."""
+    folder = cfg.name if cfg.sizes is None else f"{cfg.name}-{'x'.join(str(c) for c in cfg.sizes)}"
+    return folder + ("-baseline" if baseline else "")
+
+
+def train_each_head(cfg: ExperimentConfig, train: Callable[[HeadConfig, str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """train(head_cfg, folder) for cfg.head and then cfg.eval.baseline (when set) -> {row label: result};
+    the baseline trains in its own folder (run_folder(..., baseline=True)) and, when its label equals
+    the head's, gets the row "<label> (baseline)"."""
+    runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
+    results: dict[str, dict[str, Any]] = {}
+    for i, head_cfg in enumerate(runs):
+        name = head_label(head_cfg)
+        results[name if name not in results else f"{name} (baseline)"] = train(head_cfg, run_folder(head_cfg, i > 0))
+    return results

@@ -19,7 +19,9 @@ from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
 from mhe_scale.eval.xmc import inverse_propensity
 from mhe_scale.labels.codec import factorize
-from mhe_scale.tasks.report import resume_record, training_costs, write_results
+from mhe_scale.tasks.report import head_label, resume_record, run_folder, train_each_head, training_costs, write_results
+
+__all__ = ["SyntheticConfig", "head_label", "run_folder", "run_synthetic", "train_one"]  # head_label / run_folder: re-exported
 from mhe_scale.models import build_encoder
 from mhe_scale.models.mlp import MlpConfig
 from mhe_scale.tasks.registry import register_task
@@ -30,17 +32,6 @@ class SyntheticConfig(ExperimentConfig):
     task: str = "synthetic"
     data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     model: MlpConfig = field(default_factory=MlpConfig)
-
-
-def head_label(cfg: HeadConfig) -> str:
-    return cfg.name if cfg.sizes is None else f"{cfg.name} {list(cfg.sizes)}"
-
-
-def run_folder(cfg: HeadConfig, baseline: bool = False) -> str:
-    """Sub-folder of output_dir for one head's checkpoints and loss log, e.g. 'mhp-317x316'; the
-    baseline's ends in '-baseline', so a baseline with the head's name and sizes has its own."""
-    folder = cfg.name if cfg.sizes is None else f"{cfg.name}-{'x'.join(str(c) for c in cfg.sizes)}"
-    return folder + ("-baseline" if baseline else "")
 
 
 FACTORISED_HEADS = ("mhp", "mhs", "mhc")
@@ -99,11 +90,6 @@ def run_synthetic(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any
     accelerator.print(f"synthetic {kind} data: {len(data.train):,} train / {len(data.test):,} test points, "
                       f"C={data.num_classes:,} labels, {int((data.label_counts > 0).sum()):,} seen in training "
                       f"({time.perf_counter() - start:.1f}s)")
-    runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
-    results: dict[str, dict[str, Any]] = {}
-    for i, head_cfg in enumerate(runs):
-        name = head_label(head_cfg)
-        results[name if name not in results else f"{name} (baseline)"] = train_one(
-            cfg, head_cfg, data, accelerator, run_folder(head_cfg, baseline=i > 0))
+    results = train_each_head(cfg, lambda head_cfg, folder: train_one(cfg, head_cfg, data, accelerator, folder))
     write_results(cfg, results, accelerator, note=data_note(cfg.data))
     return results

@@ -26,9 +26,8 @@ from mhe_scale.engine.loop import fit
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity, label_counts
-from mhe_scale.tasks.report import resume_record, write_results
+from mhe_scale.tasks.report import head_label, resume_record, run_folder, train_each_head, write_results
 from mhe_scale.models import build_encoder
-from mhe_scale.tasks.synthetic import head_label, run_folder
 from mhe_scale.tasks.paths import config_path_candidates
 from mhe_scale.models.mlp import MlpConfig
 from mhe_scale.tasks.registry import register_task
@@ -153,13 +152,7 @@ def run_xmc(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
                       f"F={data.num_features:,} features ({cfg.data.normalize}), C={data.num_classes:,} labels "
                       f"({cfg.data.label_order} order), "
                       f"{per_point:.2f} labels per test point ({time.perf_counter() - start:.1f}s)")
-    runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
-    results: dict[str, dict[str, Any]] = {}
-    for i, head_cfg in enumerate(runs):
-        name = head_label(head_cfg)
-        folder = run_folder(head_cfg) + ("-baseline" if i > 0 else "")
-        results[name if name not in results else f"{name} (baseline)"] = train_head(cfg, head_cfg, data, accelerator,
-                                                                                     folder)
+    results = train_each_head(cfg, lambda head_cfg, folder: train_head(cfg, head_cfg, data, accelerator, folder))
     results[POPULARITY] = {"metrics": popularity_metrics(data, list(cfg.eval.ks)), "costs": {}}
     write_results(cfg, results, accelerator)
     return results

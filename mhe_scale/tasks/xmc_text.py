@@ -34,8 +34,7 @@ from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity
 from mhe_scale.models.text import TextEncoderConfig, build_text_encoder, load_tokenizer
 from mhe_scale.data.xmc_text import TextDataConfig
 from mhe_scale.tasks.registry import register_task
-from mhe_scale.tasks.report import resume_record
-from mhe_scale.tasks.synthetic import head_label, run_folder
+from mhe_scale.tasks.report import head_label, resume_record, run_folder, train_each_head
 from mhe_scale.tasks.paths import config_path_candidates
 
 POPULARITY = "most frequent (train)"
@@ -187,13 +186,7 @@ def run_xmc_text(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]
         out = Path(cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_label_map(out / "label_map.json", data.label_names)
-    runs = [cfg.head] + ([cfg.eval.baseline] if cfg.eval.baseline is not None else [])
-    results: dict[str, dict[str, Any]] = {}
-    for i, head_cfg in enumerate(runs):
-        name = head_label(head_cfg)
-        folder = run_folder(head_cfg) + ("-baseline" if i > 0 else "")
-        key = name if name not in results else f"{name} (baseline)"
-        results[key] = train_text_head(cfg, head_cfg, data, accelerator, folder)
+    results = train_each_head(cfg, lambda head_cfg, folder: train_text_head(cfg, head_cfg, data, accelerator, folder))
     results[POPULARITY] = {"metrics": popularity_metrics(data, list(cfg.eval.ks)), "costs": {}}
     write_results(cfg, results, accelerator)
     return results
