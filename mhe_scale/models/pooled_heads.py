@@ -22,6 +22,7 @@ class PooledLinearHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -36,6 +37,7 @@ class PooledCosineHead(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
+        self.num_classes = num_classes
         bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default range
         self.weight = nn.Parameter(torch.empty(num_classes, in_features).uniform_(-bound, bound))
 
