@@ -27,14 +27,14 @@ class Linear(nn.Module):
 def batch():
     g = torch.Generator().manual_seed(0)
     ids = torch.arange(4).repeat_interleave(3)  # 4 images x 3 copies
-    x = torch.randn(4, 3, 2, 2, generator=g)[ids] + 0.3 * torch.randn(12, 3, 2, 2, generator=g)
+    x = torch.randn(4, 3, 2, 2, generator=g)[ids] + 0.8 * torch.randn(12, 3, 2, 2, generator=g)
     targets = torch.stack([ids % 3, ids], dim=1)
     return x, targets
 
 
 def model():
     torch.manual_seed(1)
-    return MultiGrainModel(Linear(), 3, 0.5, MarginLoss(beta_init=1.0)).double()
+    return MultiGrainModel(Linear(), 3, 0.5, MarginLoss(beta_init=1.3)).double()
 
 
 def grads(m):
