@@ -122,3 +122,42 @@ def test_shipped_multigrain_configs_load():
         cfg = load_config(path)
         assert cfg.task == "multigrain" and cfg.data.sampler == "repeated_aug", path
         assert cfg.train.batch_size % cfg.model.num_repeats == 0, path
+
+
+def _tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tools_run_on_a_trained_checkpoint(archive, tmp_path, capsys):
+    """tools/pstar.py (both modes) and tools/eval_retrieval.py on the checkpoint of a tiny run."""
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "run"
+    assert train_main([CONFIG, *overrides(archive, out, "train.save_every=6")]) == 0
+    ckpt = next(out.glob("*/checkpoints/step-00000006/model.safetensors"))
+    config = out / "config.yaml"  # the resolved config of the run
+    capsys.readouterr()
+    assert _tool("pstar").main(["crossval", str(config), str(ckpt), "--largest-side", "40", "--grid", "1", "3",
+                                "--limit", "12"]) == 0
+    cv = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cv["p_start"] == 3.0 and set(cv["top1"]) == {"1.0", "3.0"} and cv["p_star"] in (1.0, 3.0)
+    new = tmp_path / "pstar.safetensors"
+    assert _tool("pstar").main(["finetune", str(config), str(ckpt), "--largest-side", "40", "--per-class", "2",
+                                "--batch-size", "4", "--out", str(new)]) == 0
+    ft = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ft["steps"] == 3 and ft["p_star"] >= 1.0 and load_file(str(new))["backbone.pool.p"].item() == ft["p_star"]
+    rng = np.random.default_rng(0)
+    for name in ["100000", "100001", "100100", "100101", "100102"]:
+        (tmp_path / "hol" / "jpg").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "hol" / "jpg" / f"{name}.jpg")
+    assert _tool("eval_retrieval").main([str(config), str(new), "--protocol", "holidays", "--root",
+                                         str(tmp_path / "hol"), "--largest-side", "48", "--p", "4",
+                                         "--device", "cpu"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["protocol"] == "holidays" and 0 < metrics["mAP"] <= 100

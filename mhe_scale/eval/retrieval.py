@@ -85,6 +85,23 @@ def load_image(ref: ImageRef, largest_side: int | None = None) -> np.ndarray:
         raise ValueError(f"{ref.path}: cannot read image ({err})") from None
 
 
+class ResizeLargestSide:
+    """Transform uint8 [H, W, 3] -> uint8 with its largest side = size, aspect kept, no crop (s* testing)."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"largest side must be >= 1, got {size}")
+        self.size = size
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        h, w = image.shape[:2]
+        scale = self.size / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if size == (w, h):
+            return image
+        return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size, Image.BILINEAR))
+
+
 def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 [H, W, 3] -> normalised float32 [3, H, W]."""
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)

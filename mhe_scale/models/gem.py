@@ -57,6 +57,15 @@ class GeM(nn.Module):
         with torch.no_grad():
             self.p.fill_(float(p))
 
+    def make_learnable(self) -> nn.Parameter:
+        """Turn a fixed p (buffer) into a trainable parameter with the same value (p* fine-tuning)."""
+        if not self.learn_p:
+            value = self.p.detach().clone()
+            del self._buffers["p"]
+            self.p = nn.Parameter(value)
+            self.learn_p = True
+        return self.p  # type: ignore[return-value]
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.learn_p and float(self.p) == 1.0:  # fast path (a fixed buffer: no graph through p)
             return gem(x, 1.0, self.eps)

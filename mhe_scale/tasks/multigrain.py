@@ -219,3 +219,72 @@ def run_multigrain(cfg: MultiGrainConfig, accelerator) -> dict[str, dict[str, An
     results = {run_label(cfg.model): {"metrics": metrics, "costs": costs}}
     write_results(cfg, results, accelerator)
     return results
+
+
+# ---------------------------------------------------------------- p*: GeM's p for a new test resolution
+
+
+def per_class_subset(labels: Tensor, per_class: int, seed: int = 0) -> Tensor:
+    """Indices of `per_class` random images of each class (all of a class that has fewer), sorted."""
+    labels = torch.as_tensor(labels).long()
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g)
+    order = order[torch.argsort(labels[order], stable=True)]  # by class, random inside
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    keep = torch.cat([order[s:s + min(per_class, int(c))] for s, c in zip(starts.tolist(), counts.tolist())])
+    return keep.sort().values
+
+
+def finetune_p(model: MultiGrainModel, batches, lr: float, steps: int, power: float = 1.0,
+               momentum: float = 0.9) -> list[float]:
+    """Train GeM's p alone with CE on the classifier (the rest frozen, backbone in eval mode), SGD with
+    polynomial decay lr·(1 − t/steps)^power over `steps` batches (one pass); p stays >= 1.
+    batches: (images [B, 3, H, W], labels [B]) pairs. Returns p after each step."""
+    from mhe_scale.models.gem import find_gem
+
+    gem = find_gem(model)
+    p = gem.make_learnable()
+    frozen = [q for q in model.parameters() if q is not p and q.requires_grad]
+    for q in frozen:
+        q.requires_grad_(False)
+    model.eval()
+    opt = torch.optim.SGD([p], lr=lr, momentum=momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / steps) ** power)
+    history = []
+    try:
+        for step, (images, labels) in enumerate(batches):
+            if step >= steps:
+                break
+            loss = F.cross_entropy(model.classifier(model.embed(images)).float(), labels.long())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                p.clamp_(min=1.0)
+            history.append(float(p.detach()))
+    finally:
+        for q in frozen:
+            q.requires_grad_(True)
+    return history
+
+
+@torch.no_grad()
+def cross_validate_p(model: MultiGrainModel, batches: list, grid: list[float]) -> dict[float, float]:
+    """Top-1 (in [0, 1]) of the classifier on held-out (images, labels) batches for every p of the grid;
+    GeM's p is left at the best one."""
+    from mhe_scale.models.gem import find_gem
+
+    gem = find_gem(model)
+    model.eval()
+    scores = {}
+    for p in grid:
+        gem.set_p(p)
+        hits = total = 0
+        for images, labels in batches:
+            hits += int((model.classifier(model.embed(images)).argmax(1) == labels).sum())
+            total += len(labels)
+        scores[float(p)] = hits / max(total, 1)
+    gem.set_p(max(scores, key=scores.__getitem__))  # the first best of the grid
+    return scores
