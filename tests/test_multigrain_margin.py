@@ -128,3 +128,16 @@ def test_beta_has_its_own_parameter_list_and_half_inputs_run_in_fp32():
     x, ids = batch()
     loss, _ = crit(x.bfloat16(), ids, generator=torch.Generator().manual_seed(0))
     assert loss.dtype == torch.float32
+
+
+def test_batch_of_one_instance_has_positive_terms_only():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    crit = MarginLoss().double()
+    a, p, n = crit.sample(pairwise_distances(x.detach()), torch.zeros(3, dtype=torch.long), 2)
+    assert len(a) == 6 and torch.all(n == -1)
+    loss, metrics = crit(x, torch.zeros(3, dtype=torch.long))
+    d = [math.sqrt(2), math.sqrt(2), 2.0]  # pairs (0,1), (1,2), (0,2), each counted in both directions
+    active = [0.2 + v - 1.2 for v in d if 0.2 + v - 1.2 > 0]
+    assert loss.item() == pytest.approx(sum(active) * 2 / (2 * len(active)))
+    loss.backward()
+    assert torch.isfinite(x.grad).all()

@@ -77,7 +77,8 @@ class MarginLoss(nn.Module):
     def sample(self, dist: Tensor, ids: Tensor, dim: int, generator: torch.Generator | None = None
                ) -> tuple[Tensor, Tensor, Tensor]:
         """(anchor, positive, negative) indices [P] each: every positive pair once per direction,
-        one negative drawn for it from the anchor's row of negative_weights (dim = embedding size)."""
+        one negative drawn for it from the anchor's row of negative_weights (dim = embedding size);
+        -1 where the batch holds no other instance (that pair gets no negative term)."""
         same = ids.view(-1, 1) == ids.view(1, -1)
         pos = same & ~torch.eye(len(ids), dtype=torch.bool, device=ids.device)
         anchor, positive = pos.nonzero(as_tuple=True)
@@ -86,8 +87,11 @@ class MarginLoss(nn.Module):
             return empty, empty, empty
         probs = negative_weights(dist, same, dim, self.cutoff,
                                  self.nonzero_loss_cutoff)
-        negative = torch.multinomial(probs[anchor], 1, replacement=True, generator=generator).view(-1)
-        return anchor, positive, negative
+        rows = probs[anchor]
+        lonely = rows.sum(dim=1) == 0  # the batch holds no other instance: no negative (marked -1)
+        rows = torch.where(lonely[:, None], torch.ones_like(rows), rows)
+        negative = torch.multinomial(rows, 1, replacement=True, generator=generator).view(-1)
+        return anchor, positive, torch.where(lonely, torch.full_like(negative, -1), negative)
 
     def forward(self, embeddings: Tensor, ids: Tensor, generator: torch.Generator | None = None
                 ) -> tuple[Tensor, Metrics]:
@@ -98,9 +102,10 @@ class MarginLoss(nn.Module):
         dist = pairwise_distances(x)
         anchor, positive, negative = self.sample(dist, ids, x.shape[1], generator)
         beta = self.beta.to(x.dtype)
-        d_pos, d_neg = dist[anchor, positive], dist[anchor, negative]
+        has_neg = negative >= 0
+        d_pos, d_neg = dist[anchor, positive], dist[anchor, negative.clamp_min(0)]
         pos_terms = (self.alpha + d_pos - beta).clamp_min(0)
-        neg_terms = (self.alpha - d_neg + beta).clamp_min(0)
+        neg_terms = torch.where(has_neg, (self.alpha - d_neg + beta).clamp_min(0), torch.zeros_like(d_neg))
         active = (pos_terms > 0).sum() + (neg_terms > 0).sum()
         loss = (pos_terms.sum() + neg_terms.sum()) / active.clamp_min(1).to(x.dtype)
         if len(anchor) == 0:  # no positives in the batch: a zero that still reaches beta and the inputs
@@ -108,7 +113,7 @@ class MarginLoss(nn.Module):
         terms = max(2 * len(anchor), 1)
         metrics = {"beta": self.beta.detach().float(), "active": active.detach().float() / terms,
                    "d_pos": d_pos.detach().float().mean() if len(anchor) else x.new_zeros(()).float(),
-                   "d_neg": d_neg.detach().float().mean() if len(anchor) else x.new_zeros(()).float()}
+                   "d_neg": d_neg[has_neg].detach().float().mean() if bool(has_neg.any()) else x.new_zeros(()).float()}
         return loss, metrics
 
     def extra_repr(self) -> str:
