@@ -95,6 +95,11 @@ def test_wrong_sampler_is_refused(archive, tmp_path, capsys):
     assert code != 0 and "data.sampler=repeated_aug" in capsys.readouterr().err
 
 
+def test_micro_steps_that_would_split_copies_are_refused(archive, tmp_path, capsys):
+    code = train_main([CONFIG, *overrides(archive, tmp_path / "x", "train.batch_size=4", "train.grad_accum_steps=3")])
+    assert code != 0 and "not a multiple of model.num_repeats=3" in capsys.readouterr().err
+
+
 def test_two_processes_gather_the_copies_and_resume(archive, tmp_path):
     """With 2 processes each image's 3 copies are split over the ranks (samplers.py); the margin
     loss must still see all of them (pairs == 2), and a resumed 2-process run continues exactly."""

@@ -196,6 +196,11 @@ def run_multigrain(cfg: MultiGrainConfig, accelerator) -> dict[str, dict[str, An
     if cfg.data.sampler != "repeated_aug":
         raise ValueError(f"data.sampler={cfg.data.sampler!r}: multigrain trains on repeated_aug batches "
                          "(the margin loss needs the copies of each image); set data.sampler=repeated_aug")
+    per_step = cfg.train.batch_size * accelerator.num_processes
+    if per_step % cfg.model.num_repeats:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} x {accelerator.num_processes} processes = {per_step} "
+                         f"is not a multiple of model.num_repeats={cfg.model.num_repeats}: a micro-step would split an "
+                         "image's copies (the margin loss sees one micro-step); change train.batch_size")
     start = time.perf_counter()
     data = load_image_data(cfg.data, accelerator)
     accelerator.print(f"{data.description} ({time.perf_counter() - start:.1f}s)")
