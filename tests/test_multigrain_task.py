@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mhe_scale.config import ConfigError, load_config
+from mhe_scale.config import load_config
 from mhe_scale.config import OptimConfig
 from mhe_scale.losses.margin import MarginLoss
 from mhe_scale.models.gem import GeM

@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="/tmp/bench_multigrain")
     args = ap.parse_args(argv)
 
-    import torch
     from safetensors.torch import load_file
 
     from mhe_scale.config import load_config

@@ -21,7 +21,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 
