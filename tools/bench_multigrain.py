@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(state)
         model.eval()
         row = {"top1": 100 * res["metrics"]["top1"], "train s": train_s}
-        for test_p in (p, p + 1):
+        for test_p, tag in ((p, "p"), (p + 1, "p+1")):
             find_gem(model).set_p(test_p)
             for name, rset in sets.items():
                 m = evaluate(rset, model.embed, largest_side=32, mean=CIFAR10_MEAN, std=CIFAR10_STD, batch_size=256)
-                row[f"CD-{name} mAP (p={test_p:g})"] = m["mAP"]
+                row[f"CD-{name} mAP ({tag})"] = m["mAP"]
         rows[f"λ={lam:g}, p={p:g}"] = row
         print(json.dumps({cell: row}), flush=True)
     out.mkdir(parents=True, exist_ok=True)
