@@ -152,3 +152,23 @@ def test_copydays_with_distractors(tmp_path):
     assert got["mAP"] == pytest.approx(100 * sum(aps) / len(aps), abs=1e-6)
     strong = evaluate(copydays(tmp_path / "cd", transforms=["strong"]), embed, mean=MEAN, std=STD)
     assert len(copydays(tmp_path / "cd", transforms=["strong"]).queries) == 3 and not math.isnan(strong["mAP"])
+
+
+def test_make_copydays_like_writes_what_copydays_reads(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_task_classify import write_archive
+
+    archive = write_archive(tmp_path / "a.tar.gz", per_class=2)
+    spec = importlib.util.spec_from_file_location("mcl", Path(__file__).parents[1] / "tools" / "make_copydays_like.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(archive), str(tmp_path / "out"), "--originals", "3", "--distractors", "4"]) == 0
+    rset = copydays(tmp_path / "out" / "copydays", tmp_path / "out" / "distractors")
+    assert len(rset.database) == 3 + 4 and len(rset.queries) == 3 * 7
+    assert len(copydays(tmp_path / "out" / "copydays", transforms=["strong"]).queries) == 3 * 2
+    got = evaluate(rset, embed, mean=MEAN, std=STD)
+    assert 0 < got["mAP"] <= 100
