@@ -1,0 +1,83 @@
+"""p*: training GeM's p alone moves it where the classifier works, leaving everything else as it
+was; the cross-validation alternative picks the best p of a grid; per-class subsets."""
+
+import torch
+from torch import nn
+
+from mhe_scale.models.gem import GeM, GeMBackbone
+from mhe_scale.tasks.multigrain import MultiGrainModel, cross_validate_p, finetune_p, per_class_subset
+
+
+class MapIsInput(nn.Module):
+    """A 'backbone' whose feature map is its input [B, 1, h, w] (num_features 1), with a BN to check eval mode."""
+
+    num_features = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1)
+
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x)
+
+
+def peaky_vs_flat(n=32, seed=0):
+    """Class 0: one activation of 16 on a 4x4 map; class 1: all ones. Same mean: p = 1 cannot tell
+    them apart, GeM_p(class 0) = 16^(1 - 1/p) grows with p."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    x = torch.ones(n, 1, 4, 4)
+    x[labels == 0] = 0
+    pos = torch.randint(0, 16, (n,), generator=g)
+    for i in torch.nonzero(labels == 0).view(-1).tolist():
+        x[i, 0, pos[i] // 4, pos[i] % 4] = 16
+    return x, labels
+
+
+def model(p=1.0):
+    m = MultiGrainModel(GeMBackbone(MapIsInput(), GeM(p)), 2)
+    with torch.no_grad():  # class 0 iff pooled value > 2, i.e. iff p > 4/3 for class-0 images
+        m.classifier.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        m.classifier.bias.copy_(torch.tensor([-2.0, 2.0]))
+    return m
+
+
+def top1(m, x, y):
+    with torch.no_grad():
+        return float((m.classifier(m.embed(x)).argmax(1) == y).float().mean())
+
+
+def test_finetuning_p_alone_raises_it_until_the_classes_separate():
+    m = model(1.0)
+    x, y = peaky_vs_flat()
+    before = {k: v.clone() for k, v in m.state_dict().items() if not k.endswith("pool.p")}
+    assert top1(m.eval(), x, y) < 0.75
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)] * 10
+    history = finetune_p(m, batches, lr=0.5, steps=40)
+    assert len(history) == 40 and history[-1] > 4 / 3 and min(history) >= 1.0
+    assert top1(m, x, y) == 1.0
+    after = m.state_dict()
+    for k, v in before.items():  # backbone (BN statistics too: eval mode) and classifier untouched
+        assert torch.equal(after[k], v), k
+    assert all(q.requires_grad for q in m.parameters())
+
+
+def test_cross_validation_picks_the_best_p_of_the_grid():
+    m = model(3.0)
+    x, y = peaky_vs_flat(seed=1)
+    m.eval()
+    scores = cross_validate_p(m, [(x[:16], y[:16]), (x[16:], y[16:])], [1.0, 1.2, 2.0, 4.0])
+    expected = {}
+    for p in [1.0, 1.2, 2.0, 4.0]:  # naive: pooled value per image from the formula
+        pooled = torch.tensor([(16.0 ** p / 16) ** (1 / p) if int(c) == 0 else 1.0 for c in y])
+        expected[p] = float(((torch.where(pooled > 2, 0, 1)) == y).float().mean())
+    assert scores == expected
+    assert float(m.backbone.pool.p) == 2.0  # the first p with the best score
+
+
+def test_per_class_subset():
+    labels = torch.tensor([0, 1, 1, 2, 1, 0, 2, 2, 2, 1])
+    idx = per_class_subset(labels, 2, seed=3)
+    assert torch.equal(torch.bincount(labels[idx]), torch.tensor([2, 2, 2]))
+    assert len(set(idx.tolist())) == 6 and torch.equal(idx, idx.sort().values)
+    assert torch.equal(per_class_subset(labels, 10), torch.arange(10))

@@ -1,0 +1,99 @@
+"""p*: GeM's exponent for a new test resolution s* (MultiGrain, section 3.3), two ways.
+
+    # fine-tune p alone on `per_class` training images per class at s* (backbone in eval mode, CE,
+    # one pass, SGD with polynomial decay); writes the checkpoint with the new p
+    python tools/pstar.py finetune CONFIG CKPT/model.safetensors --largest-side 500 --per-class 50 \
+        --lr 0.005 --out pstar.safetensors
+    # cross-validation: top-1 on held-out test images at s* for each p of a grid
+    python tools/pstar.py crossval CONFIG CKPT/model.safetensors --largest-side 500 --grid 1 2 3 4 5 6 --limit 2000
+
+CONFIG is the run's multigrain YAML (data + model sections). Images are resized so their largest
+side is s* (no crop) and batched by size. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def size_batches(dataset, indices, batch_size: int):
+    """(images [B, 3, H, W], labels [B]) over dataset[indices], images of one size per batch."""
+    import torch
+
+    by_size: dict = {}
+    for i in indices:
+        image, label = dataset[int(i)]
+        group = by_size.setdefault(tuple(image.shape), [])
+        group.append((image, label))
+        if len(group) == batch_size:
+            yield torch.stack([g[0] for g in group]), torch.tensor([g[1] for g in group])
+            group.clear()
+    for group in by_size.values():
+        if group:
+            yield torch.stack([g[0] for g in group]), torch.tensor([g[1] for g in group])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("mode", choices=["finetune", "crossval"])
+    ap.add_argument("config")
+    ap.add_argument("checkpoint")
+    ap.add_argument("--largest-side", type=int, required=True, help="s*")
+    ap.add_argument("--per-class", type=int, default=50, help="finetune: training images per class")
+    ap.add_argument("--lr", type=float, default=0.005)
+    ap.add_argument("--power", type=float, default=1.0, help="polynomial decay exponent")
+    ap.add_argument("--grid", type=float, nargs="*", default=[1, 2, 3, 4, 5, 6])
+    ap.add_argument("--limit", type=int, default=None, help="crossval: first N test images")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="finetune: where to write the checkpoint with p*")
+    args = ap.parse_args(argv)
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mhe_scale.config import load_config
+    from mhe_scale.data.image_dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, \
+        ImageClassificationDataset
+    from mhe_scale.data.image_source import image_records
+    from mhe_scale.data.image_transforms import Compose, Normalize, ToTensor
+    from mhe_scale.eval.retrieval import ResizeLargestSide
+    from mhe_scale.models.gem import find_gem
+    from mhe_scale.tasks.multigrain import build_model, cross_validate_p, finetune_p, per_class_subset
+
+    cfg = load_config(args.config)
+    state = load_file(args.checkpoint)
+    model = build_model(cfg.model, int(state["classifier.weight"].shape[0]))
+    model.load_state_dict(state, strict=True)
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if cfg.data.preset == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
+    transform = Compose([ResizeLargestSide(args.largest_side), ToTensor(), Normalize(mean, std)])
+    train_records, test_records = image_records(cfg.data)
+    p0 = float(find_gem(model).p)
+    if args.mode == "finetune":
+        data = ImageClassificationDataset(train_records, transform, cfg.data.seed)
+        idx = per_class_subset(torch.as_tensor(data.labels), args.per_class, args.seed)
+        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(args.seed))]
+        steps = -(-len(idx) // args.batch_size)
+        history = finetune_p(model, size_batches(data, idx.tolist(), args.batch_size), args.lr, steps, args.power)
+        result = {"mode": "finetune", "p_start": p0, "p_star": history[-1] if history else p0, "steps": len(history)}
+        if args.out:
+            out = {k: v.contiguous() for k, v in model.state_dict().items()}
+            save_file(out, args.out)
+    else:
+        data = ImageClassificationDataset(test_records, transform, cfg.data.seed)
+        n = len(data) if args.limit is None else min(args.limit, len(data))
+        batches = list(size_batches(data, range(n), args.batch_size))
+        scores = cross_validate_p(model, batches, args.grid)
+        result = {"mode": "crossval", "p_start": p0, "p_star": float(find_gem(model).p),
+                  "top1": {str(k): v for k, v in scores.items()}}
+    print(json.dumps({"largest_side": args.largest_side, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
