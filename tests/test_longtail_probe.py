@@ -72,3 +72,14 @@ def test_probe_and_crt_on_a_pretraining_checkpoint(lists, tmp_path, sampler):  #
 def test_checkpoint_path_errors_name_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="probe.checkpoint=.*no model.safetensors"):
         resolve_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["cifar10_lt100_kcl", "cifar10_lt100_probe", "imagenet_lt_r50_kcl",
+                                  "imagenet_lt_r50_ce", "imagenet_lt_r50_probe", "imagenet_lt_r50_crt"])
+def test_shipped_longtail_configs_load(name):
+    from mhe_scale.config import load_config
+
+    cfg = load_config(f"configs/longtail/{name}.yaml")
+    assert cfg.task in ("contrastive", "probe")
+    if cfg.task == "contrastive" and cfg.contrastive.method != "ce":
+        assert cfg.contrastive.queue_size % cfg.train.batch_size == 0
