@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[method] = {"pretrain s": pre_s, "probe s": time.perf_counter() - t1, "knn": knn, "crt": crt,
                         "best_tau": best[3:-8], "best_tau_metrics": {g: crt[f"{best[:-8]}_{g}"] for g in
                                                                       ("overall", "many", "medium", "few")}}
-    header = ("| method | pre-train s | kNN overall / many / medium | cRT overall / many / medium | "
+    header = ("| method | pre-train + kNN s | kNN overall / many / medium | cRT overall / many / medium | "
               "best τ (test) overall / many / medium |\n|---|---|---|---|---|")
     lines = [header]
     for method, r in rows.items():
