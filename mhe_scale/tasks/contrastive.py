@@ -5,7 +5,7 @@ shot group (many / medium / few by the training counts).
     mhe-scale train configs/longtail/cifar10_lt100_kcl.yaml [contrastive.method=moco train.epochs=1 ...]
 
 contrastive.method: moco (InfoNCE, k = 0) | kcl (k_positives same-class queue positives) | ce (backbone +
-fc head, CE). Data as the classify task (data.format list with tools/make_longtail.py's lists).
+the config's head, e.g. head.name fc, trained with its loss). Data as the classify task (data.format list with tools/make_longtail.py's lists).
 Output: {output_dir}/{method}/checkpoints/step-*/model.safetensors (the backbone under "encoder.*",
 which tasks/probe.py loads), loss_log.jsonl; results.json / results.md with the kNN accuracies.
 """
@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from mhe_scale.config import ExperimentConfig, HeadConfig
+from mhe_scale.config import ExperimentConfig
 from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_preset
 from mhe_scale.data.image_source import ImageDataConfig, image_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
@@ -99,7 +99,7 @@ def build_module(cfg: ContrastiveConfig, num_classes: int, rank: int = 0, world:
     torch.manual_seed(cfg.train.seed)
     backbone = build_image_model(cfg.model)
     if c.method == "ce":
-        head = build_run_head(HeadConfig(name="fc"), False, backbone.num_features, num_classes, False)
+        head = build_run_head(cfg.head, False, backbone.num_features, num_classes, False)
         return Classifier(backbone, head)
     return MoCo(backbone, dim=c.dim, mlp=c.version == 2, queue_size=c.queue_size, momentum=c.momentum,
                 temperature=c.temperature, k_positives=0 if c.method == "moco" else c.k_positives,
