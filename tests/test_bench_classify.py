@@ -84,5 +84,5 @@ def test_fit_and_the_plain_loop_end_with_the_same_weights(overhead, capsys):
     res = overhead.run_benchmark(overhead.parse_args(["--steps", "3", "--batch-size", "8", "--width", "4",
                                                       "--repeats", "1"]))
     assert res["same weights"] and res["max weight diff"] == 0.0
-    assert len(res["plain s/step"]) == len(res["fit s/step"]) == 1
+    assert len(res["plain cpu s/step"]) == len(res["fit cpu s/step"]) == 1
     assert "| plain PyTorch |" in overhead.markdown(res)

@@ -12,10 +12,10 @@ DataLoader in the main process and step torch SGD (momentum, weight decay) from 
 - plain: the ~20-line loop `loss, _ = model(x, y); loss.backward(); opt.step(); opt.zero_grad()`.
 
 After one untimed warm-up run of each, repeats alternate the order (plain first, then fit first, ...) to
-cancel drift in machine load. Reported:
-seconds per optimizer step of each loop (time of its training loop; fit's own FitResult.seconds, which
-excludes its set-up, and the whole fit call), the overhead in percent, and whether both end with the same
-weights and batch-norm statistics (max |difference| over every tensor of the state dict).
+cancel drift in machine load. Reported: seconds per optimizer step of each loop, CPU time of this process
+and wall time, between the first and the last step (set-up and the first step left out; fit's clock is its
+step_callback), the medians' overhead in percent, and whether both end with the same weights and
+batch-norm statistics (max |difference| over every tensor of the state dict).
 """
 
 from __future__ import annotations
@@ -83,8 +83,27 @@ def make_data(num: int, seed: int) -> TensorDataset:
     return TensorDataset(torch.randn(num, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (num,), generator=g))
 
 
-def plain_loop(cfg, data: TensorDataset) -> tuple[dict[str, Tensor], float, int]:
-    """The reference loop -> (final state_dict, loop seconds, steps)."""
+class StepClock:
+    """Wall and CPU (this process) time after every optimizer step; per-step cost = (last - first) / (steps - 1),
+    so set-up and the first step are left out. CPU time is what the loop itself spends, insensitive to the
+    other jobs of a shared machine; wall time is what a user waits."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def __call__(self, step: int = 0) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def per_step(self) -> tuple[float, float]:
+        """(wall s, CPU s) per step between the first and the last mark."""
+        n = max(len(self.wall) - 1, 1)
+        return (self.wall[-1] - self.wall[0]) / n, (self.cpu[-1] - self.cpu[0]) / n
+
+
+def plain_loop(cfg, data: TensorDataset) -> tuple[dict[str, Tensor], StepClock]:
+    """The reference loop -> (final state_dict, its step clock)."""
     from mhe_scale.data.samplers import build_sampler
     from mhe_scale.engine.model import build_optimizers
 
@@ -93,31 +112,32 @@ def plain_loop(cfg, data: TensorDataset) -> tuple[dict[str, Tensor], float, int]
     sampler = build_sampler("epoch", None, micro_batch=cfg.train.batch_size, grad_accum_steps=1, num_processes=1,
                             rank=0, seed=cfg.train.seed, num_samples=len(data))
     loader = DataLoader(data, batch_sampler=sampler)
+    clock = StepClock()
     model.train()
-    steps, start = 0, time.perf_counter()
     sampler.set_position(0, 0)
     for inputs, targets in loader:
         loss, _ = model(inputs, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        steps += 1
-    seconds = time.perf_counter() - start
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, seconds, steps
+        clock()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, clock
 
 
-def fit_loop(cfg, data: TensorDataset, accelerator) -> tuple[dict[str, Tensor], float, float, int]:
-    """engine.fit on the same model / data -> (final state_dict, loop seconds, whole-call seconds, steps)."""
+def fit_loop(cfg, data: TensorDataset, accelerator) -> tuple[dict[str, Tensor], StepClock, float]:
+    """engine.fit on the same model / data -> (final state_dict, step clock, whole-call wall s per step)."""
     from mhe_scale.engine.loop import fit
     from mhe_scale.engine.model import build_optimizers
 
     model = build_model(cfg)
     optimizer, head_optimizer = build_optimizers(cfg.optim, model)
+    clock = StepClock()
     start = time.perf_counter()
-    result = fit(model, optimizer, data, cfg.train, accelerator, desc="fit", head_optimizer=head_optimizer)
-    whole = time.perf_counter() - start
+    result = fit(model, optimizer, data, cfg.train, accelerator, desc="fit", head_optimizer=head_optimizer,
+                 step_callback=clock)
+    whole = (time.perf_counter() - start) / result.steps
     state = accelerator.unwrap_model(model).state_dict()
-    return {k: v.detach().clone() for k, v in state.items()}, result.seconds, whole, result.steps
+    return {k: v.detach().clone() for k, v in state.items()}, clock, whole
 
 
 def max_difference(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
@@ -136,7 +156,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         cfg = bench_config(args, Path(tmp))
         data = make_data(args.steps * args.batch_size, args.seed)
         accelerator = build_accelerator(cfg.dist, cfg.train)
-        plain, fitted, diffs = [], [], []
+        plain, fitted, whole, diffs = [], [], [], []
         plain_loop(cfg, data)  # untimed warm-up of both (first-call costs: allocator, lazy imports, tqdm)
         fit_loop(cfg, data, accelerator)
         for r in range(args.repeats):
@@ -144,37 +164,36 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             states = {}
             for which in order:
                 if which == "plain":
-                    states["plain"], seconds, steps = plain_loop(cfg, data)
-                    plain.append(seconds / steps)
+                    states["plain"], clock = plain_loop(cfg, data)
+                    plain.append(clock.per_step())
                 else:
-                    states["fit"], seconds, whole, steps = fit_loop(cfg, data, accelerator)
-                    fitted.append((seconds / steps, whole / steps))
+                    states["fit"], clock, call = fit_loop(cfg, data, accelerator)
+                    fitted.append(clock.per_step())
+                    whole.append(call)
             diffs.append(max_difference(states["plain"], states["fit"]))
-            print(f"  repeat {r} ({' then '.join(order)}): plain {plain[-1]:.4f} s/step, fit {fitted[-1][0]:.4f} "
-                  f"s/step ({fitted[-1][1]:.4f} with set-up), max |weight diff| {diffs[-1]:.3g}", flush=True)
-    plain_s = statistics.median(plain)
-    fit_s = statistics.median(f[0] for f in fitted)
-    whole_s = statistics.median(f[1] for f in fitted)
-    return {"plain s/step": plain, "fit s/step": [f[0] for f in fitted], "fit call s/step": [f[1] for f in fitted],
-            "plain s/step median": plain_s, "fit s/step median": fit_s, "fit call s/step median": whole_s,
-            "overhead %": 100 * (fit_s - plain_s) / plain_s, "overhead with set-up %": 100 * (whole_s - plain_s) / plain_s,
-            "max weight diff": max(diffs), "same weights": max(diffs) == 0.0, "steps": args.steps,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "threads": torch.get_num_threads()}
+            print(f"  repeat {r} ({' then '.join(order)}): wall / CPU s per step: plain {plain[-1][0]:.4f} / "
+                  f"{plain[-1][1]:.4f}, fit {fitted[-1][0]:.4f} / {fitted[-1][1]:.4f}; max |weight diff| {diffs[-1]:.3g}",
+                  flush=True)
+    res: dict[str, Any] = {"steps": args.steps, "threads": torch.get_num_threads(), "max weight diff": max(diffs),
+                           "same weights": max(diffs) == 0.0, "fit call wall s/step": whole,
+                           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    for i, kind in enumerate(("wall", "cpu")):
+        p, f = [x[i] for x in plain], [x[i] for x in fitted]
+        res[f"plain {kind} s/step"], res[f"fit {kind} s/step"] = p, f
+        res[f"overhead {kind} %"] = 100 * (statistics.median(f) - statistics.median(p)) / statistics.median(p)
+    return res
 
 
 def markdown(res: dict[str, Any]) -> str:
     def cell(values: list[float]) -> str:
-        return " / ".join(f"{v:.4f}" for v in values)
+        return f"{statistics.median(values):.4f} ({' / '.join(f'{v:.4f}' for v in values)})"
 
     return "\n".join([
-        "| loop | s/step (median) | s/step per repeat | overhead |",
-        "|---|---:|---:|---:|",
-        f"| plain PyTorch | {res['plain s/step median']:.4f} | {cell(res['plain s/step'])} | - |",
-        f"| engine.fit (training loop) | {res['fit s/step median']:.4f} | {cell(res['fit s/step'])} | "
-        f"{res['overhead %']:+.1f}% |",
-        f"| engine.fit (whole call, with set-up) | {res['fit call s/step median']:.4f} | {cell(res['fit call s/step'])} | "
-        f"{res['overhead with set-up %']:+.1f}% |"])
+        "| loop | CPU s/step: median (per repeat) | wall s/step: median (per repeat) |",
+        "|---|---:|---:|",
+        f"| plain PyTorch | {cell(res['plain cpu s/step'])} | {cell(res['plain wall s/step'])} |",
+        f"| engine.fit | {cell(res['fit cpu s/step'])} | {cell(res['fit wall s/step'])} |",
+        f"| fit overhead | {res['overhead cpu %']:+.1f}% | {res['overhead wall %']:+.1f}% |"])
 
 
 def main(argv: list[str] | None = None) -> int:
