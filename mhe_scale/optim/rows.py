@@ -121,3 +121,17 @@ def row_sparse_leaves(params: Iterable[Tensor]) -> list[Tensor]:
         if merged is not None:
             out.append(merged[1])
     return out
+
+
+def refresh_on_state_dict(module: nn.Module) -> None:
+    """Catch every row-sparse parameter of `module` up before its state_dict is taken (checkpoints and
+    exports never hold stale rows). Registered once per module."""
+    if getattr(module, "_mhe_refresh_hook", False):
+        return
+
+    def hook(mod: nn.Module, prefix: str, keep_vars: bool) -> None:
+        for p in mod.parameters(recurse=False):
+            refresh_all(p)
+
+    module.register_state_dict_pre_hook(hook)
+    module._mhe_refresh_hook = True  # type: ignore[attr-defined]
