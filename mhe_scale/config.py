@@ -77,6 +77,9 @@ class OptimConfig:
     """Decoupled (adamw) or L2 (sgd) weight decay."""
     momentum: float = 0.9
     """sgd momentum."""
+    head_update: str = "dense"
+    """dense | sparse. sparse: a sampled head (partial_fc, mhs; class-sharded, dist.shard_head=true) updates
+    only the rows a step touched, with lazy exact catch-up of skipped steps (docs/engine.md)."""
 
 
 @dataclass(kw_only=True)

@@ -68,8 +68,11 @@ class ShardedHeadTraining:
 
         Encoder gradients are identical on every rank after DDP; the head's squared norm is summed
         over ranks (one all-reduce of one number), so the norm equals the single-process one."""
-        params = [p for p in encoder_params + self.params if p.grad is not None]
-        owned = {id(p) for p in self.params}
+        from mhe_scale.optim.rows import row_sparse_leaves
+
+        sparse = row_sparse_leaves(self.params)  # row-sparse heads: summed row gradients (mhe_scale.optim)
+        params = [p for p in encoder_params + self.params if p.grad is not None] + sparse
+        owned = {id(p) for p in self.params + sparse}
 
         def squared_norm(grads: list[Tensor]) -> Tensor:
             if not grads:

@@ -53,16 +53,16 @@ class _RowSparseBase(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 rg: RowGradients | None = getattr(p, ROWS_ATTR, None)
                 if rg is not None:
-                    rg.refresh = self._refresher(p, group)
+                    rg.refresh = self._refresher(p, index)
 
-    def _refresher(self, p: Tensor, group: dict[str, Any]):
+    def _refresher(self, p: Tensor, index: int):
         def refresh(ids: Tensor | None) -> None:
-            with torch.no_grad():
-                self._catch_up(p, group, ids)
+            with torch.no_grad():  # the group is looked up now: load_state_dict / schedules replace its values
+                self._catch_up(p, self.param_groups[index], ids)
         return refresh
 
     def _state(self, p: Tensor) -> dict[str, Tensor]:
@@ -80,6 +80,13 @@ class _RowSparseBase(torch.optim.Optimizer):
 
     def _buffers(self) -> tuple[str, ...]:
         raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts every state tensor to its parameter's dtype: turn the per-row steps back into int64."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "row_step" in state and state["row_step"].dtype != torch.int64:
+                state["row_step"] = state["row_step"].round().long()
 
     def _catch_up(self, p: Tensor, group: dict[str, Any], ids: Tensor | None) -> None:
         """Apply the skipped steps to rows `ids` (None: all rows) so they reflect state["step"] steps."""
