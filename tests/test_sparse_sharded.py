@@ -12,6 +12,7 @@ from mhe_scale.parallel import all_reduce_sum, get_rank, get_world_size
 from mhe_scale.parallel.checkpoint import load_head_shard, save_head_shard
 from mhe_scale.parallel.head_rng import load_head_rng, save_head_rng
 from mhe_scale.parallel.sharded_fc import ShardedPartialFCHead
+from mhe_scale.parallel.sharded_mhc import ShardedMultiHeadCascadeHead
 from mhe_scale.parallel.sharded_mhs import ShardedMultiHeadSamplingHead
 from mhe_scale.parallel.testing import run_in_processes
 
@@ -21,6 +22,7 @@ HEADS = {
     "mhs_bu": (ShardedMultiHeadSamplingHead, dict(sizes=(10, 4), mode="batch_union", num_sampled_groups=2,
                                                   cosine=True, margin=(1.0, 0.2, 0.0), scale=8.0)),
     "mhs_ps": (ShardedMultiHeadSamplingHead, dict(sizes=(10, 4), mode="per_sample", num_sampled_groups=2, bias=True)),
+    "mhc": (ShardedMultiHeadCascadeHead, dict(sizes=(5, 8), top_k_groups=2, hidden=4)),
 }
 
 
