@@ -137,14 +137,16 @@ class _RowSparseBase(torch.optim.Optimizer):
                     state["step"] += 1  # nothing touched: every row is now one step behind
                     continue
                 ids, leaf = merged
-                self._catch_up(p, group, ids)  # a no-op when gather_rows already did it
+                if not rg.fresh:  # gather_rows caught these rows up unless it ran before this optimizer existed
+                    self._catch_up(p, group, ids)
                 t = int(state["step"]) + 1
                 view = rows_of(p.data, rg.row_ndim)
                 bufs = [rows_of(state[k], rg.row_ndim) for k in self._buffers()]
-                new, new_bufs = self._update(view[ids], leaf.grad, [b[ids] for b in bufs], group, t)
-                view[ids] = new
+                new, new_bufs = self._update(view.index_select(0, ids), leaf.grad,
+                                             [b.index_select(0, ids) for b in bufs], group, t)
+                view.index_copy_(0, ids, new)
                 for b, nb in zip(bufs, new_bufs):
-                    b[ids] = nb
+                    b.index_copy_(0, ids, nb)
                 state["step"] += 1
                 state["row_step"].view(-1)[ids] = t
 

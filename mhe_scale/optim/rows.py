@@ -28,8 +28,10 @@ class RowGradients:
         self.leaves: list[Tensor] = []
         self.merged: tuple[Tensor, Tensor] | None = None  # (ids [U], leaf [U, ...] holding the summed grad)
         self.refresh: Callable[[Tensor | None], None] | None = None  # set by the optimizer; None ids = all rows
+        self.fresh = True  # every gathered row was caught up when gathered
 
-    def add(self, ids: Tensor, leaf: Tensor) -> None:
+    def add(self, ids: Tensor, leaf: Tensor, fresh: bool) -> None:
+        self.fresh = self.fresh and fresh
         self.ids.append(ids)
         self.leaves.append(leaf)
         self.merged = None
@@ -54,7 +56,7 @@ class RowGradients:
         return self.merged
 
     def clear(self) -> None:
-        self.ids, self.leaves, self.merged = [], [], None
+        self.ids, self.leaves, self.merged, self.fresh = [], [], None, True
 
 
 def rows_of(p: Tensor, row_ndim: int) -> Tensor:
@@ -98,7 +100,7 @@ def gather_rows(p: Tensor, ids: Tensor, unique: bool = False, row_ndim: int = 1)
     rows = rows_of(p.detach(), rg.row_ndim)[u]
     if torch.is_grad_enabled():
         rows.requires_grad_(True)
-        rg.add(u, rows)
+        rg.add(u, rows, rg.refresh is not None)
     out = rows if inverse is None else rows[inverse]
     return out.reshape(*ids.shape, *out.shape[1:])
 
