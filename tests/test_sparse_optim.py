@@ -110,3 +110,15 @@ def test_clip_leaves_hold_the_summed_row_gradient() -> None:
     dense = torch.zeros(R, D)
     dense.index_add_(0, torch.tensor([1, 2, 2, 5, 2]), torch.ones(5, D))
     assert math.isclose(leaf.grad.norm().item(), dense.norm().item(), rel_tol=1e-6)
+
+
+def test_dense_optimizer_state_is_refused_with_the_fix() -> None:
+    w = torch.nn.Parameter(torch.zeros(R, D))
+    dense = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    w.grad = torch.ones(R, D)
+    dense.step()
+    enable_row_sparse(w)
+    sparse = RowSparseSGD([w], lr=0.1, momentum=0.9)
+    sparse.load_state_dict(dense.state_dict())
+    with pytest.raises(ValueError, match="head_update=dense"):
+        gather_rows(w, torch.tensor([1]), unique=True)

@@ -74,6 +74,13 @@ class _RowSparseBase(torch.optim.Optimizer):
             rg: RowGradients | None = getattr(p, ROWS_ATTR, None)
             if rg is not None:
                 state["row_step"] = torch.zeros(p.shape[:rg.row_ndim], dtype=torch.int64, device=p.device)
+        missing = [k for k in ("step", *self._buffers()) if k not in state]
+        if getattr(p, ROWS_ATTR, None) is not None and "row_step" not in state:
+            missing.append("row_step")
+        if missing:
+            raise ValueError(f"{type(self).__name__}: the loaded optimizer state of a {tuple(p.shape)} parameter lacks "
+                             f"{missing} (saved by the dense optimizer?): resume with optim.head_update=dense, or "
+                             "start a fresh run to switch to the sparse update")
         if "row_step" in state and state["row_step"].dtype != torch.int64:  # load_state_dict casts to p's dtype
             state["row_step"] = state["row_step"].round().long()
         return state
