@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mhe_scale.optim.rows import ROWS_ATTR, RowGradients, rows_of
 
@@ -259,7 +259,3 @@ def build_row_sparse_optimizer(name: str, groups: list[dict[str, Any]], lr: floa
     if name == "adamw":
         return RowSparseAdamW(groups, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optim.name={name!r} has no row-sparse version; choose adamw or sgd")
-
-
-def parameters_of(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
