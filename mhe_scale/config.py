@@ -80,6 +80,9 @@ class OptimConfig:
     no_decay_bias_norm: bool = False
     """Weight decay 0 for parameters with at most one dimension (biases, LayerNorm / BatchNorm weights), as
     LightXML's AdamW does (no_decay = bias, LayerNorm.weight); False: weight_decay applies to every parameter."""
+    head_update: str = "dense"
+    """dense | sparse. sparse: a sampled head (partial_fc, mhs; class-sharded, dist.shard_head=true) updates
+    only the rows a step touched, with lazy exact catch-up of skipped steps (docs/engine.md)."""
 
 
 @dataclass(kw_only=True)

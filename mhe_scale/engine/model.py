@@ -124,7 +124,20 @@ def build_optimizers(cfg: OptimConfig, model: Classifier) -> tuple[torch.optim.O
     (which stays out of DDP / ZeRO, see docs/engine.md)."""
     from mhe_scale.engine.prepared import is_class_sharded
 
+    if cfg.head_update not in ("dense", "sparse"):
+        raise ValueError(f"optim.head_update={cfg.head_update!r} is not supported; choose dense or sparse")
+    sparse = cfg.head_update == "sparse"
+    if sparse and not (is_class_sharded(model.head) and hasattr(model.head, "row_sparse_parameters")):
+        raise ValueError(f"optim.head_update=sparse needs a sampled head (partial_fc, mhs) sharded with "
+                         f"dist.shard_head=true (also on one process); got {type(model.head).__name__}: set "
+                         "optim.head_update=dense")
     if not is_class_sharded(model.head):
         return build_optimizer(cfg, model), None
     encoder, head = _parameter_groups(cfg, model)
+    if sparse:
+        from mhe_scale.optim import build_row_sparse_optimizer
+
+        model.head.row_sparse_parameters()
+        return _make_optimizer(cfg, [encoder]), build_row_sparse_optimizer(cfg.name, [head], cfg.lr, cfg.weight_decay,
+                                                                           cfg.momentum)
     return _make_optimizer(cfg, [encoder]), _make_optimizer(cfg, [head])

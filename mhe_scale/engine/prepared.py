@@ -82,15 +82,19 @@ class ShardedHeadTraining:
         replicated parameters (e.g. MHC's group layer and projections); only the squared norm of the
         sharded ones is summed over ranks (one all-reduce of one number), so the norm equals the
         single-process one."""
-        params = [p for p in encoder_params + self.params if p.grad is not None]
+        from mhe_scale.optim.rows import row_sparse_leaves
+
+        sparse = row_sparse_leaves(self.params)  # row-sparse heads: the summed gradients of this rank's rows
+        params = [p for p in encoder_params + self.params if p.grad is not None] + sparse
+        sharded_ids = self.sharded_ids | {id(p) for p in sparse}
 
         def squared_norm(grads: list[Tensor]) -> Tensor:
             if not grads:
                 return torch.zeros((), device=accelerator.device)
             return torch.nn.utils.get_total_norm(grads).float().square().to(accelerator.device)
 
-        same_sq = squared_norm([p.grad for p in params if id(p) not in self.sharded_ids])
-        sharded_sq = squared_norm([p.grad for p in params if id(p) in self.sharded_ids])
+        same_sq = squared_norm([p.grad for p in params if id(p) not in sharded_ids])
+        sharded_sq = squared_norm([p.grad for p in params if id(p) in sharded_ids])
         if accelerator.num_processes > 1:
             sharded_sq = accelerator.reduce(sharded_sq.reshape(1), "sum")[0]
         total = (same_sq + sharded_sq).sqrt()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mhe_scale.heads.base import ClassifierHead, HeadOutput, pad_topk, register_head
+from mhe_scale.optim.rows import enable_row_sparse, gather_rows, refresh_on_state_dict
 from mhe_scale.labels.codec import PAD, LabelCodec, factorize
 
 
@@ -147,6 +148,17 @@ class MultiHeadCascadeHead(ClassifierHead):
             for bias in self.prefix_bias:
                 nn.init.zeros_(bias)
 
+    def row_sparse_parameters(self) -> list[nn.Parameter]:
+        """Mark the label table (last level's embedding and bias) for row-sparse updates
+        (mhe_scale.optim) and return it; the other parameters keep dense updates."""
+        refresh_on_state_dict(self.embed[-1])
+        params = [self.embed[-1].weight] + ([] if self.prefix_bias is None else [self.prefix_bias[-1]])
+        if self.prefix_bias is not None:
+            refresh_on_state_dict(self.prefix_bias)
+        for p in params:
+            enable_row_sparse(p)
+        return params
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, sizes={self.sizes}, prefixes={self.num_prefixes}, "
                 f"top_k_groups={self.top_k_groups}, hidden={self.hidden}, beam={self.beam}, "
@@ -172,10 +184,10 @@ class MultiHeadCascadeHead(ClassifierHead):
     def prefix_logits(self, level: int, query: Tensor, codes: Tensor) -> Tensor:
         """Level >= 1 logits [B, M] of prefix codes [B, M] (codes >= n_h give garbage: mask them)."""
         safe = codes.clamp(0, self.num_prefixes[level] - 1)
-        rows = self.embed[level - 1](safe).to(query.dtype)  # [B, M, hidden]: gathered rows only
+        rows = gather_rows(self.embed[level - 1].weight, safe).to(query.dtype)  # [B, M, hidden]: gathered rows only
         logits = torch.bmm(rows, query.unsqueeze(2)).squeeze(2)
         if self.prefix_bias is not None:
-            logits = logits + self.prefix_bias[level - 1][safe].to(query.dtype)
+            logits = logits + gather_rows(self.prefix_bias[level - 1], safe).to(query.dtype)
         return logits
 
     def child_codes(self, parents: Tensor, level: int) -> tuple[Tensor, Tensor]:

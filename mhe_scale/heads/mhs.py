@@ -25,6 +25,7 @@ from mhe_scale.heads.base import ClassifierHead, HeadOutput, pad_topk, register_
 from mhe_scale.heads.linear import build_margin, cosine_similarity
 from mhe_scale.heads.partial_fc import sample_classes
 from mhe_scale.labels.codec import LabelCodec, factorize
+from mhe_scale.optim.rows import enable_row_sparse, gather_rows, refresh_all, refresh_on_state_dict
 
 MHS_MODES = ("per_sample", "batch_union")
 PREDICT_CHUNK_COLUMNS = 1 << 16
@@ -59,24 +60,34 @@ def finish_logits(logits: Tensor, margin: nn.Module | None, cols: Tensor | None)
 def shared_group_logits(weight: Tensor, bias: Tensor | None, features: Tensor, groups: Tensor,
                         margin: nn.Module | None, cols: Tensor | None = None) -> Tensor:
     """weight [G, c_2, D]: one softmax for all rows over the codes of `groups` [N] -> [B, N * c_2]
-    fp32 (padding not masked); cosine logits when `margin` is given, else linear (+ bias)."""
-    rows = weight[groups].flatten(0, 1)
+    fp32 (padding not masked); cosine logits when `margin` is given, else linear (+ bias).
+    Row-sparse weight / bias (mhe_scale.optim): only these codes' rows are read (no dense gradient)."""
+    codes = group_codes(groups, weight.shape[1])
+    rows = gather_rows(weight, codes, unique=True, row_ndim=2)
     if margin is not None:
         return finish_logits(cosine_similarity(features, rows), margin, cols)
-    return F.linear(upcast(features), upcast(rows), None if bias is None else upcast(bias[groups].flatten()))
+    b = None if bias is None else upcast(gather_rows(bias, codes, unique=True, row_ndim=2))
+    return F.linear(upcast(features), upcast(rows), b)
+
+
+def group_codes(groups: Tensor, group_size: int) -> Tensor:
+    """Group ids [...] -> the flat row ids of their codes [..., * group_size] (group-major)."""
+    members = torch.arange(group_size, device=groups.device)
+    return (groups.unsqueeze(-1) * group_size + members).flatten(-2)
 
 
 def per_row_group_logits(weight: Tensor, bias: Tensor | None, features: Tensor, groups: Tensor,
                          margin: nn.Module | None, cols: Tensor) -> Tensor:
     """Per-row groups [B, M] -> [B, M * c_2] fp32 by a gather + bmm (padding not masked)."""
-    rows = upcast(weight[groups].flatten(1, 2))  # [B, M * c_2, D]
+    codes = group_codes(groups, weight.shape[1])  # [B, M * c_2]
+    rows = upcast(gather_rows(weight, codes, row_ndim=2))  # [B, M * c_2, D]
     feats = upcast(features)
     if margin is not None:
         rows, feats = F.normalize(rows, dim=2), F.normalize(feats, dim=1)
     logits = torch.bmm(rows, feats.unsqueeze(2)).squeeze(2)
     if margin is not None:
         return finish_logits(logits, margin, cols)
-    return logits if bias is None else logits + upcast(bias[groups].flatten(1))
+    return logits if bias is None else logits + upcast(gather_rows(bias, codes, row_ndim=2))
 
 
 @register_head("mhs")
@@ -141,6 +152,15 @@ class MultiHeadSamplingHead(ClassifierHead):
         return (f"{super().extra_repr()}, sizes={self.sizes}, mode={self.mode!r}, "
                 f"num_sampled_groups={self.num_sampled_groups}, cosine={self.cosine}")
 
+    def row_sparse_parameters(self) -> list[nn.Parameter]:
+        """Mark weight (rows = codes) and bias for row-sparse updates (mhe_scale.optim); return them."""
+        refresh_on_state_dict(self)
+        enable_row_sparse(self.weight, row_ndim=2)
+        if self.bias is None:
+            return [self.weight]
+        enable_row_sparse(self.bias, row_ndim=2)
+        return [self.weight, self.bias]
+
     def _finish(self, cos_or_logits: Tensor, cols: Tensor | None) -> Tensor:
         return finish_logits(cos_or_logits, self.margin if self.cosine else None, cols)
 
@@ -179,11 +199,11 @@ class MultiHeadSamplingHead(ClassifierHead):
         """
         stop = self.num_classes if stop is None else stop
         g0, g1 = start // self.group_size, -(-stop // self.group_size)
-        rows = self.weight[g0:g1].flatten(0, 1)
+        rows = refresh_all(self.weight)[g0:g1].flatten(0, 1)
         lo, hi = start - g0 * self.group_size, stop - g0 * self.group_size
         if self.cosine:
             return self._finish(cosine_similarity(features, rows[lo:hi]), targets)
-        bias = None if self.bias is None else upcast(self.bias[g0:g1].flatten()[lo:hi])
+        bias = None if self.bias is None else upcast(refresh_all(self.bias)[g0:g1].flatten()[lo:hi])
         return F.linear(upcast(features), upcast(rows[lo:hi]), bias)
 
     def forward(self, features: Tensor, targets: Tensor) -> HeadOutput:

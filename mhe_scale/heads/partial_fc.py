@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mhe_scale.heads.base import ClassifierHead, HeadOutput, pad_topk, register_head
 from mhe_scale.heads.linear import build_margin, cosine_similarity
+from mhe_scale.optim.rows import enable_row_sparse, gather_rows, refresh_all, refresh_on_state_dict
 
 
 def sample_classes(labels: Tensor, num_classes: int, num_sample: int,
@@ -102,15 +103,22 @@ class PartialFCHead(ClassifierHead):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sample_rate={self.sample_rate}, num_sample={self.num_sample}"
 
+    def row_sparse_parameters(self) -> list[nn.Parameter]:
+        """Mark the weight for row-sparse updates (mhe_scale.optim) and return it: a training step then
+        gathers only the kept rows into a leaf (no [C, D] gradient) and the optimizer updates those rows."""
+        refresh_on_state_dict(self)
+        enable_row_sparse(self.weight)
+        return [self.weight]
+
     def logits(self, features: Tensor, targets: Tensor | None = None) -> Tensor:
         """All C classes: features [B, D] -> logits [B, C] fp32; margin only when targets are given."""
-        cos = cosine_similarity(features, self.weight)
+        cos = cosine_similarity(features, refresh_all(self.weight))
         return cos * self.margin.scale if targets is None else self.margin(cos, targets)
 
     def sampled_logits(self, features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training softmax: -> (logits [B, N] fp32, target columns [B], kept class ids [N])."""
         kept, cols = sample_classes(targets, self.num_classes, self.num_sample, self.generator)
-        cos = cosine_similarity(features, self.weight[kept])
+        cos = cosine_similarity(features, gather_rows(self.weight, kept, unique=True))
         return self.margin(cos, cols), cols, kept
 
     def forward(self, features: Tensor, targets: Tensor) -> HeadOutput:

@@ -270,7 +270,7 @@ def optimizer_tensors(head: nn.Module, optimizer: torch.optim.Optimizer,
                     raise TypeError(f"optimizer state {names[id(p)]}.{key} is a {type(value).__name__}, not a tensor")
                 full = f"{OPTIM_PREFIX}{names[id(p)]}.{key}"
                 tensors[full] = value
-                if names[id(p)] in sharded and value.shape == p.shape:
+                if names[id(p)] in sharded and value.dim() > 0 and value.shape[0] == p.shape[0]:  # per-row state
                     split.append(full)
         groups.append({k: (float(v) if torch.is_tensor(v) else v) for k, v in group.items() if k != "params"}
                       | {"params": params})

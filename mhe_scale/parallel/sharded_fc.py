@@ -27,6 +27,7 @@ from torch.distributed import ProcessGroup
 from mhe_scale.heads.base import HeadOutput
 from mhe_scale.heads.linear import build_margin, class_logits, cosine_similarity
 from mhe_scale.heads.partial_fc import sample_classes
+from mhe_scale.optim.rows import enable_row_sparse, gather_rows, refresh_all, refresh_on_state_dict
 from mhe_scale.parallel.losses import local_multi_hot, sharded_bce_with_logits, sharded_cross_entropy, sharded_topk
 from mhe_scale.parallel.sharded_heads import (ShardedHead, block_seed, distinct_per_rank, global_logsumexp,
                                               init_rows_, normal_fill, param, ragged_cross_entropy, uniform_fill)
@@ -130,6 +131,12 @@ class ShardedPartialFCHead(ShardedHead):
     def reset_parameters(self) -> None:
         init_rows_(self.weight, self.plan.start, self.init_seed, normal_fill(0.01))
 
+    def row_sparse_parameters(self) -> list[torch.nn.Parameter]:
+        """Mark the shard's weight for row-sparse updates (mhe_scale.optim) and return it."""
+        refresh_on_state_dict(self)
+        enable_row_sparse(self.weight)
+        return [self.weight]
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, sample_rate={self.sample_rate}, "
                 f"local_samples={self.sample_counts[self.plan.rank]}")
@@ -161,11 +168,11 @@ class ShardedPartialFCHead(ShardedHead):
         features, labels, _ = self.gather(features, targets)
         if self.training:
             kept, cols, counts = self.sample(labels)
-            logits = self.margin(cosine_similarity(features, self.weight[kept]), cols)
+            logits = self.margin(cosine_similarity(features, gather_rows(self.weight, kept, unique=True)), cols)
             loss = ragged_cross_entropy(logits, cols, int(counts.max()), self.group)
             count = float(counts.sum())
         else:
-            logits = self.margin(cosine_similarity(features, self.weight), self.plan.to_local(labels))
+            logits = self.margin(cosine_similarity(features, refresh_all(self.weight)), self.plan.to_local(labels))
             loss = sharded_cross_entropy(logits, labels, self.plan, self.group)
             count = float(self.num_classes)
         return HeadOutput(loss, {"kept_classes": torch.tensor(count)})
@@ -174,7 +181,7 @@ class ShardedPartialFCHead(ShardedHead):
     def predict(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """This rank's rows: top-k log-softmax scores of the full cosine classifier (no margin)."""
         gathered, mine = self.gather_features(features)
-        logits = cosine_similarity(gathered, self.weight) * self.margin.scale
+        logits = cosine_similarity(gathered, refresh_all(self.weight)) * self.margin.scale
         scores = logits - global_logsumexp(logits, self.group).unsqueeze(1)
         top, ids = sharded_topk(scores, k, self.plan, self.group)
         return top[mine], ids[mine]

@@ -32,6 +32,7 @@ from torch.distributed import ProcessGroup
 
 from mhe_scale.heads.base import HeadOutput
 from mhe_scale.heads.mhc import MultiHeadCascadeHead
+from mhe_scale.optim.rows import enable_row_sparse, gather_rows, refresh_on_state_dict
 from mhe_scale.parallel.collectives import all_reduce_sum, get_world_size, is_sharded
 from mhe_scale.parallel.shard import ShardPlan
 from mhe_scale.parallel.sharded_heads import (ShardedMixin, gather_batch, init_rows_, name_seed, normal_fill, param,
@@ -98,9 +99,9 @@ class ShardedCascadeLabelTable(ShardedMixin, nn.Module):
         width = int(owned.sum(dim=1).max()) if codes.numel() else 0
         order = (~owned).to(torch.int8).argsort(dim=1, stable=True)[:, :width]
         local = (codes.gather(1, order) - plan.start).clamp(0, plan.count - 1)
-        part = torch.bmm(self.weight[local].to(query.dtype), query.unsqueeze(2)).squeeze(2)
+        part = torch.bmm(gather_rows(self.weight, local).to(query.dtype), query.unsqueeze(2)).squeeze(2)
         if self.bias is not None:
-            part = part + self.bias[local].to(query.dtype)
+            part = part + gather_rows(self.bias, local).to(query.dtype)
         part = part.masked_fill(~owned.gather(1, order), 0.0)
         return all_reduce_sum(part.new_zeros(codes.shape).scatter(1, order, part), self.group)
 
@@ -158,6 +159,15 @@ class ShardedMultiHeadCascadeHead(ShardedMixin, MultiHeadCascadeHead):
                 fill = uniform_fill(self.in_features ** -0.5)
             init_rows_(p, 0, name_seed(self.init_seed, name), fill)
         self.table.reset_parameters()
+
+    def row_sparse_parameters(self) -> list[nn.Parameter]:
+        """Mark the sharded label table for row-sparse updates (mhe_scale.optim); the replicated
+        parameters keep dense updates."""
+        refresh_on_state_dict(self.table)
+        params = [self.table.weight] + ([] if self.table.bias is None else [self.table.bias])
+        for p in params:
+            enable_row_sparse(p)
+        return params
 
     def single_process_names(self) -> dict[str, str]:
         last = len(self.sizes) - 2  # index of the last level in MultiHeadCascadeHead's embed / prefix_bias

@@ -31,6 +31,7 @@ from torch.distributed import ProcessGroup
 
 from mhe_scale.heads.base import HeadOutput, pad_topk, upcast
 from mhe_scale.heads.linear import build_margin
+from mhe_scale.optim.rows import enable_row_sparse, refresh_on_state_dict
 from mhe_scale.heads.mhs import (MHS_MODES, PREDICT_CHUNK_COLUMNS, per_row_group_logits, sample_groups_per_row,
                                   shared_group_logits)
 from mhe_scale.heads.partial_fc import sample_classes
@@ -100,6 +101,14 @@ class ShardedMultiHeadSamplingHead(ShardedHead):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, sizes={self.sizes}, mode={self.mode!r}, "
                 f"num_sampled_groups={self.num_sampled_groups}, cosine={self.cosine}")
+
+    def row_sparse_parameters(self) -> list[torch.nn.Parameter]:
+        """Mark the shard's weight (rows = codes) and bias for row-sparse updates (mhe_scale.optim)."""
+        refresh_on_state_dict(self)
+        params = [self.weight] if self.bias is None else [self.weight, self.bias]
+        for p in params:
+            enable_row_sparse(p, row_ndim=2)
+        return params
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self.generator is None or self.generator.device != device:

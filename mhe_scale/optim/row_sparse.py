@@ -1,0 +1,261 @@
+"""SGD (momentum, L2 weight decay) and AdamW that update only the rows a step touched.
+
+Semantics (docs/engine.md, "Row-sparse head updates"). Every row r keeps `row_step[r]`, the
+number of optimizer steps its weight and state already reflect; the parameter's `step` counts the
+steps taken. A row skipped by k steps (zero gradient in each) is caught up when it is next read
+(gather_rows) or stepped, or when the whole parameter is read (refresh_all: eval, predict, save):
+  * SGD, torch semantics (buf = mu*buf + g + wd*p; p -= lr*buf): with g = 0 one step is the linear
+    map (p, buf) <- A (p, buf), A = [[1 - lr*wd, -lr*mu], [wd, mu]]; k steps are A^k, computed
+    exactly (2x2 powers by squaring, float64). Exact with respect to the dense update.
+  * AdamW, torch semantics: m <- beta1^k m, v <- beta2^k v exactly; the parameter moves by the sum
+    of the k skipped updates, each decayed by (1 - lr*wd), where skipped step s = s0 + j uses
+    lr * mhat_s / (sqrt(vhat_s) + eps * sqrt(vhat_s / v_hat0)), i.e. eps scaled like the decayed
+    sqrt(v) (mhat, vhat bias-corrected at step s; v_hat0 = v at s0 without correction). That is
+    the dense update exactly when eps = 0 and differs by O(eps / sqrt(v)) otherwise; terms with
+    beta1^j / beta2^(j/2) < 1e-20 are dropped.
+  * Both use the group's CURRENT lr (and wd) for the skipped steps: exact when lr was constant over
+    the skipped window, an approximation under a changing lr schedule.
+Parameters not marked row-sparse get the ordinary dense update (same formulas, k = 0).
+State tensors shaped like the parameter (momentum_buffer / exp_avg / exp_avg_sq) and row_step
+(shape p.shape[:row_ndim]) are per row, so shard checkpoints reshard them with the rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mhe_scale.optim.rows import ROWS_ATTR, RowGradients, rows_of
+
+ADAM_TAIL = 1e-20
+"""AdamW catch-up drops skipped-step terms whose factor beta1^j / beta2^(j/2) is below this."""
+
+
+def _mat_power(a: Tensor, ks: Tensor) -> Tensor:
+    """a [2, 2] float64, ks [K] int64 >= 0 -> a^ks [K, 2, 2] (binary exponentiation, vectorised)."""
+    out = torch.eye(2, dtype=a.dtype, device=a.device).expand(ks.numel(), 2, 2).clone()
+    base = a.expand(ks.numel(), 2, 2).clone()
+    ks = ks.clone()
+    while bool((ks > 0).any()):  # log2(max k) iterations, at catch-up only
+        odd = (ks & 1).bool()
+        out = torch.where(odd[:, None, None], out @ base, out)
+        base = base @ base
+        ks = ks >> 1
+    return out
+
+
+class _RowSparseBase(torch.optim.Optimizer):
+    """Shared bookkeeping: per-param step, per-row row_step, catch-up hook, sparse/dense dispatch."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                rg: RowGradients | None = getattr(p, ROWS_ATTR, None)
+                if rg is not None:
+                    rg.refresh = self._refresher(p, index)
+
+    def _refresher(self, p: Tensor, index: int):
+        def refresh(ids: Tensor | None) -> None:
+            with torch.no_grad():  # the group is looked up now: load_state_dict / schedules replace its values
+                self._catch_up(p, self.param_groups[index], ids)
+        return refresh
+
+    def _state(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float64)
+            for key in self._buffers():
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            rg: RowGradients | None = getattr(p, ROWS_ATTR, None)
+            if rg is not None:
+                state["row_step"] = torch.zeros(p.shape[:rg.row_ndim], dtype=torch.int64, device=p.device)
+        missing = [k for k in ("step", *self._buffers()) if k not in state]
+        if getattr(p, ROWS_ATTR, None) is not None and "row_step" not in state:
+            missing.append("row_step")
+        if missing:
+            raise ValueError(f"{type(self).__name__}: the loaded optimizer state of a {tuple(p.shape)} parameter lacks "
+                             f"{missing} (saved by the dense optimizer?): resume with optim.head_update=dense, or "
+                             "start a fresh run to switch to the sparse update")
+        if "row_step" in state and state["row_step"].dtype != torch.int64:  # load_state_dict casts to p's dtype
+            state["row_step"] = state["row_step"].round().long()
+        return state
+
+    def _buffers(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts every state tensor to its parameter's dtype: turn the per-row steps back into int64."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "row_step" in state and state["row_step"].dtype != torch.int64:
+                state["row_step"] = state["row_step"].round().long()
+
+    def _catch_up(self, p: Tensor, group: dict[str, Any], ids: Tensor | None) -> None:
+        """Apply the skipped steps to rows `ids` (None: all rows) so they reflect state["step"] steps."""
+        state = self._state(p)
+        rg: RowGradients = getattr(p, ROWS_ATTR)
+        row_step = state["row_step"].view(-1)
+        step = int(state["step"])
+        if ids is None:
+            ids = torch.nonzero(row_step < step).squeeze(1)  # host sync: full refreshes only
+            if ids.numel() == 0:
+                return
+        last = row_step[ids]
+        skipped = step - last
+        if skipped.numel() == 0:
+            return
+        self._apply_skipped(p, rg.row_ndim, state, group, ids, last, skipped)
+        row_step[ids] = step
+
+    def _apply_skipped(self, p: Tensor, row_ndim: int, state: dict[str, Tensor], group: dict[str, Any],
+                       ids: Tensor, last: Tensor, skipped: Tensor) -> None:
+        raise NotImplementedError
+
+    def _update(self, rows: Tensor, grad: Tensor, bufs: list[Tensor], group: dict[str, Any], step: int) -> tuple:
+        """One step of the rule on rows [U, ...] with their gradient -> (new rows, new buffers)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("row-sparse optimizers take no closure")
+        for group in self.param_groups:
+            for p in group["params"]:
+                rg: RowGradients | None = getattr(p, ROWS_ATTR, None)
+                if rg is None:
+                    if p.grad is None:
+                        continue
+                    state = self._state(p)
+                    t = int(state["step"]) + 1
+                    new, bufs = self._update(p, p.grad, [state[k] for k in self._buffers()], group, t)
+                    p.copy_(new)
+                    for k, b in zip(self._buffers(), bufs):
+                        state[k].copy_(b)
+                    state["step"] += 1
+                    continue
+                state = self._state(p)
+                merged = rg.coalesce()
+                if merged is None:
+                    state["step"] += 1  # nothing touched: every row is now one step behind
+                    continue
+                ids, leaf = merged
+                if not rg.fresh:  # gather_rows caught these rows up unless it ran before this optimizer existed
+                    self._catch_up(p, group, ids)
+                t = int(state["step"]) + 1
+                view = rows_of(p.data, rg.row_ndim)
+                bufs = [rows_of(state[k], rg.row_ndim) for k in self._buffers()]
+                new, new_bufs = self._update(view.index_select(0, ids), leaf.grad,
+                                             [b.index_select(0, ids) for b in bufs], group, t)
+                view.index_copy_(0, ids, new)
+                for b, nb in zip(bufs, new_bufs):
+                    b.index_copy_(0, ids, nb)
+                state["step"] += 1
+                state["row_step"].view(-1)[ids] = t
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                rg: RowGradients | None = getattr(p, ROWS_ATTR, None)
+                if rg is not None:
+                    rg.clear()
+
+
+class RowSparseSGD(_RowSparseBase):
+    """torch.optim.SGD (momentum, dampening 0, no nesterov, L2 weight decay) with row-sparse updates."""
+
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        if lr < 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
+            raise ValueError(f"RowSparseSGD: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got lr={lr}, "
+                             f"momentum={momentum}, weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    def _buffers(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.defaults["momentum"] > 0 else ()
+
+    def _update(self, rows, grad, bufs, group, step):
+        d = grad + group["weight_decay"] * rows if group["weight_decay"] else grad
+        if group["momentum"] > 0:
+            buf = bufs[0] * group["momentum"] + d
+            return rows - group["lr"] * buf, [buf]
+        return rows - group["lr"] * d, []
+
+    def _apply_skipped(self, p, row_ndim, state, group, ids, last, skipped):
+        lr, mu, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+        view = rows_of(p.data, row_ndim)
+        rows = view[ids]
+        shape = (-1,) + (1,) * (rows.dim() - 1)
+        if mu == 0.0:  # p <- (1 - lr*wd)^k p
+            view[ids] = rows * torch.pow(1.0 - lr * wd, skipped.double()).to(rows.dtype).view(shape)
+            return
+        ks, inverse = torch.unique(skipped, return_inverse=True)
+        a = torch.tensor([[1.0 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64, device=p.device)
+        m = _mat_power(a, ks)[inverse].to(rows.dtype)  # [U, 2, 2]
+        bufs = rows_of(state["momentum_buffer"], row_ndim)
+        buf = bufs[ids]
+        view[ids] = m[:, 0, 0].view(shape) * rows + m[:, 0, 1].view(shape) * buf
+        bufs[ids] = m[:, 1, 0].view(shape) * rows + m[:, 1, 1].view(shape) * buf
+
+
+class RowSparseAdamW(_RowSparseBase):
+    """torch.optim.AdamW (no amsgrad) with row-sparse updates (see the module doc for the catch-up)."""
+
+    def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"RowSparseAdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1); got lr={lr}, "
+                             f"betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    def _buffers(self) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _update(self, rows, grad, bufs, group, step):
+        (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+        rows = rows * (1.0 - lr * group["weight_decay"])
+        m = bufs[0] * b1 + (1.0 - b1) * grad
+        v = bufs[1] * b2 + (1.0 - b2) * grad * grad
+        denom = (v.sqrt() / math.sqrt(1.0 - b2 ** step)) + eps
+        return rows - (lr / (1.0 - b1 ** step)) * m / denom, [m, v]
+
+    def _apply_skipped(self, p, row_ndim, state, group, ids, last, skipped):
+        (b1, b2), lr, eps = group["betas"], float(group["lr"]), float(group["eps"])
+        rho = 1.0 - lr * float(group["weight_decay"])
+        step = int(state["step"])
+        view = rows_of(p.data, row_ndim)
+        m_all, v_all = rows_of(state["exp_avg"], row_ndim), rows_of(state["exp_avg_sq"], row_ndim)
+        rows, m, v = view[ids], m_all[ids], v_all[ids]
+        shape = (-1,) + (1,) * (rows.dim() - 1)
+        # S(s0) = sum_{j=1..k} rho^(k-j) * lr * b1^j sqrt(1 - b2^s) / ((1 - b1^s) b2^(j/2)), s = s0 + j, k = step - s0
+        starts, inverse = torch.unique(last, return_inverse=True)
+        s0 = starts.double()
+        k = step - s0
+        total = torch.zeros_like(s0)
+        q = b1 / math.sqrt(b2) if b2 > 0 else 0.0
+        horizon = int(max(k.max().item(), 0)) if q == 0.0 or q >= 1.0 else \
+            min(int(k.max().item()), int(math.ceil(math.log(ADAM_TAIL) / math.log(q))) + 1)
+        for j in range(1, horizon + 1):  # loop over skipped-step offsets (scalars per distinct start)
+            s = s0 + j
+            term = lr * (b1 ** j) / (b2 ** (j / 2)) * torch.sqrt(1.0 - b2 ** s) / (1.0 - b1 ** s)
+            total += torch.where(j <= k, term * torch.pow(rho, (k - j).clamp(min=0)), torch.zeros_like(term))
+        coef = total[inverse].to(rows.dtype).view(shape)
+        decay = torch.pow(rho, skipped.double()).to(rows.dtype).view(shape)
+        view[ids] = decay * rows - coef * m / (v.sqrt() + eps)
+        m_all[ids] = m * torch.pow(b1, skipped.double()).to(m.dtype).view(shape)
+        v_all[ids] = v * torch.pow(b2, skipped.double()).to(v.dtype).view(shape)
+
+
+def build_row_sparse_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float,
+                               momentum: float) -> torch.optim.Optimizer:
+    """optim.name (sgd | adamw) -> its row-sparse version over `groups` (same hyper-parameters as
+    the engine's dense optimizers: torch defaults for betas / eps)."""
+    if name == "sgd":
+        return RowSparseSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return RowSparseAdamW(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optim.name={name!r} has no row-sparse version; choose adamw or sgd")

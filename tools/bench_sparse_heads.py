@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""One SGD step (momentum 0.9, wd 5e-4) of the sampled heads with the dense and the row-sparse update.
+
+    python tools/bench_sparse_heads.py --classes 100000 1000000 --dim 512 --batch 256
+
+Rows: full FC (dense), Partial FC r=0.1 dense / sparse, MHS batch_union with many small groups
+(c_2 = --group-size members, M = --groups sampled groups) dense / sparse, MHP H=2 (dense: no O(C)
+parameter). "sparse" = optim.head_update=sparse: the sampled rows are gathered into a leaf (no
+[C, D] gradient) and mhe_scale.optim.RowSparseSGD updates only them (lazy exact catch-up).
+Each (row, C) runs in a fresh subprocess: step time = median over --steps steps after one warm-up
+step; peak = RSS growth over the process's RSS before the head is built; state = weights +
+optimizer state (+ per-row counters) held by the (single) rank; softmax = columns per training row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = ("fc", "partial_fc dense", "partial_fc sparse", "mhs dense", "mhs sparse", "mhp")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def estimate_gb(row: str, classes: int, dim: int, batch: int) -> float:
+    """Rough peak: weight (+ grad + momentum when dense), plus B x C logits for fc."""
+    if row == "mhp":
+        return 0.1
+    tensors = 2 if row.endswith("sparse") else 3
+    logits = 3 * batch * classes * 4 if row == "fc" else 0
+    return (tensors * classes * dim * 4 + logits) / 1e9
+
+
+def build(row: str, classes: int, dim: int, args: argparse.Namespace):
+    from mhe_scale.heads import create_head
+
+    if row == "fc":
+        return create_head("fc", in_features=dim, num_classes=classes, cosine=True, margin=(1.0, 0.5, 0.0))
+    if row.startswith("partial_fc"):
+        return create_head("partial_fc", in_features=dim, num_classes=classes, sample_rate=0.1)
+    if row.startswith("mhs"):
+        sizes = [-(-classes // args.group_size), args.group_size]
+        return create_head("mhs", in_features=dim, num_classes=classes, sizes=sizes, mode="batch_union",
+                           num_sampled_groups=args.groups, cosine=True, margin=(1.0, 0.5, 0.0))
+    return create_head("mhp", in_features=dim, num_classes=classes, num_heads=2)
+
+
+def run_one(row: str, classes: int, args: argparse.Namespace) -> dict:
+    import torch
+
+    from mhe_scale.optim import RowSparseSGD
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    features = torch.randn(args.batch, args.dim, requires_grad=True)
+    labels = torch.randint(0, classes, (args.batch,))
+    base_rss = rss_bytes()
+    head = build(row, classes, args.dim, args)
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    if row.endswith("sparse"):
+        head.row_sparse_parameters()
+        optimizer = RowSparseSGD(head.parameters(), **hyper)
+    else:
+        optimizer = torch.optim.SGD(head.parameters(), **hyper)
+    times, width = [], 0.0
+    for i in range(args.steps + 1):
+        start = time.perf_counter()
+        out = head(features, labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        features.grad = None
+        if i > 0:
+            times.append(time.perf_counter() - start)
+        metric = out.metrics.get("softmax_columns", out.metrics.get("kept_classes"))
+        width = float(metric) if metric is not None else float(classes if row == "fc" else sum(head.sizes))
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    params = sum(p.numel() * p.element_size() for p in head.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    return {"row": row, "classes": classes, "sizes": getattr(head, "sizes", None), "median_s": statistics.median(times),
+            "state_bytes": params + state, "peak_bytes": max(peak, 0), "softmax": width,
+            "device": f"cpu x{torch.get_num_threads()}"}
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def render(rows: list[dict], args: argparse.Namespace) -> str:
+    device = next((r["device"] for r in rows if "device" in r), "?")
+    lines = [f"One training step (forward + backward + SGD momentum 0.9, wd 5e-4), D={args.dim}, batch {args.batch}, "
+             f"median of {args.steps}; {device}; {platform.machine()}. MHS: batch_union, c_2={args.group_size}, "
+             f"M={args.groups}.", "",
+             "| C | head | update | softmax cols | step (ms) | dense/sparse | params + state | peak memory |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for classes in args.classes:
+        for r in (r for r in rows if r["classes"] == classes):
+            name, _, update = r["row"].partition(" ")
+            if "skipped" in r:
+                lines.append(f"| {classes:,} | {name} | {update or 'dense'} | | skipped: {r['skipped']} | | | |")
+                continue
+            dense = next((d for d in rows if d["row"] == f"{name} dense" and d["classes"] == classes
+                          and "median_s" in d), None)
+            ratio = f"{dense['median_s'] / r['median_s']:.1f}x" if update == "sparse" and dense else ""
+            sizes = f" {r['sizes']}" if r.get("sizes") else ""
+            lines.append(f"| {classes:,} | {name}{sizes} | {update or 'dense'} | {r['softmax']:,.0f} | "
+                         f"{r['median_s'] * 1e3:.1f} | {ratio} | {fmt_bytes(r['state_bytes'])} | "
+                         f"{fmt_bytes(r['peak_bytes'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"subset of {list(ROWS)}")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--group-size", type=int, default=32, help="MHS members per group c_2")
+    parser.add_argument("--groups", type=int, default=512, help="MHS sampled groups M (batch_union minimum)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-gb", type=float, default=None, help="skip rows estimated above this "
+                        "(default: 60%% of MemAvailable)")
+    parser.add_argument("--out", type=Path, default=None, help="append the table to this markdown file")
+    parser.add_argument("--one", nargs=2, metavar=("ROW", "C"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args)))
+        return
+    unknown = sorted(set(args.rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    if args.max_gb is None:
+        avail = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable")) * 1024
+        args.max_gb = 0.6 * avail / 1e9
+    rows = []
+    for classes in args.classes:
+        for row in args.rows:
+            need = estimate_gb(row, classes, args.dim, args.batch)
+            if need > args.max_gb:
+                print(f"skip {row} C={classes:,}: needs ~{need:.1f} GB > --max-gb {args.max_gb:.1f}", file=sys.stderr)
+                rows.append({"row": row, "classes": classes, "skipped": f"~{need:.0f} GB needed"})
+                continue
+            cmd = [sys.executable, __file__, "--one", row, str(classes), "--dim", str(args.dim), "--batch",
+                   str(args.batch), "--steps", str(args.steps), "--group-size", str(args.group_size), "--groups",
+                   str(args.groups)] + (["--threads", str(args.threads)] if args.threads else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+            if proc.returncode != 0:
+                print(proc.stderr[-2000:], file=sys.stderr)
+                rows.append({"row": row, "classes": classes, "skipped": "failed (see stderr)"})
+                continue
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(result)
+            print(f"{row:18s} C={classes:>9,}  step {result['median_s'] * 1e3:9.1f} ms  state "
+                  f"{fmt_bytes(result['state_bytes']):>9s}  peak {fmt_bytes(result['peak_bytes']):>9s}", file=sys.stderr)
+    table = render(rows, args)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
