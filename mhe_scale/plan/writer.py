@@ -21,6 +21,10 @@ from mhe_scale.plan.candidates import Setup
 from mhe_scale.plan.memory import EngineSpec, HeadSpec
 
 
+PRECISION_VALUE = {"fp32": "'no'", "bf16": "bf16", "fp16": "fp16"}
+"""Quoted 'no': YAML (and OmegaConf overrides) read a bare no as the boolean False."""
+
+
 @dataclass(frozen=True)
 class WrittenFiles:
     deepspeed: Path | None
@@ -58,10 +62,10 @@ def accelerate_yaml(setup: Setup, deepspeed_file: Path | None, gpus_per_node: in
     if deepspeed_file is not None:
         lines += ["distributed_type: DEEPSPEED", "deepspeed_config:", f"  deepspeed_config_file: {deepspeed_file}"]
     else:
-        lines.append(f"distributed_type: {'MULTI_GPU' if setup.world > 1 else 'NO'}")
+        lines.append(f"distributed_type: {'MULTI_GPU' if setup.world > 1 else repr('NO')}")
     lines += [f"num_machines: {nodes}", "machine_rank: 0", f"num_processes: {setup.world}"]
     if deepspeed_file is None:  # with a DeepSpeed file accelerate refuses it: dist.mixed_precision says it
-        lines.append(f"mixed_precision: {'no' if setup.precision == 'fp32' else setup.precision}")
+        lines.append(f"mixed_precision: {PRECISION_VALUE[setup.precision]}")
     if nodes > 1:
         lines += ["main_process_ip: MAIN_NODE_IP  # set on every node, with machine_rank", "main_process_port: 29500",
                   "same_network: true"]
@@ -84,7 +88,7 @@ def head_override(spec: HeadSpec) -> str:
 
 def setup_overrides(setup: Setup, base: Setup, deepspeed_file: Path | None, has_checkpointing: bool) -> list[str]:
     out = [f"train.batch_size={setup.micro_batch}", f"train.grad_accum_steps={setup.accum}",
-           f"dist.mixed_precision={'no' if setup.precision == 'fp32' else setup.precision}",
+           f"dist.mixed_precision={PRECISION_VALUE[setup.precision]}",
            f"dist.deepspeed_config={deepspeed_file if deepspeed_file is not None else 'null'}",
            f"dist.zero_stage={setup.zero_stage if setup.zero_stage is not None else 'null'}",
            f"dist.shard_head={'true' if setup.head.sharded else 'false'}"]
