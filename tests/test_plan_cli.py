@@ -52,6 +52,7 @@ def test_ranking_puts_fitting_setups_first_and_they_fit():
     for r in ranked[:20]:
         assert r.peak == breakdown(r.setup, ctx).device and (r.peak <= 1.3 * 2 ** 30) == r.fits
     assert ranked[0].setup.head_label == "fc"  # the config's head is kept when it fits
+    assert ranked[0].setup.world == base.world  # and the machines asked for
 
 
 @pytest.mark.parametrize("c", [53, 159])

@@ -111,7 +111,9 @@ def write_setup(setup: Setup, base: Setup, out_dir: str | Path, config_path: str
         ds_path.write_text(json.dumps(deepspeed_json(setup, clip, engine), indent=2) + "\n")
     acc_path = out / "accelerate.yaml"
     acc_path.write_text(accelerate_yaml(setup, ds_path, gpus_per_node, nodes))
-    overrides = list(user_overrides) + setup_overrides(setup, base, ds_path, has_checkpointing)
+    ours = setup_overrides(setup, base, ds_path, has_checkpointing)
+    keys = {o.split("=", 1)[0] for o in ours}
+    overrides = [o for o in user_overrides if o.split("=", 1)[0] not in keys] + ours
     ov_path = out / "overrides.txt"
     ov_path.write_text("\n".join(overrides) + "\n")
     command = " ".join(["accelerate", "launch", "--config_file", shlex.quote(str(acc_path)), "-m", "mhe_scale.train",
