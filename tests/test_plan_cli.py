@@ -138,3 +138,11 @@ def test_plan_writes_files_the_engine_runs(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run" / "results.json").is_file()
     assert "DeepSpeed" in proc.stdout + proc.stderr or (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_probe_timeout_ends_the_process_tree(monkeypatch):
+    """A probe over its time is a 'timeout' row; its whole process group is ended (no stray workers)."""
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    monkeypatch.setattr(probe, "probe_command", lambda s, c, o: [sys.executable, "-c", script])
+    r = probe.run_probe(_base(), "x.yaml", [], 2)
+    assert r.status == "timeout"

@@ -24,8 +24,8 @@ from mhe_scale.config import load_config  # noqa: E402
 from mhe_scale.plan.candidates import PlanContext, Setup  # noqa: E402
 from mhe_scale.plan.memory import HeadSpec, MiB  # noqa: E402
 from mhe_scale.plan.probe import ProbeResult, fit_and_predict, run_probe  # noqa: E402
-from mhe_scale.plan.shapes import backbone_shape, head_spec, meta_activation_line  # noqa: E402
-from mhe_scale.plan.writer import setup_overrides, write_setup  # noqa: E402
+from mhe_scale.plan.shapes import backbone_shape, meta_activation_line  # noqa: E402
+from mhe_scale.plan.writer import write_setup  # noqa: E402
 
 CONFIG = str(ROOT / "configs" / "demo" / "mhp_synthetic.yaml")
 STEPS = 3

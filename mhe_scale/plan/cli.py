@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from mhe_scale.plan.memory import GiB, Breakdown, fmt_bytes
+from mhe_scale.plan.memory import Breakdown, fmt_bytes
 
 UNITS = {"": 1, "b": 1, "kb": 2 ** 10, "mb": 2 ** 20, "gb": 2 ** 30, "tb": 2 ** 40, "kib": 2 ** 10, "mib": 2 ** 20,
          "gib": 2 ** 30, "tib": 2 ** 40}
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
 def _main(args: argparse.Namespace, cfg: Any) -> int:
     from mhe_scale.plan.advice import format_costs, head_costs, recommend
     from mhe_scale.plan.candidates import PlanContext, breakdown, enumerate_setups, rank
-    from mhe_scale.plan.shapes import backbone_shape, head_spec, meta_activation_line
+    from mhe_scale.plan.shapes import backbone_shape, head_spec
     from mhe_scale.plan.writer import write_setup
 
     budget = parse_size(args.gpu_mem)
@@ -178,7 +178,8 @@ def _main(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _activation_line(cfg: Any, precision: str, checkpointing: bool):
-    from mhe_scale.config import load_config  # noqa: F401 (cfg is read-only: rebuild the model section's flag)
+    """The meta-device activation line of cfg's encoder with model.grad_checkpointing set as asked
+    (cfg is read-only: a copy with the flag flipped is built when it differs)."""
     from mhe_scale.plan.shapes import meta_activation_line
 
     if getattr(cfg.model, "grad_checkpointing", checkpointing) == checkpointing:

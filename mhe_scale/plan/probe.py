@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,11 +59,19 @@ def run_probe(setup: Setup, config: str, overrides: list[str], timeout: int, env
         environ = dict(os.environ if env is None else env, MHE_PLAN_PROBE_OUT=str(out))
         environ.pop("ACCELERATE_USE_CPU", None)  # it would silently drop DeepSpeed (ENVIRONMENT.md)
         start = time.perf_counter()
+        proc = subprocess.Popen(probe_command(setup, config, overrides), env=environ, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run(probe_command(setup, config, overrides), env=environ, capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # the whole tree (torchrun's workers too); SIGTERM first so a JIT
+            os.killpg(proc.pid, signal.SIGTERM)  # build can release its lock file
+            try:
+                proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
             return ProbeResult(setup, "timeout", detail=f"over {timeout}s")
+        proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
         if any(r.get("oom") for r in ranks):
             return ProbeResult(setup, "oom", detail=next(r["error"] for r in ranks if r.get("oom"))[:200])
@@ -92,7 +101,7 @@ def small_data_overrides(cfg: Any, setup: Setup, steps: int) -> list[str]:
 
 def probe_setups(setups: list[Setup], base: Setup, ctx: PlanContext, args: Any, cfg: Any) -> list[ProbeResult]:
     """Probe each set-up, fit the activation line from the first one at two micro-batches, predict all rows."""
-    from mhe_scale.plan.writer import setup_overrides, write_setup
+    from mhe_scale.plan.writer import write_setup
 
     can_ckpt = hasattr(cfg.model, "grad_checkpointing")
     rows: list[ProbeResult] = []
