@@ -140,9 +140,18 @@ def test_plan_writes_files_the_engine_runs(tmp_path, capsys):
     assert "DeepSpeed" in proc.stdout + proc.stderr or (tmp_path / "run" / "config.yaml").is_file()
 
 
-def test_probe_timeout_ends_the_process_tree(monkeypatch):
+def test_probe_timeout_ends_the_process_tree(monkeypatch, tmp_path):
     """A probe over its time is a 'timeout' row; its whole process group is ended (no stray workers)."""
-    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    pid_file = tmp_path / "pid"
+    script = ("import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
     monkeypatch.setattr(probe, "probe_command", lambda s, c, o: [sys.executable, "-c", script])
-    r = probe.run_probe(_base(), "x.yaml", [], 2)
+    r = probe.run_probe(_base(), "x.yaml", [], 3)
     assert r.status == "timeout"
+    grandchild = int(pid_file.read_text())
+    import time
+
+    time.sleep(0.5)
+    state = Path(f"/proc/{grandchild}/stat")
+    assert not state.exists() or state.read_text().split()[2] == "Z"  # gone (or a zombie awaiting its reaper)
