@@ -155,3 +155,11 @@ def test_probe_timeout_ends_the_process_tree(monkeypatch, tmp_path):
     time.sleep(0.5)
     state = Path(f"/proc/{grandchild}/stat")
     assert not state.exists() or state.read_text().split()[2] == "Z"  # gone (or a zombie awaiting its reaper)
+
+
+def test_unsupported_task_is_one_line_error(capsys):
+    from mhe_scale.cli import main
+
+    rc = main(["plan", str(ROOT / "configs" / "xmc" / "bibtex.yaml"), "--gpus", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "synthetic" in err and len(err.strip().splitlines()) == 1

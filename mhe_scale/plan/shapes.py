@@ -56,8 +56,9 @@ def _builder(cfg: Any) -> tuple[Callable[[], nn.Module], tuple[int, ...], int, b
                              "data; give them, e.g. data.num_classes=1000 data.image_size=224")
         size = cfg.data.image_size
         return lambda: build_image_model(cfg.model), (3, size, size), cfg.data.num_classes, False
-    raise ValueError(f"mhe-scale plan knows the encoders of tasks {SUPPORTED_TASKS}, not {task!r}; pass "
-                     "--backbone-params N (and --largest-layer N, --dim D) to plan it from numbers")
+    raise ValueError(f"mhe-scale plan knows the encoders of tasks {SUPPORTED_TASKS}, not {task!r}; for a BoW XMC "
+                     "config plan the synthetic task with the same model and head sections (same MLP encoder): "
+                     "data={name:synthetic,input_dim:F,num_classes:L,labels_per_point:5}")
 
 
 def build_meta_encoder(cfg: Any) -> tuple[nn.Module, tuple[int, ...], int, bool]:
