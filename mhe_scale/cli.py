@@ -12,7 +12,7 @@ HEAD_ADVICE = ("Choosing: multi-label data (XMC) -> mhc or fc; mhp ranks below t
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: mhe-scale {train,heads,tasks} ...\n  train CONFIG [key=value ...]   train and evaluate\n  heads                         list registered heads and their arguments\n  tasks [NAME]                  list registered tasks and their config keys"
+    usage = "usage: mhe-scale {train,heads,tasks,plan} ...\n  train CONFIG [key=value ...]   train and evaluate\n  heads                         list registered heads and their arguments\n  tasks [NAME]                  list registered tasks and their config keys\n  plan CONFIG [key=value ...] --gpus N --nodes M --gpu-mem 80GB [--probe]   memory plan + DeepSpeed/accelerate files"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0
@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from mhe_scale.train import main as train_main
 
         return train_main(rest)
+    if command == "plan":
+        from mhe_scale.plan.cli import main as plan_main
+
+        return plan_main(rest)
     if command == "heads":
         import mhe_scale.heads as heads
 

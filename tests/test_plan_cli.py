@@ -1,0 +1,165 @@
+"""`mhe-scale plan`: set-ups keep the global batch, head advice, probe bookkeeping, and files the engine runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mhe_scale.plan import probe
+from mhe_scale.plan.advice import head_costs, mhc_groups, recommend
+from mhe_scale.plan.candidates import PlanContext, Setup, breakdown, enumerate_setups, rank
+from mhe_scale.plan.cli import parse_size
+from mhe_scale.plan.memory import ActivationLine, HeadSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo" / "mhp_synthetic.yaml")
+SMALL = ["data.num_classes=1000", "data.num_train=256", "data.num_test=32", "train.epochs=1", "train.batch_size=32",
+         "eval.baseline=null", "model.hidden=32", "model.num_features=16", "train.threads=1"]
+
+
+def _ctx(**kw) -> PlanContext:
+    lines = {(p, False): ActivationLine(1e6, 1e5) for p in ("fp32", "bf16")}
+    return PlanContext(2_000_000, 500_000, lines, **kw)
+
+
+def _base(world=4, b=64, accum=2) -> Setup:
+    head = HeadSpec("fc", 100_000, 128, sharded=True)
+    return Setup(world, b, accum, None, False, False, "fp32", False, head, "fc")
+
+
+def test_setups_keep_global_batch_and_valid_offload():
+    base = _base()
+    setups = enumerate_setups(base, _ctx(gpus_per_node=2))
+    assert len(setups) > 100
+    assert {s.global_batch for s in setups} == {512}
+    assert {s.world for s in setups} == {2, 4, 8}
+    assert not any(s.offload_param and s.zero_stage != 3 for s in setups)
+    assert not any(s.offload_optimizer and not s.zero_stage for s in setups)
+
+
+def test_ranking_puts_fitting_setups_first_and_they_fit():
+    base, ctx = _base(), _ctx()
+    ranked = rank(enumerate_setups(base, ctx), ctx, 1.3 * 2 ** 30, base)
+    fits = [r.fits for r in ranked]
+    assert fits[0] and fits == sorted(fits, reverse=True)
+    for r in ranked[:20]:
+        assert r.peak == breakdown(r.setup, ctx).device and (r.peak <= 1.3 * 2 ** 30) == r.fits
+    assert ranked[0].setup.head_label == "fc"  # the config's head is kept when it fits
+    assert ranked[0].setup.world == base.world  # and the machines asked for
+
+
+@pytest.mark.parametrize("c", [53, 159])
+def test_small_c_full_fc_is_smaller_than_mhc(c):
+    """At small C the MHE heads save nothing: the real MHC head (meta device) is larger than the real FC."""
+    from mhe_scale.heads import create_head
+
+    d = 768
+    with torch.device("meta"):
+        fc = create_head("fc", in_features=d, num_classes=c)
+        mhc = create_head("mhc", in_features=d, num_classes=c, num_groups=mhc_groups(c, 1))
+    assert sum(p.numel() for p in mhc.parameters()) > sum(p.numel() for p in fc.parameters())
+    costs = head_costs(c, d, 1, 32)
+    assert recommend(costs, 2 ** 30).startswith("full FC fits")
+
+
+def test_mhc_group_rule_fills_groups_and_is_near_sqrt():
+    for c, k in [(2_059_906, 1), (670_091, 10), (3993, 10), (159, 1)]:
+        g = mhc_groups(c, k)
+        assert -(-c // -(-c // g)) == g  # the labels fill exactly G groups
+        assert 0.5 < g / (k * c) ** 0.5 < 2.0
+
+
+def test_large_c_advice_picks_a_cheaper_head_when_fc_does_not_fit():
+    costs = head_costs(2_059_906, 512, 8, 128)
+    fc = next(c for c in costs if c.label == "fc")
+    line = recommend(costs, fc.total / 2)
+    assert line.startswith("full FC needs") and "fits at" in line
+
+
+def test_parse_size():
+    assert parse_size("80GB") == 80 * 2 ** 30 and parse_size("512MiB") == 512 * 2 ** 20 and parse_size("24g") == 24 * 2 ** 30
+    with pytest.raises(ValueError, match="--gpu-mem"):
+        parse_size("lots")
+
+
+def test_fit_recovers_a_planted_activation_line():
+    ctx = _ctx(device="cpu")
+    a, b = replace(_base(), micro_batch=32, accum=4), _base()
+
+    def measured(s: Setup) -> float:  # everything but activations/runtime, plus a planted 5 MB + 0.3 MB * b
+        terms = [t for t in breakdown(s, ctx).terms if t.name not in ("activations", "runtime")]
+        return sum(t.device + t.host for t in terms) + 5e6 + 3e5 * s.micro_batch
+
+    rows = [probe.ProbeResult(s, "ok", measured(s)) for s in (a, b)]
+    line = probe.fit_activations(rows[0], rows[1], ctx)
+    assert line.base == pytest.approx(5e6) and line.per_sample == pytest.approx(3e5)
+    third = replace(_base(), micro_batch=16, accum=8)
+    out = probe.fit_and_predict(rows + [probe.ProbeResult(third, "ok", measured(third))], ctx)
+    assert out[2].predicted == pytest.approx(out[2].peak) and not out[2].fitted_on and out[0].fitted_on
+
+
+def test_probe_reports_oom_and_failure_without_raising(monkeypatch, tmp_path):
+    script = ("import json,os,sys; p=os.environ['MHE_PLAN_PROBE_OUT']; "
+              "open(p+'/rank0.json','w').write(json.dumps({'oom': True, 'error': 'CUDA out of memory'})); sys.exit(3)")
+    monkeypatch.setattr(probe, "probe_command", lambda s, c, o: [sys.executable, "-c", script])
+    assert probe.run_probe(_base(), "x.yaml", [], 30).status == "oom"
+    monkeypatch.setattr(probe, "probe_command", lambda s, c, o: [sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
+    assert probe.run_probe(_base(), "x.yaml", [], 30).status == "oom"
+    monkeypatch.setattr(probe, "probe_command", lambda s, c, o: [sys.executable, "-c", "raise SystemExit('bad key')"])
+    r = probe.run_probe(_base(), "x.yaml", [], 30)
+    assert r.status == "failed" and "bad key" in r.detail
+
+
+def test_plan_writes_files_the_engine_runs(tmp_path, capsys):
+    """plan -> deepspeed.json / accelerate.yaml / overrides.txt; the engine trains with them as written (1 process)."""
+    from mhe_scale.cli import main
+
+    out = tmp_path / "plan"
+    rc = main(["plan", DEMO, *SMALL, f"train.output_dir={tmp_path / 'run'}", "--gpus", "1", "--gpu-mem", "2GB",
+               "--device", "cpu", "--zero", "2", "--keep-head", "--precision", "fp32", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "per-rank memory as configured" in text and "accelerate launch --config_file" in text
+    ds = json.loads((out / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == "auto"
+    assert ds["gradient_clipping"] == 0.0  # explicit: DeepSpeed's silent default would be 1.0
+    assert "DEEPSPEED" in (out / "accelerate.yaml").read_text()
+    overrides = (out / "overrides.txt").read_text().split()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run([sys.executable, "-m", "mhe_scale.train", DEMO, *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "results.json").is_file()
+    assert "DeepSpeed" in proc.stdout + proc.stderr or (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_probe_timeout_ends_the_process_tree(monkeypatch, tmp_path):
+    """A probe over its time is a 'timeout' row; its whole process group is ended (no stray workers)."""
+    pid_file = tmp_path / "pid"
+    script = ("import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    monkeypatch.setattr(probe, "probe_command", lambda s, c, o: [sys.executable, "-c", script])
+    r = probe.run_probe(_base(), "x.yaml", [], 3)
+    assert r.status == "timeout"
+    grandchild = int(pid_file.read_text())
+    import time
+
+    time.sleep(0.5)
+    state = Path(f"/proc/{grandchild}/stat")
+    assert not state.exists() or state.read_text().split()[2] == "Z"  # gone (or a zombie awaiting its reaper)
+
+
+def test_unsupported_task_is_one_line_error(capsys):
+    from mhe_scale.cli import main
+
+    rc = main(["plan", str(ROOT / "configs" / "xmc" / "bibtex.yaml"), "--gpus", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "synthetic" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,153 @@
+"""The memory model's terms against DeepSpeed's estimators, real heads built on the meta device, and closed forms."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from mhe_scale.plan.memory import (ActivationLine, EngineSpec, HeadSpec, RunSpec, backbone_states, bucket_terms,
+                                   estimate, head_logit_shape, head_params, head_terms)
+
+
+def device_sum(terms) -> float:
+    return sum(t.device for t in terms)
+
+
+@pytest.mark.parametrize("psi,gpus,nodes", [(1.3e9, 8, 1), (25e6, 8, 2), (7e9, 4, 1), (2e8, 1, 1)])
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero2_matches_deepspeed_estimator(psi, gpus, nodes, offload):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    _, gpu = estimate_zero2_model_states_mem_needs(int(psi), gpus, nodes, cpu_offload=offload)
+    engine = EngineSpec(zero_stage=2, precision="bf16", optimizer="adam", offload_optimizer=offload)
+    ours = device_sum(backbone_states(psi, 0, engine, gpus * nodes))
+    assert ours == pytest.approx(gpu, rel=0.01)
+
+
+@pytest.mark.parametrize("psi,largest,gpus,nodes", [(1.3e9, 5e7, 8, 1), (25e6, 2.4e6, 8, 2), (7e9, 2e8, 16, 1)])
+@pytest.mark.parametrize("offload,offload_param", [(False, False), (True, False), (True, True)])
+def test_zero3_matches_deepspeed_estimator(psi, largest, gpus, nodes, offload, offload_param):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(int(psi), int(largest), gpus, nodes, cpu_offload=offload,
+                                                      cpu_offload_params=offload_param)
+    engine = EngineSpec(zero_stage=3, precision="bf16", optimizer="adamw", offload_optimizer=offload,
+                        offload_param=offload_param)
+    assert device_sum(backbone_states(psi, largest, engine, gpus * nodes)) == pytest.approx(gpu, rel=0.01)
+
+
+def test_all_cold_tables_agree(capsys):
+    """The printed tables of DeepSpeed's *_all_cold estimators (GB per GPU) within 1%."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    psi, largest = 3e9, 1e8
+    estimate_zero2_model_states_mem_needs_all_cold(int(psi), num_gpus_per_node=8)
+    estimate_zero3_model_states_mem_needs_all_cold(int(psi), int(largest), num_gpus_per_node=8)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "offload" in line and "|" in line]
+    gb = {}
+    for line in rows:
+        cpu, gpu, options = [x.strip() for x in line.split("|")]
+        gb[options] = float(re.sub("GB", "", gpu)) * 2 ** 30
+    ours = {"offload_optimizer=none": backbone_states(psi, largest, EngineSpec(zero_stage=2, precision="bf16"), 8)}
+    assert device_sum(ours["offload_optimizer=none"]) == pytest.approx(gb["offload_optimizer=none"], rel=0.01)
+    for offload in (False, True):
+        z3 = EngineSpec(zero_stage=3, precision="bf16", offload_optimizer=offload)
+        key = next(k for k in gb if "offload_param=none" in k and ("offload_optimizer=none" in k) != offload)
+        assert device_sum(backbone_states(psi, largest, z3, 8)) == pytest.approx(gb[key], rel=0.01)
+
+
+def test_closed_forms_sgd_fp32_ddp():
+    psi, n = 1_000_000, 4
+    # ZeRO-1 bf16 SGD momentum: 2 params + 2 grads + (4 master + 4 fp32 grads + 4 momentum) / N
+    z1 = EngineSpec(zero_stage=1, precision="bf16", optimizer="sgd", momentum=0.9)
+    assert device_sum(backbone_states(psi, 0, z1, n)) == 4_000_000 + 12_000_000 / 4
+    # plain SGD has no state
+    z1_plain = EngineSpec(zero_stage=1, precision="bf16", optimizer="sgd", momentum=0.0)
+    assert device_sum(backbone_states(psi, 0, z1_plain, n)) == 4_000_000 + 8_000_000 / 4
+    # one process without DeepSpeed, fp32 AdamW: 4 + 4 + 8 bytes per parameter
+    assert device_sum(backbone_states(psi, 0, EngineSpec(), 1)) == 16_000_000
+    # fp32 ZeRO-2 Adam: params 4 whole, grads 4/N, master 4/N, fp32 grads 4/N, Adam 8/N
+    z2 = EngineSpec(zero_stage=2, precision="fp32")
+    assert device_sum(backbone_states(psi, 0, z2, n)) == 4_000_000 + 20_000_000 / 4
+
+
+def test_buckets_doubled_with_overlap_and_capped_on_cpu():
+    big = EngineSpec(zero_stage=2, precision="bf16", reduce_bucket_size=1e8, allgather_bucket_size=1e7)
+    assert device_sum(bucket_terms(1e9, big)) == 2e8
+    assert device_sum(bucket_terms(1e9, EngineSpec(zero_stage=2, precision="bf16", reduce_bucket_size=1e8,
+                                                   allgather_bucket_size=0, overlap_comm=True))) == 4e8
+    cpu = EngineSpec(zero_stage=2, precision="fp32", reduce_bucket_size=5e8, allgather_bucket_size=5e8, device="cpu")
+    assert device_sum(bucket_terms(1000, cpu)) == 4000
+    assert bucket_terms(1000, EngineSpec()) == []
+
+
+def _meta_head(name: str, c: int, d: int, **kw):
+    from mhe_scale.heads import create_head
+
+    with torch.device("meta"):
+        return create_head(name, in_features=d, num_classes=c, **kw)
+
+
+@pytest.mark.parametrize("name,kw,spec", [
+    ("fc", {}, {}),
+    ("fc", {"cosine": True}, {"cosine": True}),
+    ("partial_fc", {"sample_rate": 0.2}, {"sample_rate": 0.2}),
+    ("mhp", {"sizes": [40, 26]}, {"sizes": (40, 26)}),
+    ("mhp", {"sizes": [10, 11, 10]}, {"sizes": (10, 11, 10)}),
+    ("mhs", {"sizes": [40, 26]}, {"sizes": (40, 26)}),
+    ("mhc", {"sizes": [40, 26], "hidden": 32}, {"sizes": (40, 26), "hidden": 32}),
+    ("mhc", {"sizes": [8, 10, 13], "hidden": 16, "label_bias": False}, {"sizes": (8, 10, 13), "hidden": 16,
+                                                                        "label_bias": False}),
+])
+def test_head_params_equal_real_heads(name, kw, spec):
+    c, d = 1033, 24
+    real = sum(p.numel() for p in _meta_head(name, c, d, **kw).parameters())
+    assert head_params(HeadSpec(name, c, d, **spec)) == real
+
+
+@pytest.mark.parametrize("name,items", [("fc", 1033), ("partial_fc", 1033), ("mhs", 40)])
+def test_sharded_params_are_rank0_share(name, items):
+    from mhe_scale.parallel.shard import shard_range
+
+    world, d = 3, 24
+    spec = HeadSpec(name, 1033, d, sizes=(40, 26) if name == "mhs" else None, sharded=True, bias=False)
+    share = shard_range(items, 0, world)[1]
+    assert head_params(spec, world) == share * (26 if name == "mhs" else 1) * d
+
+
+def test_sharded_mhc_table_is_split():
+    """Sharded MHC splits only the last level's label table (hidden + bias per label)."""
+    from mhe_scale.parallel.shard import shard_range
+
+    c, d, h = 1033, 24, 32
+    full = HeadSpec("mhc", c, d, sizes=(40, 26), hidden=h)
+    split = HeadSpec("mhc", c, d, sizes=(40, 26), hidden=h, sharded=True)
+    assert head_params(full) - head_params(split, 4) == (c - shard_range(c, 0, 4)[1]) * (h + 1)
+
+
+def test_logits_of_sharded_fc_use_global_rows_and_local_columns():
+    spec = HeadSpec("fc", 1000, 16, sharded=True)
+    assert head_logit_shape(spec, 4, 8) == (32, 250, 0)
+    terms = {t.name: t.device for t in head_terms(spec, EngineSpec(optimizer="sgd"), 4, 8)}
+    assert terms["head logits"] == 3 * 4 * 32 * 250
+    assert terms["gathered features"] == 2 * 4 * 32 * 16
+    assert terms["head optimizer"] == 4 * 250 * 17
+
+
+def test_replicated_head_joins_engine_params():
+    head = HeadSpec("mhp", 10_000, 64, sizes=(100, 100))
+    run = RunSpec(1e6, 1e5, EngineSpec(), head, world=1, micro_batch=4, activations=ActivationLine(0, 10))
+    b = estimate(run)
+    assert b.get("params").device == 4 * (1e6 + 200 * 64 + 200)
+    assert b.get("activations").device == 40
+    assert "head params" not in {t.name for t in b.terms}
+
+
+def test_bad_specs_name_the_fix():
+    with pytest.raises(ValueError, match="offload_param needs ZeRO-3"):
+        EngineSpec(zero_stage=2, offload_param=True)
+    with pytest.raises(ValueError, match="optim.name"):
+        EngineSpec(optimizer="lamb")
