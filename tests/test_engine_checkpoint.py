@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from mhe_scale.parallel.testing import free_port
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
@@ -242,7 +244,7 @@ def ddp_run(tmp_path_factory) -> Path:
                       "from test_engine_checkpoint import ddp_child; ddp_child(sys.argv[1])\n")
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 1000), str(script), str(tmp_path)],
+                           "--master_port", str(free_port()), str(script), str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return tmp_path

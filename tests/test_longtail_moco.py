@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from mhe_scale.parallel.testing import free_port
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
@@ -152,7 +154,7 @@ def test_contrastive_task_two_processes_share_one_queue(lists, tmp_path):
     out = tmp_path / "run2"
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29500 + os.getpid() % 300), "-m", "mhe_scale.train", "configs/longtail/cifar10_lt100_kcl.yaml",
+                           str(free_port()), "-m", "mhe_scale.train", "configs/longtail/cifar10_lt100_kcl.yaml",
                            *overrides(lists, out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

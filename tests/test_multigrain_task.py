@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from mhe_scale.parallel.testing import free_port
 import torch
 from safetensors.torch import load_file
 
@@ -106,7 +108,7 @@ def test_two_processes_gather_the_copies_and_resume(archive, tmp_path):
     out = tmp_path / "two"
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 200), "-m", "mhe_scale.train", CONFIG,
+           str(free_port()), "-m", "mhe_scale.train", CONFIG,
            *overrides(archive, out, "train.batch_size=3")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

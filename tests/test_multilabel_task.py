@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from mhe_scale.parallel.testing import free_port
 import torch
 from safetensors.torch import load_file
 
@@ -78,7 +80,7 @@ def test_cosine_head_with_a_logit_loss_is_refused(coco_splits, tmp_path, capsys)
 def torchrun(args: list[str]) -> None:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29500 + os.getpid() % 200), "-m", "mhe_scale.train", *args],
+                           "--master_port", str(free_port()), "-m", "mhe_scale.train", *args],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
