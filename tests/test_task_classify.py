@@ -85,12 +85,16 @@ def test_bad_data_path_is_one_line_error(tmp_path, capsys):
     assert "\n" not in err
 
 
-def torchrun(args: list[str], cwd: Path = REPO) -> None:
+def accelerate_launch(args: list[str], cwd: Path = REPO) -> None:
+    """`accelerate launch` with 2 CPU processes (gloo): ACCELERATE_USE_CPU=1 + --multi_gpu, the form that
+    really starts 2 processes on CPU (docs/environment.md)."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "mhe_scale.train", *args],
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()), "-m", "mhe_scale.train", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "num_processes=2" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -105,7 +109,7 @@ def test_two_processes_equal_one_process_with_accumulation(archive, tmp_path, sh
     assert train_main(["configs/classify/cifar10_r18_mhp.yaml", *overrides(archive, one, *head, *shard,
                                                                            "train.grad_accum_steps=2")]) == 0
     two = tmp_path / "two"
-    torchrun(["configs/classify/cifar10_r18_mhp.yaml", *overrides(archive, two, *head, *shard)])
+    accelerate_launch(["configs/classify/cifar10_r18_mhp.yaml", *overrides(archive, two, *head, *shard)])
     folder = next(p.name for p in one.iterdir() if p.is_dir() and p.name != "cache")
     step = "checkpoints/step-00000006"
     a, b = load_file(str(one / folder / step / "model.safetensors")), load_file(str(two / folder / step / "model.safetensors"))
