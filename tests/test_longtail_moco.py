@@ -20,7 +20,7 @@ from torch import nn
 
 from mhe_scale.config import OptimConfig, TrainConfig
 from mhe_scale.engine import fit
-from mhe_scale.engine.model import _make_optimizer
+from mhe_scale.engine.model import make_optimizer
 from mhe_scale.models.image import build_image_backbone
 from mhe_scale.models.moco import MoCo, SplitBatchNorm2d
 
@@ -96,7 +96,7 @@ def train(out: Path, crash_at: int = 0) -> MoCo:
         if step == crash_at:
             raise Crash
 
-    opt = _make_optimizer(OptimConfig(name="sgd", lr=0.05), [{"params": list(m.parameters())}])
+    opt = make_optimizer(OptimConfig(name="sgd", lr=0.05), [{"params": list(m.parameters())}])
     fit(m, opt, Views(), cfg, Accelerator(cpu=True), out_dir=out, step_callback=stop)
     return m
 

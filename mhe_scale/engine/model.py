@@ -81,7 +81,9 @@ def split_no_decay(groups: list[dict]) -> list[dict]:
     return out
 
 
-def _make_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """The optimizer of an optim section over the given parameter groups (each may set its own lr);
+    for tasks that build their own groups (a probe's linear layer, a margin loss's beta)."""
     if cfg.no_decay_bias_norm:
         groups = split_no_decay(groups)
     if cfg.name == "adamw":
@@ -94,7 +96,7 @@ def _make_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimiz
 def build_optimizer(cfg: OptimConfig, model: Classifier) -> torch.optim.Optimizer:
     """Two parameter groups, encoder and head (the head may have its own lr); with
     optim.no_decay_bias_norm each is split into decayed matrices and undecayed biases / norm weights."""
-    return _make_optimizer(cfg, list(_parameter_groups(cfg, model)))
+    return make_optimizer(cfg, list(_parameter_groups(cfg, model)))
 
 
 def optimizer_state_numel(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> int:
@@ -138,6 +140,6 @@ def build_optimizers(cfg: OptimConfig, model: Classifier) -> tuple[torch.optim.O
         from mhe_scale.optim import build_row_sparse_optimizer
 
         model.head.row_sparse_parameters()
-        return _make_optimizer(cfg, [encoder]), build_row_sparse_optimizer(cfg.name, [head], cfg.lr, cfg.weight_decay,
+        return make_optimizer(cfg, [encoder]), build_row_sparse_optimizer(cfg.name, [head], cfg.lr, cfg.weight_decay,
                                                                            cfg.momentum)
-    return _make_optimizer(cfg, [encoder]), _make_optimizer(cfg, [head])
+    return make_optimizer(cfg, [encoder]), make_optimizer(cfg, [head])

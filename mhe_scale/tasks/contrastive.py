@@ -26,7 +26,7 @@ from mhe_scale.data.image_source import ImageDataConfig, image_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
 from mhe_scale.data.two_views import TwoViewDataset, contrastive_transform
 from mhe_scale.engine.loop import fit
-from mhe_scale.engine.model import Classifier, _make_optimizer, build_optimizer, build_run_head
+from mhe_scale.engine.model import Classifier, make_optimizer, build_optimizer, build_run_head
 from mhe_scale.eval.longtail import extract_features, knn_predict, shot_accuracy, shot_counts
 from mhe_scale.models.image import ImageModelConfig, build_image_model
 from mhe_scale.models.moco import MoCo, warn_if_queue_is_large
@@ -110,7 +110,7 @@ def build_module(cfg: ContrastiveConfig, num_classes: int, rank: int = 0, world:
 def build_module_optimizer(cfg: ContrastiveConfig, module) -> torch.optim.Optimizer:
     if isinstance(module, Classifier):
         return build_optimizer(cfg.optim, module)
-    return _make_optimizer(cfg.optim, [{"params": [p for p in module.parameters() if p.requires_grad],
+    return make_optimizer(cfg.optim, [{"params": [p for p in module.parameters() if p.requires_grad],
                                         "lr": cfg.optim.lr, "name": "encoder"}])
 
 

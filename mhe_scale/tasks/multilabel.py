@@ -28,7 +28,7 @@ from mhe_scale.config import ExperimentConfig
 from mhe_scale.data.image_dataset import transform_preset
 from mhe_scale.data.multilabel_json import MultilabelAnnotations, MultilabelImageDataset, read_multilabel_json
 from mhe_scale.engine.loop import fit
-from mhe_scale.engine.model import _make_optimizer, count_parameters
+from mhe_scale.engine.model import make_optimizer, count_parameters
 from mhe_scale.engine.module import TrainingModule
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.eval.distributed import evaluating, test_batches
@@ -314,7 +314,7 @@ def train_multilabel(cfg: MultilabelConfig, data: MultilabelData, accelerator) -
     net = build_net(cfg, len(data.classes), data.train.annotations.targets)
     model = MultilabelClassifier(net, build_criterion(cfg.loss))
     head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
-    optimizer = _make_optimizer(cfg.optim, [
+    optimizer = make_optimizer(cfg.optim, [
         {"params": list(net.backbone.parameters()), "lr": cfg.optim.lr, "name": "encoder"},
         {"params": [p for p in net.head.parameters() if p.requires_grad], "lr": head_lr, "name": "head"}])
     folder = run_folder(cfg)

@@ -28,7 +28,7 @@ from mhe_scale.data.image_source import ImageDataConfig, image_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
 from mhe_scale.engine.checkpoint import list_checkpoints
 from mhe_scale.engine.loop import fit, named_sampler
-from mhe_scale.engine.model import _make_optimizer
+from mhe_scale.engine.model import make_optimizer
 from mhe_scale.engine.module import Metrics, TrainingModule
 from mhe_scale.eval.longtail import TAUS, extract_features, shot_accuracy, shot_counts, tau_predictions
 from mhe_scale.models.image import ImageModelConfig, build_image_model
@@ -146,7 +146,7 @@ def run_probe(cfg: ProbeConfig, accelerator) -> dict[str, dict[str, Any]]:
     backbone = build_image_model(cfg.model)
     loaded = load_backbone(backbone, cfg.probe.checkpoint)
     module = LinearProbe(backbone, num_classes, cfg.probe.bias)
-    optimizer = _make_optimizer(cfg.optim, [{"params": list(module.fc.parameters()), "lr": cfg.optim.lr, "name": "fc"}])
+    optimizer = make_optimizer(cfg.optim, [{"params": list(module.fc.parameters()), "lr": cfg.optim.lr, "name": "fc"}])
     groups = torch.as_tensor(shot_groups(counts_from_labels(train_records.labels, num_classes)))
     sampler = None if cfg.data.sampler == "epoch" else named_sampler(cfg.data.sampler, torch.as_tensor(train.labels))
     folder = "crt" if cfg.data.sampler == "class_balanced" else f"probe-{cfg.data.sampler}"
