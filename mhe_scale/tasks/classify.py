@@ -26,7 +26,7 @@ from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_p
 from mhe_scale.data.image_source import ImageDataConfig, image_records
 from mhe_scale.engine.loop import fit, named_sampler
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
-from mhe_scale.eval.distributed import evaluating, test_batches
+from mhe_scale.eval.accuracy import topk_accuracy
 from mhe_scale.models.image import ImageModelConfig, build_image_model
 from mhe_scale.tasks.registry import register_task
 from mhe_scale.tasks.report import head_label, train_each_head, training_costs, write_results
@@ -68,19 +68,8 @@ def load_image_data(cfg: ImageDataConfig, accelerator=None) -> ImageData:
 
 def accuracy(model: Classifier, test_set: Dataset, batch_size: int, accelerator=None, ema=None,
              desc: str = "eval") -> dict[str, float]:
-    """Top-1 / top-5 accuracy (in [0, 1]) of model.predict over the whole test set; every process
-    scores its part and the counts are summed, so every process returns the same numbers."""
-    k = min(5, model.head.num_classes)
-    counts = torch.zeros(3, dtype=torch.float64)  # correct@1, correct@k, images
-    with evaluating(model, accelerator, ema):
-        for inputs, targets in test_batches(model, test_set, batch_size, accelerator, desc):
-            _, ids = model.predict(inputs, k)
-            hit = ids.cpu() == targets.cpu().view(-1, 1)
-            counts += torch.tensor([hit[:, :1].sum().item(), hit.sum().item(), len(targets)], dtype=torch.float64)
-    if accelerator is not None and accelerator.num_processes > 1:
-        counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
-    total = max(counts[2].item(), 1.0)
-    return {"top1": counts[0].item() / total, f"top{k}": counts[1].item() / total}
+    """Top-1 / top-5 accuracy (in [0, 1]) of model.predict over the whole test set (eval/accuracy.py)."""
+    return topk_accuracy(model, test_set, batch_size, model.head.num_classes, accelerator, ema, desc)
 
 
 def train_classifier(cfg: ClassifyConfig, head_cfg: HeadConfig, data: ImageData, accelerator,

@@ -36,7 +36,7 @@ from mhe_scale.data.image_source import ImageDataConfig
 from mhe_scale.engine.loop import fit, named_sampler
 from mhe_scale.engine.module import TrainingModule
 from mhe_scale.engine.run_identity import run_config
-from mhe_scale.eval.distributed import evaluating, test_batches
+from mhe_scale.eval.accuracy import topk_accuracy
 from mhe_scale.losses.margin import MarginLoss
 from mhe_scale.models.gem import GeM
 from mhe_scale.models.image import ImageModelConfig, build_image_backbone
@@ -172,17 +172,8 @@ def build_optimizer(optim: OptimConfig, model: MultiGrainModel, beta_lr: float |
 def accuracy(model: MultiGrainModel, test_set: Dataset, batch_size: int, accelerator=None, ema=None
              ) -> dict[str, float]:
     """Top-1 / top-k (k = min(5, C)) of the classifier over the test set, summed over processes."""
-    k = min(5, model.classifier.out_features)
-    counts = torch.zeros(3, dtype=torch.float64)
-    with evaluating(model, accelerator, ema):
-        for inputs, targets in test_batches(model, test_set, batch_size, accelerator, "eval multigrain"):
-            _, ids = model.predict(inputs, k)
-            hit = ids.cpu() == targets.cpu().view(-1, 1)
-            counts += torch.tensor([hit[:, :1].sum().item(), hit.sum().item(), len(targets)], dtype=torch.float64)
-    if accelerator is not None and accelerator.num_processes > 1:
-        counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
-    total = max(counts[2].item(), 1.0)
-    return {"top1": counts[0].item() / total, f"top{k}": counts[1].item() / total}
+    return topk_accuracy(model, test_set, batch_size, model.classifier.out_features, accelerator, ema,
+                         "eval multigrain")
 
 
 def run_label(cfg: MultiGrainModelConfig) -> str:
