@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import tarfile
 from pathlib import Path
 from types import ModuleType
 
@@ -34,3 +35,16 @@ def load_tool(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def coco_mini(tmp_path_factory) -> Path:
+    """../shared/data/coco-mini/coco-mini.tar extracted once per session (annotations/, train2017/,
+    val2017/); skips when absent. Read-only for tests: write outputs elsewhere."""
+    tar = SHARED_DATA / "coco-mini" / "coco-mini.tar"
+    if not tar.is_file():
+        pytest.skip(f"{tar} not present")
+    root = tmp_path_factory.mktemp("coco-mini")
+    with tarfile.open(tar) as f:
+        f.extractall(root, filter="data")
+    return root

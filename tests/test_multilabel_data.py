@@ -1,7 +1,6 @@
 """Multi-label JSON format, the COCO / VOC importers (real COCO-MINI photos), and the dataset."""
 
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,19 +11,6 @@ from PIL import Image
 from conftest import load_tool
 from mhe_scale.data.image_dataset import transform_preset
 from mhe_scale.data.multilabel_json import MultilabelImageDataset, read_multilabel_json, write_multilabel_json
-
-
-@pytest.fixture(scope="module")
-def coco_mini(tmp_path_factory) -> Path:
-    from conftest import SHARED_DATA
-
-    tar = SHARED_DATA / "coco-mini" / "coco-mini.tar"
-    if not tar.is_file():
-        pytest.skip(f"{tar} not present")
-    root = tmp_path_factory.mktemp("coco")
-    with tarfile.open(tar) as f:
-        f.extractall(root, filter="data")
-    return root
 
 
 def test_coco_import_matches_the_instances_json(coco_mini, tmp_path):

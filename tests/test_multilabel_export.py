@@ -3,14 +3,13 @@ photos, for probabilities and logits, any batch size, every head kind (cosine sc
 ML-GCN attention a constant). Skipped where onnx / onnxruntime do not import."""
 
 import json
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import SHARED_DATA, load_tool
+from conftest import load_tool
 from mhe_scale.data.image_dataset import transform_preset
 from mhe_scale.data.multilabel_json import MultilabelImageDataset, read_multilabel_json
 
@@ -19,16 +18,11 @@ ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def coco_val(tmp_path_factory):
-    tar = SHARED_DATA / "coco-mini" / "coco-mini.tar"
-    if not tar.is_file():
-        pytest.skip(f"{tar} not present")
-    root = tmp_path_factory.mktemp("coco")
-    with tarfile.open(tar) as f:
-        f.extractall(root, filter="data")
-    assert load_tool("import_coco").main([str(root / "annotations" / "instances_val2017.json"), "--images",
-                                          str(root / "val2017"), "--out", str(root / "val.json")]) == 0
-    return root / "val.json"
+def coco_val(coco_mini, tmp_path_factory):
+    out = tmp_path_factory.mktemp("coco-val") / "val.json"
+    assert load_tool("import_coco").main([str(coco_mini / "annotations" / "instances_val2017.json"), "--images",
+                                          str(coco_mini / "val2017"), "--out", str(out)]) == 0
+    return out
 
 
 @pytest.mark.parametrize("head,loss,output", [("pooled", "asl", "probabilities"), ("ml_decoder", "aam", "logits"),

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from mhe_scale.parallel.testing import free_port
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, SHARED_DATA, load_tool
+from conftest import REPO_ROOT, load_tool
 from mhe_scale.config import load_config
 from mhe_scale.data.multilabel_json import read_multilabel_json, write_multilabel_json
 from mhe_scale.eval.multilabel import mean_average_precision
@@ -26,18 +25,13 @@ from mhe_scale.train import main as train_main
 
 
 @pytest.fixture(scope="module")
-def coco_splits(tmp_path_factory) -> Path:
+def coco_splits(coco_mini, tmp_path_factory) -> Path:
     """train.json (the 80 train2017 photos), val.json / test.json (val2017 halves)."""
-    tar = SHARED_DATA / "coco-mini" / "coco-mini.tar"
-    if not tar.is_file():
-        pytest.skip(f"{tar} not present")
-    root = tmp_path_factory.mktemp("coco")
-    with tarfile.open(tar) as f:
-        f.extractall(root, filter="data")
+    root = tmp_path_factory.mktemp("coco-splits")
     tool = load_tool("import_coco")
     for split, out in (("train", "train.json"), ("val", "val_all.json")):
-        assert tool.main([str(root / "annotations" / f"instances_{split}2017.json"), "--images",
-                          str(root / f"{split}2017"), "--out", str(root / out)]) == 0
+        assert tool.main([str(coco_mini / "annotations" / f"instances_{split}2017.json"), "--images",
+                          str(coco_mini / f"{split}2017"), "--out", str(root / out)]) == 0
     raw = json.loads((root / "val_all.json").read_text())
     write_multilabel_json(root / "val.json", raw["classes"], raw["images"][:40])
     write_multilabel_json(root / "test.json", raw["classes"], raw["images"][40:])
