@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from mhe_scale.config import ExperimentConfig
 from mhe_scale.data.image_dataset import transform_preset
+from mhe_scale.data.rand_augment import with_rand_augment
 from mhe_scale.data.multilabel_json import MultilabelAnnotations, MultilabelImageDataset, read_multilabel_json
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.model import _make_optimizer, count_parameters
@@ -66,6 +67,9 @@ class MultilabelDataConfig:
     """Side of the crops (default: the preset's)."""
     seed: int = 0
     """Seed of the per-sample augmentation (with the epoch and the index)."""
+    rand_augment: Optional[list[float]] = None
+    """[N, M]: RandAugment (data/rand_augment.py) after the training crop / flip, N ops of magnitude M
+    (0..10) per sample; null: off."""
 
 
 @dataclass(kw_only=True)
@@ -231,6 +235,20 @@ def _split(path: Optional[str], key: str, drop: bool) -> MultilabelAnnotations:
     return read_multilabel_json(found, drop_unknown=drop)
 
 
+def train_transform(cfg: MultilabelDataConfig):
+    """The preset's training augmentation, with RandAugment(N, M) before ToTensor when data.rand_augment is set."""
+    tf = transform_preset(cfg.preset, True, size=cfg.image_size)
+    if cfg.rand_augment is None:
+        return tf
+    ra = list(cfg.rand_augment)
+    if len(ra) != 2 or ra[0] != int(ra[0]):
+        raise ValueError(f"data.rand_augment={ra}: give [N, M] (N ops, an integer; magnitude M in 0..10) or null")
+    try:
+        return with_rand_augment(tf, int(ra[0]), float(ra[1]))
+    except ValueError as err:
+        raise ValueError(f"data.rand_augment: {err}") from None
+
+
 def load_multilabel_data(cfg: MultilabelDataConfig) -> MultilabelData:
     """Train (augmented), val (held-out, eval transform; optional) and test datasets; every split must
     name the training split's classes."""
@@ -245,7 +263,7 @@ def load_multilabel_data(cfg: MultilabelDataConfig) -> MultilabelData:
                              f"{len(train.classes)}); list the same classes in every split")
     eval_tf = transform_preset(cfg.preset, False, size=cfg.image_size)
     val = others["data.val_path"]
-    data = MultilabelData(MultilabelImageDataset(train, transform_preset(cfg.preset, True, size=cfg.image_size), cfg.seed),
+    data = MultilabelData(MultilabelImageDataset(train, train_transform(cfg), cfg.seed),
                           MultilabelImageDataset(val, eval_tf, cfg.seed) if val is not None else None,
                           MultilabelImageDataset(others["data.test_path"], eval_tf, cfg.seed), train.classes, "")
     dropped = sum(s.dropped_labels for s in (train, *others.values()) if s is not None)
