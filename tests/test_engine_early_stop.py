@@ -54,3 +54,13 @@ def test_the_stop_checkpoint_is_saved_and_a_resume_trains_no_further(tmp_path):
     assert resumed.resumed_from == 9 and resumed.steps == 0 and resumed.stopped_early and again == []
     torch.testing.assert_close(flat_params(resumed_model), stopped_weights, rtol=0, atol=0)
     assert [r["step"] for r in read_log(tmp_path / "loss_log.jsonl")][-1] == 9
+
+
+def test_a_stop_at_a_save_step_rewrites_that_checkpoint_with_the_mark(tmp_path):
+    _, result = _run(tmp_path, [], stop_at=4, save_every=4, resume="auto")  # evaluations 3, 6, 9, 12: stop at 12
+    assert result.steps == 12 and result.stopped_early
+    state = json.loads((tmp_path / "checkpoints" / f"step-{12:08d}" / "trainer_state.json").read_text())
+    assert state["info"]["stopped_early"] is True
+    again: list = []
+    _, resumed = _run(tmp_path, again, stop_at=99, save_every=4, resume="auto")
+    assert resumed.resumed_from == 12 and resumed.steps == 0 and again == []

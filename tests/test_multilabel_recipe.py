@@ -51,6 +51,10 @@ def test_early_stopping_state_travels_with_the_checkpoint(tmp_path) -> None:
         EarlyStopping("val_mAP", 1).extra_state(False).load(tmp_path / "nowhere")
 
 
+def _steps(path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
 def test_the_task_stops_when_validation_map_cannot_rise_and_a_resume_trains_no_further(coco_splits, tmp_path):
     out = tmp_path / "run"
     args = ["configs/multilabel/coco_r50_pooled_bce.yaml",
@@ -63,8 +67,8 @@ def test_the_task_stops_when_validation_map_cannot_rise_and_a_resume_trains_no_f
     assert (stop["stopped"], stop["key"], stop["best_step"], stop["bad"]) == (True, "val_mAP", 2, 1)
     assert 0 < stop["best"] <= 1
     evals = [json.loads(line) for line in (out / "pooled-bce" / "eval_log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [2, 4] and "val_mAP" in evals[0]
-    assert [json.loads(line)["step"] for line in (out / "pooled-bce" / "loss_log.jsonl").read_text().splitlines()][-1] == 4
+    assert _steps(out / "pooled-bce" / "eval_log.jsonl") == [2, 4] and "val_mAP" in evals[0]
+    assert _steps(out / "pooled-bce" / "loss_log.jsonl")[-1] == 4
     ckpts = sorted(p.name for p in (out / "pooled-bce" / "checkpoints").iterdir())
     assert ckpts[-1] == "step-00000004"
 
@@ -72,7 +76,7 @@ def test_the_task_stops_when_validation_map_cannot_rise_and_a_resume_trains_no_f
     (again,) = json.loads((out / "results.json").read_text()).values()
     assert again["resumed_from"] == 4 and again["early_stop"]["stopped"] is True
     assert again["early_stop"]["best_step"] == 2
-    assert [json.loads(line)["step"] for line in (out / "pooled-bce" / "loss_log.jsonl").read_text().splitlines()][-1] == 4
+    assert _steps(out / "pooled-bce" / "loss_log.jsonl")[-1] == 4
 
 
 def test_early_stopping_without_a_val_split_or_evaluations_is_refused(coco_splits, tmp_path, capsys):
@@ -80,7 +84,8 @@ def test_early_stopping_without_a_val_split_or_evaluations_is_refused(coco_split
     code = train_main(["configs/multilabel/coco_r50_pooled_bce.yaml", *base, "train.eval_every=0"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "recipe.early_stop_patience needs train.eval_every > 0" in err and "\n" not in err
-    code = train_main(["configs/multilabel/coco_r50_pooled_bce.yaml", *base, "train.eval_every=2", "data.val_path=null"])
+    code = train_main(["configs/multilabel/coco_r50_pooled_bce.yaml", *base, "train.eval_every=2",
+                       "data.val_path=null"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "recipe.early_stop_patience needs data.val_path" in err
 
