@@ -43,9 +43,9 @@ from mhe_scale.engine.storage import check_shared_folder
 from mhe_scale.engine.stream import BatchStream
 
 EvalFn = Callable[[ExponentialMovingAverage | None], dict[str, float]]
+"""fit's periodic evaluation: gets the EMA (or None), returns metrics (same on every process)."""
 StopFn = Callable[[int, dict[str, float]], bool]
 """stop_fn(step, metrics) after each periodic evaluation: True ends fit early (same answer on every process)."""
-"""fit's periodic evaluation: gets the EMA (or None), returns metrics (same on every process)."""
 SamplerFactory = Callable[["TrainPlan", int, int], Sampler]
 """(plan, rank, seed) -> this process's batch sampler with set_position(epoch, start_step) (data/samplers.py)."""
 
