@@ -44,6 +44,8 @@ from mhe_scale.engine.stream import BatchStream
 
 EvalFn = Callable[[ExponentialMovingAverage | None], dict[str, float]]
 """fit's periodic evaluation: gets the EMA (or None), returns metrics (same on every process)."""
+StopFn = Callable[[int, dict[str, float]], bool]
+"""stop_fn(step, metrics) after each periodic evaluation: True ends fit early (same answer on every process)."""
 SamplerFactory = Callable[["TrainPlan", int, int], Sampler]
 """(plan, rank, seed) -> this process's batch sampler with set_position(epoch, start_step) (data/samplers.py)."""
 
@@ -110,6 +112,8 @@ class FitResult:
     """(step, metrics) of the periodic evaluations run in this call (train.eval_every)."""
     config_changes: tuple[str, ...] = ()
     """'key: old -> new' for each config difference accepted on resume (train.resume_changed)."""
+    stopped_early: bool = False
+    """stop_fn ended training (in this call, or in the run whose final checkpoint this call resumed)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -265,7 +269,8 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
         accelerator, desc: str = "train", out_dir: str | Path | None = None,
         extra_state: Sequence[ExtraState] = (), step_callback: Callable[[int], None] | None = None,
         head_optimizer: torch.optim.Optimizer | None = None, eval_fn: EvalFn | None = None,
-        run_name: str = "", sampler: SamplerFactory | None = None, run_config: dict | None = None) -> FitResult:
+        run_name: str = "", sampler: SamplerFactory | None = None, run_config: dict | None = None,
+        stop_fn: StopFn | None = None) -> FitResult:
     """Train `model` (a TrainingModule: (inputs, targets) -> (loss, metrics), see engine/module.py) to
     TrainPlan.total_steps optimizer steps, resuming from out_dir/checkpoints per cfg.resume.
 
@@ -278,6 +283,9 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
     `sampler(plan, rank, seed)` builds this process's batch sampler (default: EpochBatchSampler).
     run_config: the run-defining experiment config (engine.run_identity.run_config), recorded in
     each checkpoint; a resume with other values is refused (docs/engine.md, resume semantics).
+    stop_fn(step, metrics) runs after each periodic evaluation on every process; True ends training
+    there (a checkpoint is saved at that step when cfg.save_every > 0, marked so that a resume from it
+    trains no further: docs/engine.md, early stopping).
     Raises NonFiniteLossError on a NaN/inf loss.
     """
     from accelerate.utils import send_to_device
@@ -359,7 +367,15 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
 
     train_mode()
     metric_sums: dict[str, Tensor] = {}
-    while step < plan.total_steps:
+    stopped = bool(info.get("stopped_early", False))  # resumed from an early stop: train no further
+
+    def save() -> None:
+        save_checkpoint(run_dir / "checkpoints", Progress(step, epoch, batch, progress.sampler_seed), state,
+                        accelerator, cfg.keep_last, extras,
+                        info={"plan": asdict(plan), "last_loss": last, "desc": desc, "engine": engine,
+                              "run_config": identity, "config_history": history, "stopped_early": stopped})
+
+    while step < plan.total_steps and not stopped:
         set_position(epoch, batch)
         if hasattr(train_set, "set_epoch"):  # per-epoch augmentation seeds (reach persistent workers)
             train_set.set_epoch(epoch)
@@ -404,10 +420,7 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
                 accelerator.log({f"{prefix}train/samples_per_s": rate}, step=step)
                 bar.set_postfix(loss=f"{last:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:,.0f}")
             if saving:
-                save_checkpoint(run_dir / "checkpoints", Progress(step, epoch, batch, progress.sampler_seed), state,
-                                accelerator, cfg.keep_last, extras,
-                                info={"plan": asdict(plan), "last_loss": last, "desc": desc, "engine": engine,
-                                      "run_config": identity, "config_history": history})
+                save()
             if eval_fn is not None and cfg.eval_every > 0 and step % cfg.eval_every == 0:
                 metrics = eval_fn(ema)
                 evaluations.append((step, metrics))
@@ -416,10 +429,16 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
                     with open(eval_log, "a") as f:
                         f.write(json.dumps({"step": step, **metrics}) + "\n")
                 train_mode()
+                if stop_fn is not None and stop_fn(step, metrics):
+                    stopped = True
+                    if log.losses:  # the last steps' losses reach loss_log.jsonl (and NaN is caught) first
+                        last = log.flush()
+                    if cfg.save_every > 0:  # again if saved above: this one carries the stop mark
+                        save()
             bar.update(1)
             if step_callback is not None:
                 step_callback(step)
-            if step >= plan.total_steps:
+            if step >= plan.total_steps or stopped:
                 break
     bar.close()
     seconds = time.perf_counter() - start
@@ -427,4 +446,4 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
         set_position(0, 0)
         refresh_fit_average_bn(ema, weights, core, loader, accelerator, cast)
     return FitResult(steps_run, seconds, steps_run * plan.global_batch / max(seconds, 1e-9), last, resumed, ema,
-                     tuple(evaluations), changes)
+                     tuple(evaluations), changes, stopped)

@@ -8,9 +8,10 @@ held-out split.
 Data: one JSON per split (data/multilabel_json.py): data.train_path, data.val_path (held-out, for the
 thresholds; evaluation transform only), data.test_path. Output: {output_dir}/config.yaml,
 results.json, results.md; in {output_dir}/{model.head}-{loss.name}/ the checkpoints, loss_log.jsonl
-and thresholds.npy (float32 [C], sorted-class order). Recipe note: the paper trains with a OneCycle
-schedule and early stopping on validation mAP; the engine offers cosine (with warmup) and EMA, which
-the shipped configs use instead.
+and thresholds.npy (float32 [C], sorted-class order). Recipe (docs/multilabel.md): data.rand_augment
+[N, M]; recipe.early_stop_patience stops on validation mAP (train.eval_every evaluates the val split);
+recipe.sam is refused (fit runs one forward/backward per step); no OneCycle: the shipped configs use
+cosine with warmup and EMA.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from mhe_scale.config import ExperimentConfig
 from mhe_scale.data.image_dataset import transform_preset
+from mhe_scale.data.rand_augment import with_rand_augment
 from mhe_scale.data.multilabel_json import MultilabelAnnotations, MultilabelImageDataset, read_multilabel_json
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.model import make_optimizer, count_parameters
@@ -39,6 +41,7 @@ from mhe_scale.models.image import ImageModelConfig, build_image_model
 from mhe_scale.models.ml_decoder import MLDecoder
 from mhe_scale.models.ml_gcn import MLGCNHead, cooccurrence_adjacency, load_label_embeddings
 from mhe_scale.models.pooled_heads import PooledCosineHead, PooledLinearHead
+from mhe_scale.tasks.early_stop import EarlyStopping
 from mhe_scale.tasks.paths import config_path_candidates
 from mhe_scale.tasks.registry import register_task
 from mhe_scale.tasks.report import resume_record, training_costs, write_results
@@ -66,6 +69,9 @@ class MultilabelDataConfig:
     """Side of the crops (default: the preset's)."""
     seed: int = 0
     """Seed of the per-sample augmentation (with the epoch and the index)."""
+    rand_augment: Optional[list[float]] = None
+    """[N, M]: RandAugment (data/rand_augment.py) after the training crop / flip, N ops of magnitude M
+    (0..10) per sample; null: off."""
 
 
 @dataclass(kw_only=True)
@@ -122,11 +128,44 @@ class MultilabelLossConfig:
 
 
 @dataclass(kw_only=True)
+class MultilabelRecipeConfig:
+    """recipe section: training-recipe options of the paper beyond the engine's (docs/multilabel.md)."""
+
+    early_stop_patience: Optional[int] = None
+    """Stop after this many train.eval_every evaluations without a rise of validation mAP (needs
+    data.val_path and train.eval_every > 0); null: train to the end."""
+    early_stop_min_delta: float = 0.0
+    """A rise of validation mAP counts only when larger than this."""
+    sam: bool = False
+    """SAM (Foret et al. 2021): refused, engine.fit runs one forward/backward per step (docs/multilabel.md)."""
+
+
+@dataclass(kw_only=True)
 class MultilabelConfig(ExperimentConfig):
     task: str = "multilabel"
     data: MultilabelDataConfig = field(default_factory=MultilabelDataConfig)
     model: MultilabelModelConfig = field(default_factory=MultilabelModelConfig)
     loss: MultilabelLossConfig = field(default_factory=MultilabelLossConfig)
+    recipe: MultilabelRecipeConfig = field(default_factory=MultilabelRecipeConfig)
+
+
+def check_recipe(cfg: MultilabelConfig) -> None:
+    """Refuse recipe options that cannot work, before any data is read."""
+    if cfg.recipe.sam:
+        raise NotImplementedError("recipe.sam=true: SAM needs two forward/backward passes per optimizer step (the "
+                                  "second at the perturbed weights), which engine.fit does not run; set "
+                                  "recipe.sam=false (issue 13, docs/multilabel.md)")
+    patience = cfg.recipe.early_stop_patience
+    if patience is None:
+        return
+    if patience < 1 or cfg.recipe.early_stop_min_delta < 0:
+        raise ValueError(f"recipe.early_stop_patience={patience} / early_stop_min_delta="
+                         f"{cfg.recipe.early_stop_min_delta}: need patience >= 1 and min_delta >= 0")
+    if not cfg.data.val_path:
+        raise ValueError("recipe.early_stop_patience needs data.val_path: early stopping watches validation mAP")
+    if cfg.train.eval_every <= 0:
+        raise ValueError("recipe.early_stop_patience needs train.eval_every > 0 (steps between validation mAP "
+                         "evaluations)")
 
 
 def build_criterion(cfg: MultilabelLossConfig) -> nn.Module:
@@ -231,6 +270,20 @@ def _split(path: Optional[str], key: str, drop: bool) -> MultilabelAnnotations:
     return read_multilabel_json(found, drop_unknown=drop)
 
 
+def train_transform(cfg: MultilabelDataConfig):
+    """The preset's training augmentation, with RandAugment(N, M) before ToTensor when data.rand_augment is set."""
+    tf = transform_preset(cfg.preset, True, size=cfg.image_size)
+    if cfg.rand_augment is None:
+        return tf
+    ra = list(cfg.rand_augment)
+    if len(ra) != 2 or ra[0] != int(ra[0]):
+        raise ValueError(f"data.rand_augment={ra}: give [N, M] (N ops, an integer; magnitude M in 0..10) or null")
+    try:
+        return with_rand_augment(tf, int(ra[0]), float(ra[1]))
+    except ValueError as err:
+        raise ValueError(f"data.rand_augment: {err}") from None
+
+
 def load_multilabel_data(cfg: MultilabelDataConfig) -> MultilabelData:
     """Train (augmented), val (held-out, eval transform; optional) and test datasets; every split must
     name the training split's classes."""
@@ -245,7 +298,7 @@ def load_multilabel_data(cfg: MultilabelDataConfig) -> MultilabelData:
                              f"{len(train.classes)}); list the same classes in every split")
     eval_tf = transform_preset(cfg.preset, False, size=cfg.image_size)
     val = others["data.val_path"]
-    data = MultilabelData(MultilabelImageDataset(train, transform_preset(cfg.preset, True, size=cfg.image_size), cfg.seed),
+    data = MultilabelData(MultilabelImageDataset(train, train_transform(cfg), cfg.seed),
                           MultilabelImageDataset(val, eval_tf, cfg.seed) if val is not None else None,
                           MultilabelImageDataset(others["data.test_path"], eval_tf, cfg.seed), train.classes, "")
     dropped = sum(s.dropped_labels for s in (train, *others.values()) if s is not None)
@@ -324,23 +377,35 @@ def train_multilabel(cfg: MultilabelConfig, data: MultilabelData, accelerator) -
              "backbone params (M)": count_parameters(net.backbone) / 1e6}
 
     def evaluate_now(ema=None) -> dict[str, float]:
-        probs, targets = predict_probabilities(model, data.test, cfg.train.eval_batch_size, accelerator, ema)
-        return {k: v for k, v in multilabel_report(probs, targets).items() if k != "map_classes"}
+        """Periodic metrics: of the val split (keys val_*) when there is one, else of the test split."""
+        split, prefix, desc = (data.val, "val_", "eval val") if data.val is not None else (data.test, "", "eval test")
+        probs, targets = predict_probabilities(model, split, cfg.train.eval_batch_size, accelerator, ema, desc)
+        return {prefix + k: v for k, v in multilabel_report(probs, targets).items() if k != "map_classes"}
 
+    stopper, extras = None, []
+    if cfg.recipe.early_stop_patience is not None:
+        stopper = EarlyStopping("val_mAP", cfg.recipe.early_stop_patience, cfg.recipe.early_stop_min_delta)
+        extras.append(stopper.extra_state(accelerator.is_main_process))
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {folder}", out_dir=run_dir,
-                 eval_fn=evaluate_now, run_name=folder, run_config=run_config(cfg))
+                 eval_fn=evaluate_now, run_name=folder, run_config=run_config(cfg), extra_state=extras,
+                 stop_fn=stopper)
     start = time.perf_counter()
     metrics = evaluate(model, data, cfg.train.eval_batch_size, accelerator, result.ema, run_dir)
     costs = training_costs(result, net.head, optimizer, None, accelerator, **sizes)
     costs["eval s"] = time.perf_counter() - start
     costs["mAP classes"] = int(mean_average_precision(np.zeros(data.test.annotations.targets.shape),
                                                       data.test.annotations.targets)[1])
-    return {"metrics": metrics, "costs": costs, "resumed_from": result.resumed_from, **resume_record(result)}
+    early = {} if stopper is None else {"early_stop": {"stopped": result.stopped_early, **stopper.state()}}
+    if early and early["early_stop"]["stopped"]:
+        accelerator.print(f"[{folder}] stopped early: val mAP {stopper.best:.4f} at step {stopper.best_step} was not "
+                          f"beaten in {stopper.patience} evaluations")
+    return {"metrics": metrics, "costs": costs, "resumed_from": result.resumed_from, **resume_record(result), **early}
 
 
 @register_task("multilabel", MultilabelConfig, "multi-label image classification (ResNet + pooled / ML-Decoder / "
                "ML-GCN head, BCE / ASL / AAM), mAP and F1 at 0.5 and tuned thresholds", data_names=())
 def run_multilabel(cfg: MultilabelConfig, accelerator) -> dict[str, dict[str, Any]]:
+    check_recipe(cfg)
     start = time.perf_counter()
     data = load_multilabel_data(cfg.data)
     accelerator.print(f"{data.description} ({time.perf_counter() - start:.1f}s)")
