@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from mhe_scale.config import OptimConfig, TrainConfig, load_config
 from mhe_scale.data.synthetic import SyntheticSplit
 from mhe_scale.engine import Classifier, TrainPlan, build_optimizer, fit
-from mhe_scale.engine.loop import _trim_jsonl
+from mhe_scale.engine.step_log import trim_jsonl
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.heads import create_head
 from mhe_scale.models import MLPEncoder
@@ -113,12 +113,12 @@ def test_a_torn_last_log_line_is_dropped_with_a_warning_naming_the_file(tmp_path
     log = tmp_path / "loss_log.jsonl"
     log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
     with caplog.at_level(logging.WARNING):
-        _trim_jsonl(log, 5)
+        trim_jsonl(log, 5)
     assert log.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n'
     assert str(log) in caplog.text and "line 3" in caplog.text
     log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"loss_log.jsonl line 2: not a step record"):
-        _trim_jsonl(log, 5)
+        trim_jsonl(log, 5)
 
 
 def test_a_resume_after_a_torn_loss_log_line_continues(tmp_path):
