@@ -141,6 +141,10 @@ class TrainConfig:
     """Resume a checkpoint even though the run-defining config differs from the one it was written
     with (each difference is printed; the new optimizer settings apply from the resumed step on).
     False: such a resume is refused with the list of differing keys (docs/engine.md)."""
+    sam_rho: Optional[float] = None
+    """Sharpness-Aware Minimization radius rho (Foret et al. 2021; 0.05 in the paper): each optimizer step
+    takes its gradient at w + rho g/||g|| (a second forward / backward; engine/sam.py). None: off.
+    Refused with DeepSpeed, a class-sharded head, grad_accum_steps > 1 and fp16."""
     warmup_epochs: Optional[float] = None
     """Linear warmup given in epochs (converted with the run's steps per epoch, so it holds for any
     number of processes); give it or warmup_steps, not both."""

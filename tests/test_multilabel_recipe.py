@@ -88,12 +88,3 @@ def test_early_stopping_without_a_val_split_or_evaluations_is_refused(coco_split
                        "data.val_path=null"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "recipe.early_stop_patience needs data.val_path" in err
-
-
-# ---------------------------------------------------------------- SAM: refused
-def test_sam_is_refused_in_one_line(tmp_path, capsys) -> None:
-    code = train_main(["configs/multilabel/coco_r50_pooled_bce.yaml", f"train.output_dir={tmp_path}",
-                       "recipe.sam=true"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "SAM needs two forward/backward passes per optimizer step" in err and "\n" not in err
-    assert "issue 13" in err and not list(tmp_path.iterdir())

@@ -38,6 +38,7 @@ from mhe_scale.engine.step_log import NonFiniteLossError, StepLog, trim_jsonl
 from mhe_scale.engine.module import TrainingModule
 from mhe_scale.engine.prepared import Schedulers, ShardedHeadTraining, check_optimizers
 from mhe_scale.engine.resume import check_resume, reapply_hyperparameters, run_identity, snapshot_hyperparameters
+from mhe_scale.engine.sam import check_sam, frozen_bn_statistics, perturb, restore
 from mhe_scale.engine.schedule import build_scheduler, check_schedule
 from mhe_scale.engine.storage import check_shared_folder
 from mhe_scale.engine.stream import BatchStream
@@ -242,6 +243,8 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
     check_optimizers(model, optimizer, head_optimizer)
     _refuse_unsupported(cfg, accelerator, sharded)
     deepspeed = is_deepspeed(accelerator)
+    check_sam(cfg.sam_rho, deepspeed=deepspeed, sharded=sharded, grad_accum_steps=cfg.grad_accum_steps,
+              mixed_precision=accelerator.mixed_precision)
     if deepspeed:
         check_deepspeed_agrees(accelerator, cfg)
     accelerator.gradient_accumulation_steps = plan.grad_accum_steps
@@ -329,6 +332,12 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
             with accelerator.accumulate(trainable):
                 loss, metrics = trainable(inputs, targets)
                 accelerator.backward(loss)
+                if cfg.sam_rho is not None:  # SAM: the step uses the gradient at w + e (engine/sam.py)
+                    moved = perturb(encoder_params, cfg.sam_rho)
+                    optimizer.zero_grad(set_to_none=True)
+                    with frozen_bn_statistics(core):
+                        accelerator.backward(trainable(inputs, targets)[0])
+                    restore(moved)
             micro_loss += loss.detach().float()
             for key, value in metrics.items():
                 value = value.detach().float().to(micro_loss.device)

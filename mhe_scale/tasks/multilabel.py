@@ -10,7 +10,7 @@ thresholds; evaluation transform only), data.test_path. Output: {output_dir}/con
 results.json, results.md; in {output_dir}/{model.head}-{loss.name}/ the checkpoints, loss_log.jsonl
 and thresholds.npy (float32 [C], sorted-class order). Recipe (docs/multilabel.md): data.rand_augment
 [N, M]; recipe.early_stop_patience stops on validation mAP (train.eval_every evaluates the val split);
-recipe.sam is refused (fit runs one forward/backward per step); no OneCycle: the shipped configs use
+SAM is the engine's train.sam_rho; no OneCycle: the shipped configs use
 cosine with warmup and EMA.
 """
 
@@ -136,8 +136,6 @@ class MultilabelRecipeConfig:
     data.val_path and train.eval_every > 0); null: train to the end."""
     early_stop_min_delta: float = 0.0
     """A rise of validation mAP counts only when larger than this."""
-    sam: bool = False
-    """SAM (Foret et al. 2021): refused, engine.fit runs one forward/backward per step (docs/multilabel.md)."""
 
 
 @dataclass(kw_only=True)
@@ -151,10 +149,6 @@ class MultilabelConfig(ExperimentConfig):
 
 def check_recipe(cfg: MultilabelConfig) -> None:
     """Refuse recipe options that cannot work, before any data is read."""
-    if cfg.recipe.sam:
-        raise NotImplementedError("recipe.sam=true: SAM needs two forward/backward passes per optimizer step (the "
-                                  "second at the perturbed weights), which engine.fit does not run; set "
-                                  "recipe.sam=false (issue 13, docs/multilabel.md)")
     patience = cfg.recipe.early_stop_patience
     if patience is None:
         return
