@@ -106,13 +106,17 @@ class TrainConfig:
     clip_grad_norm: Optional[float] = None
     """Clip the global L2 norm of the gradients to this value before each optimizer step (None: off)."""
     schedule: str = "constant"
-    """Learning-rate shape after warmup: constant | cosine | poly (counted in optimizer steps)."""
+    """Learning-rate shape after warmup: constant | cosine | poly (counted in optimizer steps); or onecycle
+    (cosine up from lr * initial_lr_ratio to lr over the warmup, then cosine down to lr * min_lr_ratio,
+    as torch's OneCycleLR; the warmup is its pct_start * total steps)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from lr/warmup_steps up to lr."""
     min_lr_ratio: float = 0.0
     """cosine / poly: final learning rate as a fraction of lr."""
     poly_power: float = 1.0
     """poly: exponent of (1 - progress); 1.0 is linear decay."""
+    initial_lr_ratio: float = 0.04
+    """onecycle: the lr of the first step as a fraction of lr (torch's 1 / div_factor = 1 / 25)."""
     ema_decay: Optional[float] = None
     """Exponential moving average of the weights with this decay, used for evaluation (None: off)."""
     swa_start: Optional[int] = None

@@ -252,3 +252,30 @@ def test_bad_config_values_name_the_key(tmp_path):
                     ({"num_workers": -1}, "num_workers")):
         with pytest.raises(ValueError, match=key):
             fit(model, optimizer, tiny_data(64), train_cfg(**kw), Accelerator(cpu=True), out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("total,warmup,initial,final", [(100, 30, 0.04, 1e-5), (37, 11, 0.1, 0.01), (10, 3, 0.5, 0.0)])
+def test_onecycle_equals_torch_onecyclelr(total, warmup, initial, final):
+    """train.schedule=onecycle follows torch.optim.lr_scheduler.OneCycleLR (cosine, no momentum cycling)
+    step for step: pct_start = warmup / total, div_factor = 1 / initial, final lr = lr * final."""
+    from mhe_scale.engine.schedule import build_scheduler
+
+    def lrs(make) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        sched = make(opt)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: build_scheduler(o, total, warmup, "onecycle", min_lr_ratio=final, initial_lr_ratio=initial))
+    if final == 0.0:  # torch needs a finite final_div_factor: check the end points by hand
+        assert ours[0] == pytest.approx(0.5 * initial) and ours[-1] == pytest.approx(0.0, abs=1e-12)
+        assert max(ours) == pytest.approx(0.5)
+        return
+    theirs = lrs(lambda o: torch.optim.lr_scheduler.OneCycleLR(
+        o, max_lr=0.5, total_steps=total, pct_start=warmup / total, anneal_strategy="cos", cycle_momentum=False,
+        div_factor=1 / initial, final_div_factor=initial / final))
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)

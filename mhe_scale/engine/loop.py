@@ -252,7 +252,7 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
 
     def schedule(opt: torch.optim.Optimizer):
         return build_scheduler(opt, plan.total_steps, plan.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
-                               cfg.poly_power)
+                               cfg.poly_power, cfg.initial_lr_ratio)
 
     scheduler = schedule(optimizer)
     if deepspeed and getattr(accelerator, "deepspeed_engine_wrapped", None) is not None:
