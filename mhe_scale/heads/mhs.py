@@ -85,7 +85,7 @@ ROW_GROUP_CHUNK_ELEMENTS = 1 << 24
 class _RowGroupDot(torch.autograd.Function):
     """out[b, m, j] = <rows[inv[b, m], j], feats[b]> for rows [U, c_2, D], feats [B, D], inv [B, M] ->
     [B, M, c_2], forward and backward over chunks of rows: the per-row copy rows[inv] ([B, M, c_2, D],
-    about 6 GB at 2M classes) never exists whole and is not kept for backward."""
+    B * M * c_2 * D elements) never exists whole and is not kept for backward."""
 
     @staticmethod
     def forward(ctx: Any, rows: Tensor, feats: Tensor, inv: Tensor) -> Tensor:
