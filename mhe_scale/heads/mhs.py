@@ -92,7 +92,8 @@ class _RowGroupDot(torch.autograd.Function):
         ctx.save_for_backward(rows, feats, inv)
         out = feats.new_empty(inv.shape[0], inv.shape[1], rows.shape[1])
         for lo, hi in _row_chunks(inv, rows):
-            out[lo:hi] = torch.einsum("bmcd,bd->bmc", rows[inv[lo:hi]], feats[lo:hi])
+            picked = _pick(rows, inv[lo:hi]).flatten(1, 2)  # [b, M * c_2, D]
+            torch.bmm(picked, feats[lo:hi].unsqueeze(2), out=out[lo:hi].view(hi - lo, -1, 1))
         return out
 
     @staticmethod
@@ -103,10 +104,17 @@ class _RowGroupDot(torch.autograd.Function):
         for lo, hi in _row_chunks(inv, rows):
             g = grad[lo:hi]
             if grad_feats is not None:
-                grad_feats[lo:hi] = torch.einsum("bmcd,bmc->bd", rows[inv[lo:hi]], g)
+                picked = _pick(rows, inv[lo:hi]).flatten(1, 2)  # [b, M * c_2, D]
+                grad_feats[lo:hi] = torch.bmm(g.reshape(hi - lo, 1, -1), picked).squeeze(1)
             if grad_rows is not None:
-                grad_rows.index_add_(0, inv[lo:hi].flatten(), torch.einsum("bmc,bd->bmcd", g, feats[lo:hi]).flatten(0, 1))
+                outer = g.reshape(hi - lo, -1, 1) * feats[lo:hi].unsqueeze(1)  # [b, M * c_2, D]
+                grad_rows.index_add_(0, inv[lo:hi].flatten(), outer.view(-1, *rows.shape[1:]))
         return grad_rows, grad_feats, None
+
+
+def _pick(rows: Tensor, inv: Tensor) -> Tensor:
+    """rows [U, c_2, D], inv [b, M] -> rows[inv] [b, M, c_2, D] (index_select: faster than indexing on CPU)."""
+    return rows.index_select(0, inv.flatten()).view(*inv.shape, *rows.shape[1:])
 
 
 def _row_chunks(inv: Tensor, rows: Tensor) -> list[tuple[int, int]]:
