@@ -80,9 +80,11 @@ class OptimConfig:
     no_decay_bias_norm: bool = False
     """Weight decay 0 for parameters with at most one dimension (biases, LayerNorm / BatchNorm weights), as
     LightXML's AdamW does (no_decay = bias, LayerNorm.weight); False: weight_decay applies to every parameter."""
-    head_update: str = "dense"
-    """dense | sparse. sparse: a sampled head (partial_fc, mhs; class-sharded, dist.shard_head=true) updates
-    only the rows a step touched, with lazy exact catch-up of skipped steps (docs/engine.md)."""
+    head_update: str = "auto"
+    """auto | dense | sparse. sparse: a sampled head (partial_fc, mhs, mhc; class-sharded, dist.shard_head=true)
+    updates only the rows a step touched, with lazy catch-up of skipped steps (docs/engine.md); dense: torch's
+    optimizer over the whole head (insightface's semantics). auto: sparse for a class-sharded sampled head,
+    dense otherwise."""
 
 
 @dataclass(kw_only=True)

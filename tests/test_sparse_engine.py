@@ -87,3 +87,22 @@ def test_sparse_needs_a_sampled_class_sharded_head() -> None:
         build_optimizers(OptimConfig(head_update="sparse"), model)
     with pytest.raises(ValueError, match="head_update"):
         build_optimizers(OptimConfig(head_update="lazy"), model)
+
+
+def test_auto_is_sparse_for_class_sharded_sampled_heads_only() -> None:
+    """The default (auto): row-sparse for sharded partial_fc / mhs, torch's dense optimizer for a replicated
+    sampled head and for a sharded full FC (no sampled rows)."""
+    from mhe_scale.optim.row_sparse import RowSparseAdamW
+    from mhe_scale.parallel.sharded_fc import ShardedFullyConnectedHead
+
+    assert OptimConfig().head_update == "auto"
+    for name in ("pfc", "mhs"):
+        _, head_optimizer = build_optimizers(OptimConfig(), _model(name))
+        assert isinstance(head_optimizer, RowSparseAdamW), name
+    replicated = Classifier(MLPEncoder(DIM, hidden=16, num_features=FEAT, depth=1),
+                            create_head("partial_fc", in_features=FEAT, num_classes=C))
+    optimizer, head_optimizer = build_optimizers(OptimConfig(), replicated)
+    assert head_optimizer is None and type(optimizer) is torch.optim.AdamW
+    full = Classifier(MLPEncoder(DIM, hidden=16, num_features=FEAT, depth=1), ShardedFullyConnectedHead(FEAT, C, group=None))
+    assert type(build_optimizers(OptimConfig(), full)[1]) is torch.optim.AdamW
+    assert type(build_optimizers(OptimConfig(head_update="dense"), _model("pfc"))[1]) is torch.optim.AdamW

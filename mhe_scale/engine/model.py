@@ -120,15 +120,25 @@ def build_run_head(cfg: HeadConfig, shard: bool, in_features: int, num_classes: 
     return build_sharded_head(cfg, in_features, num_classes, multilabel, world_group(), init_seed=seed)
 
 
+def resolve_head_update(head_update: str, head: nn.Module) -> str:
+    """optim.head_update -> "dense" | "sparse". auto: sparse for a sampled head (partial_fc, mhs, mhc)
+    that is class-sharded (dist.shard_head=true, also on one process), dense otherwise (docs/engine.md)."""
+    from mhe_scale.engine.prepared import is_class_sharded
+
+    if head_update not in ("auto", "dense", "sparse"):
+        raise ValueError(f"optim.head_update={head_update!r} is not supported; choose auto, dense or sparse")
+    if head_update != "auto":
+        return head_update
+    return "sparse" if is_class_sharded(head) and hasattr(head, "row_sparse_parameters") else "dense"
+
+
 def build_optimizers(cfg: OptimConfig, model: Classifier) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """(optimizer, head_optimizer): one optimizer with encoder and head groups for a replicated
     head; for a class-sharded head, the encoder's optimizer and a separate one for the shard
     (which stays out of DDP / ZeRO, see docs/engine.md)."""
     from mhe_scale.engine.prepared import is_class_sharded
 
-    if cfg.head_update not in ("dense", "sparse"):
-        raise ValueError(f"optim.head_update={cfg.head_update!r} is not supported; choose dense or sparse")
-    sparse = cfg.head_update == "sparse"
+    sparse = resolve_head_update(cfg.head_update, model.head) == "sparse"
     if sparse and not (is_class_sharded(model.head) and hasattr(model.head, "row_sparse_parameters")):
         raise ValueError(f"optim.head_update=sparse needs a sampled head (partial_fc, mhs) sharded with "
                          f"dist.shard_head=true (also on one process); got {type(model.head).__name__}: set "

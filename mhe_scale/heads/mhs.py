@@ -4,7 +4,8 @@ Sizes (c_1, c_2), c_1 * c_2 >= C: label y has group g = y // c_2 and member r = 
 digits of LabelCodec(sizes)); codes >= C are padding. The weight [c_1, c_2, D] holds one row per
 (group, member) code. A training softmax covers only whole groups:
   "per_sample"   each row: its true group + (M - 1) other groups drawn uniformly for that row,
-                 M * c_2 logits per row (a gather of M * c_2 weight rows per row, then bmm);
+                 M * c_2 logits per row (the union of the rows' groups is read once and scored
+                 per row in chunks: no [B, M * c_2, D] per-row copy of the weights);
   "batch_union"  all rows share one softmax over the groups present in the batch, topped up with
                  uniform groups to M in total if the batch has fewer (Partial FC on groups).
 Padding codes inside a kept group get logit -inf (no probability, no gradient). Groups made only
@@ -16,6 +17,7 @@ full classifier over all C labels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,18 +78,70 @@ def group_codes(groups: Tensor, group_size: int) -> Tensor:
     return (groups.unsqueeze(-1) * group_size + members).flatten(-2)
 
 
+ROW_GROUP_CHUNK_ELEMENTS = 1 << 24
+"""per_row_group_logits reads at most about this many weight elements per chunk of rows (64 MB in fp32)."""
+
+
+class _RowGroupDot(torch.autograd.Function):
+    """out[b, m, j] = <rows[inv[b, m], j], feats[b]> for rows [U, c_2, D], feats [B, D], inv [B, M] ->
+    [B, M, c_2], forward and backward over chunks of rows: the per-row copy rows[inv] ([B, M, c_2, D],
+    B * M * c_2 * D elements) never exists whole and is not kept for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, feats: Tensor, inv: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, feats, inv)
+        out = feats.new_empty(inv.shape[0], inv.shape[1], rows.shape[1])
+        for lo, hi in _row_chunks(inv, rows):
+            picked = _pick(rows, inv[lo:hi]).flatten(1, 2)  # [b, M * c_2, D]
+            torch.bmm(picked, feats[lo:hi].unsqueeze(2), out=out[lo:hi].view(hi - lo, -1, 1))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        rows, feats, inv = ctx.saved_tensors
+        grad_rows = torch.zeros_like(rows) if ctx.needs_input_grad[0] else None
+        grad_feats = torch.empty_like(feats) if ctx.needs_input_grad[1] else None
+        for lo, hi in _row_chunks(inv, rows):
+            g = grad[lo:hi]
+            if grad_feats is not None:
+                picked = _pick(rows, inv[lo:hi]).flatten(1, 2)  # [b, M * c_2, D]
+                grad_feats[lo:hi] = torch.bmm(g.reshape(hi - lo, 1, -1), picked).squeeze(1)
+            if grad_rows is not None:
+                outer = g.reshape(hi - lo, -1, 1) * feats[lo:hi].unsqueeze(1)  # [b, M * c_2, D]
+                grad_rows.index_add_(0, inv[lo:hi].flatten(), outer.view(-1, *rows.shape[1:]))
+        return grad_rows, grad_feats, None
+
+
+def _pick(rows: Tensor, inv: Tensor) -> Tensor:
+    """rows [U, c_2, D], inv [b, M] -> rows[inv] [b, M, c_2, D] (index_select: faster than indexing on CPU)."""
+    return rows.index_select(0, inv.flatten()).view(*inv.shape, *rows.shape[1:])
+
+
+def _row_chunks(inv: Tensor, rows: Tensor) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of batch rows whose gathered weights stay under ROW_GROUP_CHUNK_ELEMENTS."""
+    per_row = max(1, inv.shape[1] * rows.shape[1] * rows.shape[2])
+    step = max(1, ROW_GROUP_CHUNK_ELEMENTS // per_row)
+    return [(lo, min(lo + step, inv.shape[0])) for lo in range(0, inv.shape[0], step)]
+
+
 def per_row_group_logits(weight: Tensor, bias: Tensor | None, features: Tensor, groups: Tensor,
                          margin: nn.Module | None, cols: Tensor) -> Tensor:
-    """Per-row groups [B, M] -> [B, M * c_2] fp32 by a gather + bmm (padding not masked)."""
-    codes = group_codes(groups, weight.shape[1])  # [B, M * c_2]
-    rows = upcast(gather_rows(weight, codes, row_ndim=2))  # [B, M * c_2, D]
+    """Per-row groups [B, M] -> [B, M * c_2] fp32 (padding not masked). The union of the groups is read
+    once ([U * c_2, D], U <= min(B * M, c_1); row-sparse: only these rows) and scored per row in chunks
+    (_RowGroupDot), never as a [B, M * c_2, D] per-row copy."""
+    c2 = weight.shape[1]
+    union, inv = torch.unique(groups, return_inverse=True)  # [U], [B, M]
+    rows = upcast(gather_rows(weight, group_codes(union, c2), unique=True, row_ndim=2)).view(-1, c2, weight.shape[2])
     feats = upcast(features)
     if margin is not None:
         rows, feats = F.normalize(rows, dim=2), F.normalize(feats, dim=1)
-    logits = torch.bmm(rows, feats.unsqueeze(2)).squeeze(2)
+    logits = _RowGroupDot.apply(rows, feats, inv.reshape(groups.shape)).flatten(1)
     if margin is not None:
         return finish_logits(logits, margin, cols)
-    return logits if bias is None else logits + upcast(gather_rows(bias, codes, row_ndim=2))
+    if bias is None:
+        return logits
+    b = upcast(gather_rows(bias, group_codes(union, c2), unique=True, row_ndim=2)).view(-1, c2)
+    return logits + b[inv.reshape(groups.shape)].flatten(1)
 
 
 @register_head("mhs")
@@ -169,7 +223,7 @@ class MultiHeadSamplingHead(ClassifierHead):
         return shared_group_logits(self.weight, self.bias, features, groups, self.margin if self.cosine else None, cols)
 
     def row_logits(self, features: Tensor, groups: Tensor, cols: Tensor) -> Tensor:
-        """Per-row groups [B, M] -> logits [B, M * c_2] fp32 via a gather + bmm (padding not masked)."""
+        """Per-row groups [B, M] -> logits [B, M * c_2] fp32 (per_row_group_logits; padding not masked)."""
         return per_row_group_logits(self.weight, self.bias, features, groups, self.margin if self.cosine else None, cols)
 
     def sampled_logits(self, features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -129,7 +129,7 @@ class ShardedMultiHeadSamplingHead(ShardedHead):
         return logits.masked_fill(self._codes(local_groups) >= self.num_classes, NEG_INF)
 
     def row_logits(self, features: Tensor, local_groups: Tensor, cols: Tensor) -> Tensor:
-        """Per-row local groups [B, m] -> [B, m * c_2] fp32 (gather + bmm), padding codes -inf."""
+        """Per-row local groups [B, m] -> [B, m * c_2] fp32 (per_row_group_logits), padding codes -inf."""
         logits = per_row_group_logits(self.weight, self.bias, features, local_groups,
                                       self.margin if self.cosine else None, cols)
         return logits.masked_fill(self._codes(local_groups) >= self.num_classes, NEG_INF)
