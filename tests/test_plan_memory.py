@@ -151,3 +151,37 @@ def test_bad_specs_name_the_fix():
         EngineSpec(zero_stage=2, offload_param=True)
     with pytest.raises(ValueError, match="optim.name"):
         EngineSpec(optimizer="lamb")
+
+
+@pytest.mark.parametrize("name,extra", [("partial_fc", {"sample_rate": 0.5}), ("mhs", {"sizes": [10, 6],
+                                                                                      "mode": "batch_union"})])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_row_sparse_head_state_equals_the_real_optimizer(name, extra, optimizer):
+    """A class-sharded sampled head with optim.head_update=auto (sparse): after real steps, the
+    optimizer's state bytes and the head's gradient bytes equal the model's optimizer + row-counter
+    and grads terms (no gradient for the O(C) rows)."""
+    from mhe_scale.config import HeadConfig, OptimConfig
+    from mhe_scale.engine.model import Classifier, build_optimizers
+    from mhe_scale.parallel.factory import build_sharded_head
+
+    c, d = 60, 8
+    head = build_sharded_head(HeadConfig(name=name, **extra), d, c, False, group=None)
+    model = Classifier(torch.nn.Linear(4, d), head)
+    model.encoder.forward_features = model.encoder.forward  # a bare Linear as the encoder
+    _, head_opt = build_optimizers(OptimConfig(name=optimizer, momentum=0.9), model)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        loss, _ = model(torch.randn(12, 4, generator=gen), torch.randint(0, c, (12,), generator=gen))
+        loss.backward()
+        head_opt.step()
+        head_opt.zero_grad(set_to_none=True)
+    loss, _ = model(torch.randn(12, 4, generator=gen), torch.randint(0, c, (12,), generator=gen))
+    loss.backward()
+    state = sum(v.numel() * v.element_size() for s in head_opt.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    dense_grads = sum(p.grad.numel() * p.grad.element_size() for p in head.parameters() if p.grad is not None)
+    spec = HeadSpec(name, c, d, sizes=tuple(extra.get("sizes", ())) or None, sharded=True, bias=False,
+                    sample_rate=extra.get("sample_rate", 1.0), mode=extra.get("mode", "per_sample"), row_sparse=True)
+    terms = {t.name: t.device for t in head_terms(spec, EngineSpec(optimizer=optimizer, momentum=0.9), 1, 12)}
+    assert state == terms["head optimizer"] + terms["head row counters"]
+    assert dense_grads == terms["head grads"] == 0

@@ -124,6 +124,10 @@ class HeadSpec:
     hidden: int = 300
     label_bias: bool = True
     multilabel: bool = False
+    row_sparse: bool = False
+    """optim.head_update resolved to sparse (a class-sharded partial_fc / mhs / mhc, mhe_scale.optim): no
+    gradient for the O(C) rows (the sampled rows' gradient is the gathered-weights term), one int64
+    row counter per row instead."""
 
 
 @dataclass(frozen=True)
@@ -301,12 +305,32 @@ def head_logit_shape(head: HeadSpec, world: int, micro_batch: int) -> tuple[int,
             local = min(largest_shard(groups, w), math.ceil(max(m, seen) / w))
             return rows, local * members, local * members
         local = min(m, largest_shard(groups, w))
-        return rows, local * members, rows * local * members  # per-row gathered weights
+        union = min(largest_shard(groups, w), rows * local)  # the sampled groups are read once (per_row_group_logits)
+        return rows, local * members, union * members
     if head.name == "mhc":
         sizes = _sizes(head)
         k = head.top_k_groups if head.multilabel else 1
         return rows, -(-c // math.prod(sizes[1:])) + k * sizes[-1], rows * k * sizes[-1]
     raise ValueError(f"head.name={head.name!r}: the memory model knows fc, partial_fc, mhp, mhc, mhs")
+
+
+def row_sparse_shape(head: HeadSpec, world: int) -> tuple[int, int]:
+    """(rows, parameters) of the head's row-sparse tensors on the largest rank: partial_fc's weight,
+    mhs's weight (+ bias), mhc's last-level label table (+ its bias); (0, 0) for a dense update."""
+    if not (head.row_sparse and head.sharded):
+        return 0, 0
+    w = world
+    if head.name == "partial_fc":
+        rows = largest_shard(head.num_classes, w)
+        return rows, rows * head.dim
+    if head.name == "mhs":
+        groups, members = _sizes(head)
+        rows = largest_shard(groups, w) * members
+        return rows, rows * head.dim + (rows if _bias(head, False) and not head.cosine else 0)
+    if head.name == "mhc":
+        rows = largest_shard(head.num_classes, w)
+        return rows, rows * (head.hidden + (1 if head.label_bias else 0))
+    return 0, 0
 
 
 def head_terms(head: HeadSpec, engine: EngineSpec, world: int, micro_batch: int) -> list[Term]:
@@ -316,10 +340,16 @@ def head_terms(head: HeadSpec, engine: EngineSpec, world: int, micro_batch: int)
     n_params = head_params(head, world)
     k = optimizer_bytes(engine.optimizer, engine.momentum)
     src = "mhe_scale/parallel (class-sharded head, own torch optimizer)"
+    sparse_rows, sparse_params = row_sparse_shape(head, world)
     if head.sharded:
         terms += [Term("head params", 4 * n_params, 0.0, "4*P_head (fp32 shard)", src),
-                  Term("head grads", 4 * n_params, 0.0, "4*P_head", src),
+                  Term("head grads", 4 * (n_params - sparse_params), 0.0,
+                       "4*(P_head - P_rows) (row-sparse rows: see gathered weights)" if sparse_params else "4*P_head",
+                       src),
                   Term("head optimizer", k * n_params, 0.0, f"{k}*P_head ({engine.optimizer})", src)]
+        if sparse_rows:
+            terms.append(Term("head row counters", 8 * sparse_rows, 0.0, "8*rows (int64 row_step per row)",
+                              "mhe_scale/optim/row_sparse.py"))
     rows, cols, gathered = head_logit_shape(head, world, micro_batch)
     if head.sharded and world > 1:
         terms.append(Term("gathered features", 2 * 4 * rows * head.dim, 0.0, "2*4*(b*N)*D (all-gathered + grad)",

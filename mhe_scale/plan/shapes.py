@@ -124,4 +124,6 @@ def head_spec(cfg: Any, shape: BackboneShape, world: int) -> HeadSpec:
                     num_sampled_groups=int(getattr(real, "num_sampled_groups", 16)),
                     top_k_groups=int(getattr(real, "top_k_groups", 10)), hidden=int(getattr(real, "hidden", 300)),
                     label_bias=getattr(real, "prefix_bias", None) is not None if head.name == "mhc" else True,
-                    multilabel=shape.multilabel)
+                    multilabel=shape.multilabel,
+                    row_sparse=bool(cfg.dist.shard_head) and head.name in ("partial_fc", "mhs", "mhc")
+                    and cfg.optim.head_update in ("auto", "sparse"))
