@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     task = get_task(cfg.task)
     try:
         task.run(cfg, accelerator)
+        # end_training destroys the process group without a barrier: a rank that got there first tore gloo
+        # down while another still worked, and aborted at exit ("terminate called without an active
+        # exception", SIGABRT) after the run had finished. Wait for every process first.
+        accelerator.wait_for_everyone()
     except USER_ERRORS as exc:  # bad data, a head that does not fit, a refused setting: one line, not a traceback
         if os.environ.get("MHE_TRACEBACK"):
             raise
@@ -65,19 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         accelerator.end_training()
-    close_process_group(accelerator)
     return 0
-
-
-def close_process_group(accelerator) -> None:
-    """After a successful run: wait for every process, then destroy the process group. Leaving it to
-    interpreter exit let gloo's threads outlive it, and a rank could abort at exit ("terminate called
-    without an active exception", SIGABRT) after the run had finished."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        accelerator.wait_for_everyone()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
