@@ -6,7 +6,7 @@ With train.sam_rho = rho, each optimizer step is:
     g' = grad L(w + e)                  (a second forward / backward at the perturbed weights)
     w  <- optimizer step with g' at w   (the perturbation is removed before the step)
 The loss logged is the first pass's. Batch-norm running statistics are not updated by the second
-pass (its momentum is set to 0 for that pass), as the common implementations do. Refused where it
+pass (they are restored after it), as the common implementations do. Refused where it
 cannot be exact here: DeepSpeed (it owns backward and the step), a class-sharded head (its rows
 would need their own all-reduced norm), gradient accumulation > 1 and fp16.
 """
@@ -14,7 +14,6 @@ would need their own all-reduced norm), gradient accumulation > 1 and fp16.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -36,21 +35,12 @@ def check_sam(rho: float | None, *, deepspeed: bool, sharded: bool, grad_accum_s
         raise NotImplementedError(f"train.sam_rho={rho}: {'; '.join(reasons)}; set train.sam_rho=null")
 
 
-@contextlib.contextmanager
-def frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
-    """Batch-norm layers normalise with the batch as usual but leave their running statistics alone."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-             for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum, tracked in saved:
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
+def frozen_bn_statistics(module: nn.Module) -> contextlib.AbstractContextManager:
+    """Batch-norm layers normalise with the batch as usual; their running statistics are put back
+    afterwards (the same restore activation checkpointing uses, models/checkpointing.py)."""
+    from mhe_scale.models.checkpointing import running_stats_restored, tracking_norms
+
+    return running_stats_restored(tracking_norms(module))
 
 
 @torch.no_grad()

@@ -17,8 +17,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 
+def tracking_norms(module: nn.Module) -> list[_BatchNorm]:
+    """The train-mode BatchNorm layers of `module` that update running statistics."""
+    return [m for m in module.modules()
+            if isinstance(m, _BatchNorm) and m.training and m.track_running_stats and m.running_mean is not None]
+
+
 @contextmanager
-def _running_stats_restored(norms: list[_BatchNorm]) -> Iterator[None]:
+def running_stats_restored(norms: list[_BatchNorm]) -> Iterator[None]:
     """Within the block BN buffers may change; on exit (also an early-stopped recompute) they are restored."""
     saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
              for m in norms]
@@ -34,9 +40,8 @@ def _running_stats_restored(norms: list[_BatchNorm]) -> Iterator[None]:
 def checkpoint_module(module: nn.Module, x: Tensor) -> Tensor:
     """module(x) with its activations recomputed in backward (non-reentrant torch checkpoint);
     train-mode BatchNorm running statistics are updated once, by the first forward."""
-    norms = [m for m in module.modules()
-             if isinstance(m, _BatchNorm) and m.training and m.track_running_stats and m.running_mean is not None]
+    norms = tracking_norms(module)
     if not norms:
         return checkpoint(module, x, use_reentrant=False)
     return checkpoint(module, x, use_reentrant=False,
-                      context_fn=lambda: (nullcontext(), _running_stats_restored(norms)))
+                      context_fn=lambda: (nullcontext(), running_stats_restored(norms)))

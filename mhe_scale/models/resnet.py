@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.checkpoint import checkpoint
+
+from mhe_scale.models.checkpointing import checkpoint_module
 
 RESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3),
@@ -87,33 +87,6 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-def checkpoint_keep_bn_stats(module: nn.Module, x: Tensor) -> Tensor:
-    """module(x) under non-reentrant activation checkpointing, BN running statistics updated ONCE.
-
-    The backward recompute runs train-mode BN again, which would fold the same batch into
-    running_mean / running_var / num_batches_tracked a second time. The recompute normalises with
-    batch statistics (so its output does not depend on them); we snapshot the module's BN buffers
-    before the recompute and copy them back after it (also when torch stops the recompute early).
-    """
-    calls = 0
-
-    def run(inp: Tensor) -> Tensor:
-        nonlocal calls
-        calls += 1
-        if calls == 1:  # the real forward
-            return module(inp)
-        buffers = [b for m in module.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
-        saved = [b.clone() for b in buffers]
-        try:
-            return module(inp)
-        finally:
-            with torch.no_grad():
-                for buf, value in zip(buffers, saved):
-                    buf.copy_(value)
-
-    return checkpoint(run, x, use_reentrant=False)
 
 
 class ResNet(nn.Module):
@@ -187,7 +160,7 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks():
-            x = checkpoint_keep_bn_stats(block, x) if use_ckpt else block(x)
+            x = checkpoint_module(block, x) if use_ckpt else block(x)
         return x
 
     def forward_tokens(self, x: Tensor) -> Tensor:
