@@ -18,10 +18,12 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import available_gb, fmt_bytes, run_isolated  # noqa: E402
 
 HEADS = {  # row name -> (registered head, constructor arguments)
     "fc": ("fc", {}),
@@ -90,14 +92,6 @@ def run_one(head_name: str, classes: int, dim: int, batch: int, steps: int, thre
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -117,8 +111,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown heads {unknown}; choose from {list(HEADS)}")
     if args.max_gb is None:
-        avail = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemAvailable")) * 1024
-        args.max_gb = 0.7 * avail / 1e9
+        args.max_gb = available_gb(0.7)
     rows = []
     for classes in args.classes:
         for head in args.heads:
@@ -131,12 +124,10 @@ def main() -> None:
                    "--batch", str(args.batch), "--steps", str(args.steps)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-            if proc.returncode != 0:
-                print(proc.stderr[-2000:], file=sys.stderr)
+            row = run_isolated(cmd)
+            if row is None:
                 rows.append({"head": head, "classes": classes, "skipped": "failed (see stderr)"})
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"{head:10s} C={classes:>9,}  step {row['median_s'] * 1e3:9.1f} ms  params+state "
                   f"{fmt_bytes(row['state_bytes']):>9s}  peak {fmt_bytes(row['peak_bytes']):>9s}", file=sys.stderr)

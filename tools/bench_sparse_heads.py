@@ -20,10 +20,12 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import available_gb, fmt_bytes, run_isolated  # noqa: E402
 
 ROWS = ("fc", "partial_fc dense", "partial_fc sparse", "mhs dense", "mhs sparse", "mhp")
 
@@ -95,14 +97,6 @@ def run_one(row: str, classes: int, args: argparse.Namespace) -> dict:
             "device": f"cpu x{torch.get_num_threads()}"}
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def render(rows: list[dict], args: argparse.Namespace) -> str:
     device = next((r["device"] for r in rows if "device" in r), "?")
     lines = [f"One training step (forward + backward + SGD momentum 0.9, wd 5e-4), D={args.dim}, batch {args.batch}, "
@@ -148,8 +142,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
     if args.max_gb is None:
-        avail = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable")) * 1024
-        args.max_gb = 0.6 * avail / 1e9
+        args.max_gb = available_gb(0.6)
     rows = []
     for classes in args.classes:
         for row in args.rows:
@@ -161,12 +154,10 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", row, str(classes), "--dim", str(args.dim), "--batch",
                    str(args.batch), "--steps", str(args.steps), "--group-size", str(args.group_size), "--groups",
                    str(args.groups)] + (["--threads", str(args.threads)] if args.threads else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-            if proc.returncode != 0:
-                print(proc.stderr[-2000:], file=sys.stderr)
+            result = run_isolated(cmd)
+            if result is None:
                 rows.append({"row": row, "classes": classes, "skipped": "failed (see stderr)"})
                 continue
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(result)
             print(f"{row:18s} C={classes:>9,}  step {result['median_s'] * 1e3:9.1f} ms  state "
                   f"{fmt_bytes(result['state_bytes']):>9s}  peak {fmt_bytes(result['peak_bytes']):>9s}", file=sys.stderr)

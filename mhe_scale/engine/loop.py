@@ -155,7 +155,7 @@ def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extr
                          "(DeepSpeed keeps weights and optimizer in its own files): resume it the way it was "
                          "trained, or choose another train.output_dir")
     changes = check_resume(found, info, identity or run_identity(None, cfg), plan,
-                           bool(getattr(cfg, "resume_changed", False)), accelerator.print)
+                           cfg.resume_changed, accelerator.print)
     fresh_hyperparameters = snapshot_hyperparameters(state.scheduler)
     progress = load_checkpoint(found, state, accelerator, extras)
     if changes:  # resume_changed: the new optimizer settings, not the checkpoint's, from here on
@@ -306,7 +306,8 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
     start, steps_run, evaluations = time.perf_counter(), 0, []
     micro_loss = torch.zeros((), device=accelerator.device)
     cast = input_dtype(accelerator, core)
-    encoder_params = [p for p in core.parameters() if p.requires_grad]
+    trained_params = [p for p in core.parameters() if p.requires_grad]  # registered: encoder (+ replicated head)
+
     def train_mode() -> None:
         trainable.train()
         if sharded_head is not None:
@@ -333,7 +334,7 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
                 loss, metrics = trainable(inputs, targets)
                 accelerator.backward(loss)
                 if cfg.sam_rho is not None:  # SAM: the step uses the gradient at w + e (engine/sam.py)
-                    moved = perturb(encoder_params, cfg.sam_rho)
+                    moved = perturb(trained_params, cfg.sam_rho)
                     optimizer.zero_grad(set_to_none=True)
                     with frozen_bn_statistics(core):
                         accelerator.backward(trainable(inputs, targets)[0])
@@ -347,7 +348,7 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
             if cfg.clip_grad_norm is None:
                 grad_norm = None
             elif head is not None:
-                grad_norm = head.clip_(accelerator, encoder_params, cfg.clip_grad_norm)
+                grad_norm = head.clip_(accelerator, trained_params, cfg.clip_grad_norm)
             else:  # under DeepSpeed the engine clipped already (gradient_clipping); this reads its norm
                 grad_norm = grad_norm_tensor(accelerator.clip_grad_norm_(trainable.parameters(), cfg.clip_grad_norm))
             lr = float(optimizer.param_groups[0]["lr"])

@@ -1,0 +1,35 @@
+"""Pieces the head benchmarks share: byte formatting, the memory budget, one measurement per subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def available_gb(fraction: float) -> float:
+    """`fraction` of /proc/meminfo's MemAvailable, in GB (the default skip threshold)."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) * 1024
+    return fraction * avail / 1e9
+
+
+def run_isolated(cmd: list[str]) -> dict | None:
+    """Run one measurement in a fresh process (its peak memory is its own); its last stdout line is a
+    JSON row. None (stderr tail printed) when it failed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
