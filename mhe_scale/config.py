@@ -217,9 +217,6 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-SECTIONS = ("data", "model", "head", "optim", "train", "dist", "eval")
-
-
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -276,7 +273,9 @@ def _apply_override(raw: DictConfig, item: str) -> DictConfig:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value, e.g. optim.lr=0.1")
     key, value = item.split("=", 1)
-    if key.strip() in SECTIONS and value.strip().startswith("{"):
+    key = key.strip()
+    whole_section = "." not in key and value.strip().startswith("{")
+    if whole_section:
         import re
 
         item = f"{key}=" + re.sub(r"([{,]\s*[A-Za-z_][\w]*):(?=\S)", r"\1: ", value)  # {name:fc} as {name: fc}
@@ -284,9 +283,9 @@ def _apply_override(raw: DictConfig, item: str) -> DictConfig:
         parsed = OmegaConf.from_dotlist([item])
     except OmegaConfBaseException as exc:
         raise _explain(exc, f"override {item!r}") from exc
-    if key.strip() in SECTIONS and value.strip().startswith("{"):
+    if whole_section:
         raw = raw.copy()
-        raw[key.strip()] = parsed[key.strip()]
+        raw[key] = parsed[key]
         return raw
     return OmegaConf.merge(raw, parsed)  # type: ignore[return-value]
 
@@ -353,5 +352,5 @@ def to_object(cfg: Any) -> Any:
     return OmegaConf.to_object(cfg)
 
 
-__all__ = ["ConfigError", "SECTIONS", "HeadConfig", "OptimConfig", "TrainConfig",
+__all__ = ["ConfigError", "HeadConfig", "OptimConfig", "TrainConfig",
            "DistConfig", "EvalConfig", "ExperimentConfig", "load_config", "to_yaml", "to_object", "MISSING"]

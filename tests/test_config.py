@@ -223,3 +223,16 @@ def test_heads_command_says_mhp_is_not_for_multilabel_data(capsys):
     out = capsys.readouterr().out
     assert "multi-label data (XMC) -> mhc or fc" in out and "most-frequent-labels baseline" in out
     assert set(list_heads()) <= {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_tasks_schema_lists_every_section_of_a_task():
+    """`mhe-scale tasks NAME` expands a task's own extra sections (multilabel's loss / recipe) key by key."""
+    from mhe_scale.tasks.registry import describe_schema, get_task
+
+    lines = describe_schema(get_task("multilabel").schema)
+    assert any(line.startswith("loss.name: str") for line in lines)
+    assert any(line.startswith("recipe.early_stop_patience") for line in lines)
+    assert any(line.startswith("eval.baseline") for line in lines)  # an optional head stays one value
+    assert not any(line.startswith(("loss:", "recipe:")) for line in lines)
+    replaced = load_config(REPO / "configs/multilabel/coco_r50_mldecoder_aam.yaml", ["loss={name:bce}"])
+    assert replaced.loss.name == "bce" and replaced.loss.s is None  # a task's own section replaces whole too

@@ -95,7 +95,7 @@ def describe_schema(schema: Any, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(schema):
         kind = hints[f.name]
         inner = next((a for a in (typing.get_args(kind) or (kind,)) if dataclasses.is_dataclass(a)), None)
-        if inner is not None and f.name in ("data", "model", "head", "optim", "train", "dist", "eval"):
+        if inner is not None and f.default is dataclasses.MISSING:  # a section (eval.baseline: an optional value)
             lines += describe_schema(inner, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
