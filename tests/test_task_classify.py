@@ -152,3 +152,29 @@ def test_head_factory_errors_are_one_line(archive, tmp_path, capsys):
     code = train_main(["configs/classify/cifar10_r18_mhp.yaml", *overrides(archive, tmp_path / "run", "head.sizes=[2,2]")])
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: head sizes [2, 2]"), lines
+
+
+def test_a_changed_config_in_the_same_folder_is_refused(archive, tmp_path, capsys):
+    """Rerunning with another optim.lr in the same output folder names the key instead of resuming."""
+    out = tmp_path / "run"
+    assert train_main(["configs/classify/cifar10_r18_mhp.yaml", *overrides(archive, out, "train.epochs=1")]) == 0
+    capsys.readouterr()
+    code = train_main(["configs/classify/cifar10_r18_mhp.yaml", *overrides(archive, out, "train.epochs=1",
+                                                                            "optim.lr=0.5")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(err) == 1 and "optim.lr: 0.01 -> 0.5" in err[0], err
+
+
+def test_every_task_records_what_defines_its_run():
+    """Each task's fit call passes run_config (without it a changed config resumes the old run)."""
+    import re
+
+    for path in sorted((REPO / "mhe_scale" / "tasks").glob("*.py")):
+        text = path.read_text()
+        for call in re.finditer(r"\bfit\(", text):
+            depth, end = 0, call.end() - 1
+            for end in range(call.end() - 1, len(text)):
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                if depth == 0:
+                    break
+            assert "run_config=" in text[call.start():end], f"{path.name}: fit(...) without run_config="

@@ -26,6 +26,7 @@ from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_p
 from mhe_scale.data.image_source import ImageDataConfig, image_records
 from mhe_scale.engine.loop import fit, named_sampler
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
+from mhe_scale.engine.run_identity import run_config
 from mhe_scale.eval.accuracy import topk_accuracy
 from mhe_scale.models.image import ImageModelConfig, build_image_model
 from mhe_scale.tasks.registry import register_task
@@ -92,7 +93,7 @@ def train_classifier(cfg: ClassifyConfig, head_cfg: HeadConfig, data: ImageData,
     sampler = None if cfg.data.sampler == "epoch" else named_sampler(cfg.data.sampler, labels)
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}",
                  out_dir=Path(cfg.train.output_dir) / folder, eval_fn=evaluate_now, run_name=folder,
-                 head_optimizer=head_optimizer, sampler=sampler)
+                 head_optimizer=head_optimizer, sampler=sampler, run_config=run_config(cfg, head_cfg))
     start = time.perf_counter()
     metrics = evaluate_now(result.ema)
     costs = training_costs(result, head, optimizer, head_optimizer, accelerator, **sizes)

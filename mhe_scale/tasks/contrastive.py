@@ -26,6 +26,7 @@ from mhe_scale.data.image_source import ImageDataConfig, image_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
 from mhe_scale.data.two_views import TwoViewDataset, contrastive_transform
 from mhe_scale.engine.loop import fit
+from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, make_optimizer, build_optimizer, build_run_head
 from mhe_scale.eval.longtail import extract_features, knn_predict, shot_accuracy, shot_counts
 from mhe_scale.models.image import ImageModelConfig, build_image_model
@@ -147,7 +148,8 @@ def run_contrastive(cfg: ContrastiveConfig, accelerator) -> dict[str, dict[str, 
 
     folder = c.method
     result = fit(module, optimizer, train, cfg.train, accelerator, desc=f"pretrain {folder}",
-                 out_dir=Path(cfg.train.output_dir) / folder, eval_fn=knn_eval, run_name=folder)
+                 out_dir=Path(cfg.train.output_dir) / folder, eval_fn=knn_eval, run_name=folder,
+                 run_config=run_config(cfg))
     metrics = knn_eval()
     costs = {"train s": result.seconds, "samples/s": result.samples_per_second, "final loss": result.last_loss}
     results = {folder: {"metrics": metrics, "costs": costs}}

@@ -29,6 +29,7 @@ from mhe_scale.data.longtail import counts_from_labels, shot_groups
 from mhe_scale.engine.checkpoint import list_checkpoints
 from mhe_scale.engine.loop import fit, named_sampler
 from mhe_scale.engine.model import make_optimizer
+from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.module import Metrics, TrainingModule
 from mhe_scale.eval.longtail import TAUS, extract_features, shot_accuracy, shot_counts, tau_predictions
 from mhe_scale.models.image import ImageModelConfig, build_image_model
@@ -158,7 +159,8 @@ def run_probe(cfg: ProbeConfig, accelerator) -> dict[str, dict[str, Any]]:
 
     start = time.perf_counter()
     result = fit(module, optimizer, train, cfg.train, accelerator, desc=f"train {folder}",
-                 out_dir=Path(cfg.train.output_dir) / folder, eval_fn=evaluate, run_name=folder, sampler=sampler)
+                 out_dir=Path(cfg.train.output_dir) / folder, eval_fn=evaluate, run_name=folder, sampler=sampler,
+                 run_config=run_config(cfg))
     moved = backbone_moved(module.encoder, loaded)
     if moved:
         raise RuntimeError(f"probe: backbone tensors changed during training: {moved[:5]}")
