@@ -20,6 +20,16 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedErr
 fix; train prints them as one `error: ...` line (set MHE_TRACEBACK=1 for the traceback)."""
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of a user-facing error on one line. An error raised in a DataLoader worker comes back
+    as "Caught X in DataLoader worker process N. Original Traceback ... X: message": keep the message."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mhe-scale train", description=__doc__)
     parser.add_argument("config", help="experiment YAML, e.g. configs/demo/mhp_synthetic.yaml")
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:  # bad data, a head that does not fit, a refused setting: one line, not a traceback
         if os.environ.get("MHE_TRACEBACK"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # a collective's timeout: name the rank that did not answer (dist.timeout_s)
         from mhe_scale.engine.accelerator import explain_timeout

@@ -4,6 +4,7 @@ when ../shared/data is present) through `mhe-scale train`, every MHE head, 2 pro
 
 import io
 import json
+import re
 import os
 import subprocess
 import sys
@@ -178,3 +179,20 @@ def test_every_task_records_what_defines_its_run():
                 if depth == 0:
                     break
             assert "run_config=" in text[call.start():end], f"{path.name}: fit(...) without run_config="
+
+
+def test_an_undecodable_image_is_one_line_naming_the_record(archive, tmp_path, capsys):
+    """A corrupt JPEG decoded in a DataLoader worker (train.num_workers=2) ends the run with one line
+    naming the cache file and record, not the worker's traceback."""
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(archive) as src, tarfile.open(bad, "w:gz") as out:
+        for i, member in enumerate(src.getmembers()):
+            data = src.extractfile(member).read()
+            if i == 3:
+                data = data[:20] + b"\0" * 40 + data[60:]
+            member.size = len(data)
+            out.addfile(member, io.BytesIO(data))
+    code = train_main(["configs/classify/cifar10_r18_mhp.yaml", *overrides(bad, tmp_path / "run", "train.num_workers=2")])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert code == 2 and len(err) == 1, err
+    assert re.search(r"error: .*train\.rec, record key 3: \d+ image bytes do not decode", err[0]), err
