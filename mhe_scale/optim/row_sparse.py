@@ -117,7 +117,7 @@ class _RowSparseBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _update(self, rows: Tensor, grad: Tensor, bufs: list[Tensor], group: dict[str, Any], step: int) -> tuple:
-        """One step of the rule on rows [U, ...] with their gradient -> (new rows, new buffers)."""
+        """One step of the rule on rows [U, ...] with their gradient, IN PLACE on rows and buffers -> (rows, buffers)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -132,10 +132,7 @@ class _RowSparseBase(torch.optim.Optimizer):
                         continue
                     state = self._state(p)
                     t = int(state["step"]) + 1
-                    new, bufs = self._update(p, p.grad, [state[k] for k in self._buffers()], group, t)
-                    p.copy_(new)
-                    for k, b in zip(self._buffers(), bufs):
-                        state[k].copy_(b)
+                    self._update(p.data, p.grad, [state[k] for k in self._buffers()], group, t)  # in place
                     state["step"] += 1
                     continue
                 state = self._state(p)
@@ -178,28 +175,28 @@ class RowSparseSGD(_RowSparseBase):
     def _buffers(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.defaults["momentum"] > 0 else ()
 
-    def _update(self, rows, grad, bufs, group, step):
-        d = grad + group["weight_decay"] * rows if group["weight_decay"] else grad
+    def _update(self, rows, grad, bufs, group, step):  # in place on rows and bufs (fresh copies or p itself)
+        d = grad.add(rows, alpha=group["weight_decay"]) if group["weight_decay"] else grad
         if group["momentum"] > 0:
-            buf = bufs[0] * group["momentum"] + d
-            return rows - group["lr"] * buf, [buf]
-        return rows - group["lr"] * d, []
+            buf = bufs[0].mul_(group["momentum"]).add_(d)
+            return rows.add_(buf, alpha=-group["lr"]), [buf]
+        return rows.add_(d, alpha=-group["lr"]), []
 
     def _apply_skipped(self, p, row_ndim, state, group, ids, last, skipped):
         lr, mu, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
         view = rows_of(p.data, row_ndim)
-        rows = view[ids]
+        rows = view.index_select(0, ids)  # index_select / index_copy_: several times faster than [ids] on CPU
         shape = (-1,) + (1,) * (rows.dim() - 1)
         if mu == 0.0:  # p <- (1 - lr*wd)^k p
-            view[ids] = rows * torch.pow(1.0 - lr * wd, skipped.double()).to(rows.dtype).view(shape)
+            view.index_copy_(0, ids, rows * torch.pow(1.0 - lr * wd, skipped.double()).to(rows.dtype).view(shape))
             return
         ks, inverse = torch.unique(skipped, return_inverse=True)
         a = torch.tensor([[1.0 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64, device=p.device)
         m = _mat_power(a, ks)[inverse].to(rows.dtype)  # [U, 2, 2]
         bufs = rows_of(state["momentum_buffer"], row_ndim)
-        buf = bufs[ids]
-        view[ids] = m[:, 0, 0].view(shape) * rows + m[:, 0, 1].view(shape) * buf
-        bufs[ids] = m[:, 1, 0].view(shape) * rows + m[:, 1, 1].view(shape) * buf
+        buf = bufs.index_select(0, ids)
+        view.index_copy_(0, ids, torch.addcmul(m[:, 0, 0].view(shape) * rows, m[:, 0, 1].view(shape), buf))
+        bufs.index_copy_(0, ids, torch.addcmul(buf.mul_(m[:, 1, 1].view(shape)), m[:, 1, 0].view(shape), rows))
 
 
 class RowSparseAdamW(_RowSparseBase):
@@ -215,13 +212,13 @@ class RowSparseAdamW(_RowSparseBase):
     def _buffers(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def _update(self, rows, grad, bufs, group, step):
+    def _update(self, rows, grad, bufs, group, step):  # in place on rows and bufs (fresh copies or p itself)
         (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
-        rows = rows * (1.0 - lr * group["weight_decay"])
-        m = bufs[0] * b1 + (1.0 - b1) * grad
-        v = bufs[1] * b2 + (1.0 - b2) * grad * grad
-        denom = (v.sqrt() / math.sqrt(1.0 - b2 ** step)) + eps
-        return rows - (lr / (1.0 - b1 ** step)) * m / denom, [m, v]
+        rows.mul_(1.0 - lr * group["weight_decay"])
+        m = bufs[0].mul_(b1).add_(grad, alpha=1.0 - b1)
+        v = bufs[1].mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+        denom = (v.sqrt() / math.sqrt(1.0 - b2 ** step)).add_(eps)
+        return rows.addcdiv_(m, denom, value=-lr / (1.0 - b1 ** step)), [m, v]
 
     def _apply_skipped(self, p, row_ndim, state, group, ids, last, skipped):
         (b1, b2), lr, eps = group["betas"], float(group["lr"]), float(group["eps"])
@@ -229,7 +226,7 @@ class RowSparseAdamW(_RowSparseBase):
         step = int(state["step"])
         view = rows_of(p.data, row_ndim)
         m_all, v_all = rows_of(state["exp_avg"], row_ndim), rows_of(state["exp_avg_sq"], row_ndim)
-        rows, m, v = view[ids], m_all[ids], v_all[ids]
+        rows, m, v = view.index_select(0, ids), m_all.index_select(0, ids), v_all.index_select(0, ids)
         shape = (-1,) + (1,) * (rows.dim() - 1)
         # S(s0) = sum_{j=1..k} rho^(k-j) * lr * b1^j sqrt(1 - b2^s) / ((1 - b1^s) b2^(j/2)), s = s0 + j, k = step - s0
         starts, inverse = torch.unique(last, return_inverse=True)
@@ -245,9 +242,9 @@ class RowSparseAdamW(_RowSparseBase):
             total += torch.where(j <= k, term * torch.pow(rho, (k - j).clamp(min=0)), torch.zeros_like(term))
         coef = total[inverse].to(rows.dtype).view(shape)
         decay = torch.pow(rho, skipped.double()).to(rows.dtype).view(shape)
-        view[ids] = decay * rows - coef * m / (v.sqrt() + eps)
-        m_all[ids] = m * torch.pow(b1, skipped.double()).to(m.dtype).view(shape)
-        v_all[ids] = v * torch.pow(b2, skipped.double()).to(v.dtype).view(shape)
+        view.index_copy_(0, ids, decay * rows - coef * m / (v.sqrt() + eps))
+        m_all.index_copy_(0, ids, m * torch.pow(b1, skipped.double()).to(m.dtype).view(shape))
+        v_all.index_copy_(0, ids, v * torch.pow(b2, skipped.double()).to(v.dtype).view(shape))
 
 
 def build_row_sparse_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float,
