@@ -7,7 +7,9 @@ Rows: full FC (dense), Partial FC r=0.1 dense / sparse, MHS batch_union with man
 (c_2 = --group-size members, M = --groups sampled groups) dense / sparse, MHP H=2 (dense: no O(C)
 parameter). "sparse" = optim.head_update=sparse: the sampled rows are gathered into a leaf (no
 [C, D] gradient) and mhe_scale.optim.RowSparseSGD updates only them (lazy exact catch-up).
-Each (row, C) runs in a fresh subprocess: step time = median over --steps steps after one warm-up
+`--world 2`: the class-sharded heads (ShardedPartialFCHead / ShardedMultiHeadSamplingHead) on 2 gloo
+processes with the same global batch; per-rank numbers are the largest over ranks.
+Each (row, C, W) runs in a fresh subprocess: step time = median over --steps steps after one warm-up
 step; peak = RSS growth over the process's RSS before the head is built; state = weights +
 optimizer state (+ per-row counters) held by the (single) rank; softmax = columns per training row.
 """
@@ -58,6 +60,73 @@ def build(row: str, classes: int, dim: int, args: argparse.Namespace):
     return create_head("mhp", in_features=dim, num_classes=classes, num_heads=2)
 
 
+def build_sharded(row: str, classes: int, dim: int, args: argparse.Namespace, group):
+    """The class-sharded head of a row (W ranks each hold C / W classes or groups)."""
+    from mhe_scale.parallel import ShardedMultiHeadSamplingHead, ShardedPartialFCHead
+
+    if row.startswith("partial_fc"):
+        return ShardedPartialFCHead(dim, classes, sample_rate=0.1, group=group)
+    if row.startswith("mhs"):
+        return ShardedMultiHeadSamplingHead(dim, classes, sizes=[-(-classes // args.group_size), args.group_size],
+                                            mode="batch_union", num_sampled_groups=args.groups, cosine=True,
+                                            margin=(1.0, 0.5, 0.0), group=group)
+    raise ValueError(f"row {row!r} has no sharded form in this benchmark (partial_fc / mhs only)")
+
+
+def rank_step(group, row: str, classes: int, args: argparse.Namespace) -> dict:
+    """Runs on every rank of a W-process gloo group: the sharded head's step; the slowest rank's time."""
+    import torch
+
+    from mhe_scale.optim import RowSparseSGD
+    from mhe_scale.parallel import all_reduce_sum, get_rank, get_world_size
+
+    world = get_world_size(group)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
+    g = torch.Generator().manual_seed(get_rank(group))
+    per_rank = args.batch // world  # the same global batch as the W = 1 row
+    features = torch.randn(per_rank, args.dim, generator=g).requires_grad_()
+    labels = torch.randint(0, classes, (per_rank,), generator=g)
+    base_rss = rss_bytes()
+    head = build_sharded(row, classes, args.dim, args, group)
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    if row.endswith("sparse"):
+        head.row_sparse_parameters()
+        optimizer = RowSparseSGD(head.parameters(), **hyper)
+    else:
+        optimizer = torch.optim.SGD(head.parameters(), **hyper)
+    times = []
+    for i in range(args.steps + 1):
+        all_reduce_sum(torch.zeros(1), group)  # barrier: the step ends when the slowest rank is done
+        start = time.perf_counter()
+        out = head(features, labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        features.grad = None
+        all_reduce_sum(torch.zeros(1), group)
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    metric = out.metrics.get("softmax_columns", out.metrics.get("kept_classes"))
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    params = sum(p.numel() * p.element_size() for p in head.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+    return {"median_s": statistics.median(times), "state_bytes": params + state, "peak_bytes": max(peak, 0),
+            "softmax": float(metric) if metric is not None else float("nan"), "sizes": getattr(head, "sizes", None),
+            "device": f"cpu x{torch.get_num_threads()} per rank"}
+
+
+def run_sharded(row: str, classes: int, world: int, args: argparse.Namespace) -> dict:
+    """W gloo processes; per-rank numbers are the largest over ranks (softmax: rank 0's local columns)."""
+    from mhe_scale.parallel.testing import run_in_processes
+
+    ranks = run_in_processes(rank_step, world, row, classes, args, timeout_s=3600.0)
+    return {"row": row, "classes": classes, "world": world, "sizes": ranks[0]["sizes"],
+            "median_s": max(r["median_s"] for r in ranks), "state_bytes": max(r["state_bytes"] for r in ranks),
+            "peak_bytes": max(r["peak_bytes"] for r in ranks), "softmax": ranks[0]["softmax"],
+            "device": ranks[0]["device"]}
+
+
 def run_one(row: str, classes: int, args: argparse.Namespace) -> dict:
     import torch
 
@@ -102,19 +171,21 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"One training step (forward + backward + SGD momentum 0.9, wd 5e-4), D={args.dim}, batch {args.batch}, "
              f"median of {args.steps}; {device}; {platform.machine()}. MHS: batch_union, c_2={args.group_size}, "
              f"M={args.groups}.", "",
-             "| C | head | update | softmax cols | step (ms) | dense/sparse | params + state | peak memory |",
-             "|---:|---|---|---:|---:|---:|---:|---:|"]
+             "| C | W | head | update | softmax cols | step (ms) | dense/sparse | params + state / rank | "
+             "peak memory / rank |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for classes in args.classes:
         for r in (r for r in rows if r["classes"] == classes):
             name, _, update = r["row"].partition(" ")
+            world = r.get("world", 1)
             if "skipped" in r:
-                lines.append(f"| {classes:,} | {name} | {update or 'dense'} | | skipped: {r['skipped']} | | | |")
+                lines.append(f"| {classes:,} | {world} | {name} | {update or 'dense'} | | skipped: {r['skipped']} | | | |")
                 continue
             dense = next((d for d in rows if d["row"] == f"{name} dense" and d["classes"] == classes
-                          and "median_s" in d), None)
+                          and d.get("world", 1) == world and "median_s" in d), None)
             ratio = f"{dense['median_s'] / r['median_s']:.1f}x" if update == "sparse" and dense else ""
             sizes = f" {r['sizes']}" if r.get("sizes") else ""
-            lines.append(f"| {classes:,} | {name}{sizes} | {update or 'dense'} | {r['softmax']:,.0f} | "
+            lines.append(f"| {classes:,} | {world} | {name}{sizes} | {update or 'dense'} | {r['softmax']:,.0f} | "
                          f"{r['median_s'] * 1e3:.1f} | {ratio} | {fmt_bytes(r['state_bytes'])} | "
                          f"{fmt_bytes(r['peak_bytes'])} |")
     return "\n".join(lines)
@@ -133,10 +204,14 @@ def main() -> None:
     parser.add_argument("--max-gb", type=float, default=None, help="skip rows estimated above this "
                         "(default: 60%% of MemAvailable)")
     parser.add_argument("--out", type=Path, default=None, help="append the table to this markdown file")
-    parser.add_argument("--one", nargs=2, metavar=("ROW", "C"), help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, nargs="+", default=[1], help="W = 1: the single-process heads; "
+                        "W > 1: the class-sharded heads on W gloo processes (same global batch, cores // W threads "
+                        "each); partial_fc and mhs rows only")
+    parser.add_argument("--one", nargs=3, metavar=("ROW", "C", "W"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args)))
+        row, classes, world = args.one[0], int(args.one[1]), int(args.one[2])
+        print(json.dumps(run_one(row, classes, args) if world == 1 else run_sharded(row, classes, world, args)))
         return
     unknown = sorted(set(args.rows) - set(ROWS))
     if unknown:
@@ -144,23 +219,24 @@ def main() -> None:
     if args.max_gb is None:
         args.max_gb = available_gb(0.6)
     rows = []
-    for classes in args.classes:
-        for row in args.rows:
-            need = estimate_gb(row, classes, args.dim, args.batch)
-            if need > args.max_gb:
-                print(f"skip {row} C={classes:,}: needs ~{need:.1f} GB > --max-gb {args.max_gb:.1f}", file=sys.stderr)
-                rows.append({"row": row, "classes": classes, "skipped": f"~{need:.0f} GB needed"})
-                continue
-            cmd = [sys.executable, __file__, "--one", row, str(classes), "--dim", str(args.dim), "--batch",
-                   str(args.batch), "--steps", str(args.steps), "--group-size", str(args.group_size), "--groups",
-                   str(args.groups)] + (["--threads", str(args.threads)] if args.threads else [])
-            result = run_isolated(cmd)
-            if result is None:
-                rows.append({"row": row, "classes": classes, "skipped": "failed (see stderr)"})
-                continue
-            rows.append(result)
-            print(f"{row:18s} C={classes:>9,}  step {result['median_s'] * 1e3:9.1f} ms  state "
-                  f"{fmt_bytes(result['state_bytes']):>9s}  peak {fmt_bytes(result['peak_bytes']):>9s}", file=sys.stderr)
+    for classes, world, row in ((c, w, r) for c in args.classes for w in args.world for r in args.rows):
+        if world > 1 and not row.startswith(("partial_fc", "mhs")):
+            continue
+        need = estimate_gb(row, classes, args.dim, args.batch) / world
+        if need > args.max_gb:
+            print(f"skip {row} C={classes:,}: needs ~{need:.1f} GB > --max-gb {args.max_gb:.1f}", file=sys.stderr)
+            rows.append({"row": row, "classes": classes, "world": world, "skipped": f"~{need:.0f} GB needed"})
+            continue
+        cmd = [sys.executable, __file__, "--one", row, str(classes), str(world), "--dim", str(args.dim), "--batch",
+               str(args.batch), "--steps", str(args.steps), "--group-size", str(args.group_size), "--groups",
+               str(args.groups)] + (["--threads", str(args.threads)] if args.threads else [])
+        result = run_isolated(cmd)
+        if result is None:
+            rows.append({"row": row, "classes": classes, "world": world, "skipped": "failed (see stderr)"})
+            continue
+        rows.append(result)
+        print(f"{row:18s} C={classes:>9,} W={world}  step {result['median_s'] * 1e3:9.1f} ms  state "
+              f"{fmt_bytes(result['state_bytes']):>9s}  peak {fmt_bytes(result['peak_bytes']):>9s}", file=sys.stderr)
     table = render(rows, args)
     print(table)
     if args.out:
