@@ -39,7 +39,7 @@ def sample_classes(labels: Tensor, num_classes: int, num_sample: int,
             num_sample >= C.
     Returns:
         kept: [N] sorted class ids; remapped: [B] column of each label in `kept` (-1: not here).
-    One host sync (the number of positives decides N).
+    No host sync when num_sample >= B; otherwise one (the number of positives decides N).
     """
     if num_classes < 1:
         raise ValueError(f"sample_classes: num_classes must be >= 1, got {num_classes}")
@@ -53,8 +53,10 @@ def sample_classes(labels: Tensor, num_classes: int, num_sample: int,
     scores = torch.rand(num_classes + 1, generator=generator, device=labels.device)
     scores.index_fill_(0, torch.where(valid, labels, num_classes), 2.0)
     scores = scores[:num_classes]
-    num_pos = int((scores > 1.0).sum())
-    count = min(num_classes, max(num_pos, int(num_sample)))
+    if num_sample >= labels.numel():  # positives <= B <= num_sample: N is known without reading the device
+        count = min(num_classes, int(num_sample))
+    else:
+        count = min(num_classes, max(int((scores > 1.0).sum()), int(num_sample)))  # one host sync
     kept = scores.topk(count, sorted=False).indices.sort().values
     cols = torch.searchsorted(kept, labels.clamp(0, num_classes - 1))
     return kept, torch.where(valid, cols, -1)

@@ -105,12 +105,20 @@ class LabelCodec:
 
 
 def check_label_range(labels: Tensor, num_classes: int, allow_pad: bool = False) -> None:
-    """Raise ValueError naming the first label outside [0, num_classes) (PAD=-1 if allowed)."""
+    """Raise ValueError naming the first label outside [0, num_classes) (PAD=-1 if allowed).
+
+    On an accelerator the check is asynchronous (torch._assert_async: no host sync per step; a bad
+    label stops the run at the next synchronisation with a message naming the range, not the position).
+    """
     if labels.numel() == 0:
         return
     bad = (labels >= num_classes) | (labels < 0)
     if allow_pad:
         bad &= labels != PAD
+    if labels.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"a label is outside [0, {num_classes}); check the dataset's label ids "
+                                        f"against num_classes={num_classes} (run on CPU to see its position)")
+        return
     if bool(bad.any()):
         pos = tuple(int(i) for i in bad.nonzero()[0].tolist())
         value = int(labels[pos])

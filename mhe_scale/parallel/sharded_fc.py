@@ -30,7 +30,7 @@ from mhe_scale.heads.partial_fc import sample_classes
 from mhe_scale.optim.rows import enable_row_sparse, gather_rows, refresh_all, refresh_on_state_dict
 from mhe_scale.parallel.losses import local_multi_hot, sharded_bce_with_logits, sharded_cross_entropy, sharded_topk
 from mhe_scale.parallel.sharded_heads import (ShardedHead, block_seed, distinct_per_rank, global_logsumexp,
-                                              init_rows_, normal_fill, param, ragged_cross_entropy, uniform_fill)
+                                              init_rows_, kept_widths, normal_fill, param, ragged_cross_entropy, uniform_fill)
 
 
 class ShardedFullyConnectedHead(ShardedHead):
@@ -169,8 +169,10 @@ class ShardedPartialFCHead(ShardedHead):
         if self.training:
             kept, cols, counts = self.sample(labels)
             logits = self.margin(cosine_similarity(features, gather_rows(self.weight, kept, unique=True)), cols)
-            loss = ragged_cross_entropy(logits, cols, int(counts.max()), self.group)
-            count = float(counts.sum())
+            width, total = kept_widths(counts, self.sample_counts, [c for _, c in self.plan.all_ranges()],
+                                       labels.numel())
+            loss = ragged_cross_entropy(logits, cols, width, self.group)
+            count = float(total)
         else:
             logits = self.margin(cosine_similarity(features, refresh_all(self.weight)), self.plan.to_local(labels))
             loss = sharded_cross_entropy(logits, labels, self.plan, self.group)

@@ -23,7 +23,7 @@ weights, use `load_single_process_state_`.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -242,3 +242,15 @@ class ShardedHead(ShardedMixin, ClassifierHead):
 def param(shape: tuple[int, ...]) -> nn.Parameter:
     """An uninitialised fp32 parameter (filled by the head's reset_parameters)."""
     return nn.Parameter(torch.empty(shape))
+
+
+def kept_widths(counts: Tensor, wants: Sequence[int], limits: Sequence[int], batch: int) -> tuple[int, int]:
+    """(largest, total) of the per-rank kept counts [W] = min(max(positives, wants), limits).
+
+    When every rank wants at least `batch` entries (a rank's positives are at most the global batch),
+    the counts are min(wants, limits), known on the host: no device sync on the hot path. Otherwise
+    they are read from `counts` (one sync)."""
+    if len(wants) and min(wants) >= batch:
+        host = [min(int(w), int(c)) for w, c in zip(wants, limits)]
+        return max(host), sum(host)
+    return int(counts.max()), int(counts.sum())

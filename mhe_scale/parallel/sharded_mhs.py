@@ -37,7 +37,7 @@ from mhe_scale.heads.mhs import (MHS_MODES, PREDICT_CHUNK_COLUMNS, per_row_group
 from mhe_scale.heads.partial_fc import sample_classes
 from mhe_scale.labels.codec import LabelCodec, factorize
 from mhe_scale.parallel.sharded_heads import (ShardedHead, block_seed, distinct_per_rank, global_logaddexp, init_rows_,
-                                              merge_topk, normal_fill, owner_of, param, ragged_cross_entropy,
+                                              kept_widths, merge_topk, normal_fill, owner_of, param, ragged_cross_entropy,
                                               uniform_fill)
 
 NEG_INF = float("-inf")
@@ -174,7 +174,8 @@ class ShardedMultiHeadSamplingHead(ShardedHead):
         counts = torch.minimum(torch.maximum(positives, positives.new_tensor(self.sample_counts)),
                                positives.new_tensor(self.valid_counts))
         logits = self.shared_logits(features, kept, cols)
-        return ragged_cross_entropy(logits, cols, int(counts.max()) * c2, self.group), int(counts.sum()) * c2
+        width, total = kept_widths(counts, self.sample_counts, self.valid_counts, group.numel())
+        return ragged_cross_entropy(logits, cols, width * c2, self.group), total * c2
 
     def _full(self, features: Tensor, labels: Tensor) -> Tensor:
         plan, c2 = self.plan, self.group_size
