@@ -9,6 +9,8 @@ parameter). "sparse" = optim.head_update=sparse: the sampled rows are gathered i
 [C, D] gradient) and mhe_scale.optim.RowSparseSGD updates only them (lazy exact catch-up).
 `--world 2`: the class-sharded heads (ShardedPartialFCHead / ShardedMultiHeadSamplingHead) on 2 gloo
 processes with the same global batch; per-rank numbers are the largest over ranks.
+"forward + backward" is the part of the step before the optimizer (W = 1 rows; with the sparse
+update it includes gathering and catching up the sampled rows): what the sampled softmax costs.
 Each (row, C, W) runs in a fresh subprocess: step time = median over --steps steps after one warm-up
 step; peak = RSS growth over the process's RSS before the head is built; state = weights +
 optimizer state (+ per-row counters) held by the (single) rank; softmax = columns per training row.
@@ -145,16 +147,18 @@ def run_one(row: str, classes: int, args: argparse.Namespace) -> dict:
         optimizer = RowSparseSGD(head.parameters(), **hyper)
     else:
         optimizer = torch.optim.SGD(head.parameters(), **hyper)
-    times, width = [], 0.0
+    times, passes, width = [], [], 0.0
     for i in range(args.steps + 1):
         start = time.perf_counter()
         out = head(features, labels)
         out.loss.backward()
+        backward_done = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         features.grad = None
         if i > 0:
             times.append(time.perf_counter() - start)
+            passes.append(backward_done - start)
         metric = out.metrics.get("softmax_columns", out.metrics.get("kept_classes"))
         width = float(metric) if metric is not None else float(classes if row == "fc" else sum(head.sizes))
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
@@ -162,6 +166,7 @@ def run_one(row: str, classes: int, args: argparse.Namespace) -> dict:
     params = sum(p.numel() * p.element_size() for p in head.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     return {"row": row, "classes": classes, "sizes": getattr(head, "sizes", None), "median_s": statistics.median(times),
+            "pass_s": statistics.median(passes),
             "state_bytes": params + state, "peak_bytes": max(peak, 0), "softmax": width,
             "device": f"cpu x{torch.get_num_threads()}"}
 
@@ -171,21 +176,23 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"One training step (forward + backward + SGD momentum 0.9, wd 5e-4), D={args.dim}, batch {args.batch}, "
              f"median of {args.steps}; {device}; {platform.machine()}. MHS: batch_union, c_2={args.group_size}, "
              f"M={args.groups}.", "",
-             "| C | W | head | update | softmax cols | step (ms) | dense/sparse | params + state / rank | "
-             "peak memory / rank |",
-             "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+             "| C | W | head | update | softmax cols | forward + backward (ms) | step (ms) | dense/sparse | "
+             "params + state / rank | peak memory / rank |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for classes in args.classes:
         for r in (r for r in rows if r["classes"] == classes):
             name, _, update = r["row"].partition(" ")
             world = r.get("world", 1)
             if "skipped" in r:
-                lines.append(f"| {classes:,} | {world} | {name} | {update or 'dense'} | | skipped: {r['skipped']} | | | |")
+                lines.append(f"| {classes:,} | {world} | {name} | {update or 'dense'} | | | skipped: {r['skipped']} | | | |")
                 continue
             dense = next((d for d in rows if d["row"] == f"{name} dense" and d["classes"] == classes
                           and d.get("world", 1) == world and "median_s" in d), None)
             ratio = f"{dense['median_s'] / r['median_s']:.1f}x" if update == "sparse" and dense else ""
             sizes = f" {r['sizes']}" if r.get("sizes") else ""
+            forward_backward = f"{r['pass_s'] * 1e3:.1f}" if "pass_s" in r else "-"
             lines.append(f"| {classes:,} | {world} | {name}{sizes} | {update or 'dense'} | {r['softmax']:,.0f} | "
+                         f"{forward_backward} | "
                          f"{r['median_s'] * 1e3:.1f} | {ratio} | {fmt_bytes(r['state_bytes'])} | "
                          f"{fmt_bytes(r['peak_bytes'])} |")
     return "\n".join(lines)
