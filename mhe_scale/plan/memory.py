@@ -42,6 +42,12 @@ CUDA_FIXED_BYTES = 1 * GiB
 """CUDA context + cuBLAS/NCCL workspaces per rank (typical 0.6-1 GiB on A100/H100; measure with --probe)."""
 CPU_FIXED_BYTES = 600 * MiB
 """Resident size of a CPU training process after importing torch, accelerate and DeepSpeed (gloo runs)."""
+CPU_PROCESS_GROUP_BYTES = 64 * MiB
+"""Extra resident size of each rank of a W > 1 CPU run (torchrun worker + gloo process group + DeepSpeed's
+comm set-up) over a one-process run; measured by tools/bench_plan_memory.py as base(W=2) - base(W=1) of
+lines fitted at each world size (docs/benchmarks.md). `--probe` measures it at the target world size."""
+CUDA_PROCESS_GROUP_BYTES = 0.0
+"""NCCL's communicator buffers are counted in CUDA_FIXED_BYTES (and lie outside max_memory_allocated)."""
 
 
 def optimizer_bytes(optimizer: str, momentum: float = 0.9) -> int:
@@ -151,6 +157,9 @@ class RunSpec:
     activations: Optional[ActivationLine] = None
     fixed_bytes: Optional[float] = None
     """Runtime fixed cost per rank (None: CUDA_FIXED_BYTES / CPU_FIXED_BYTES by engine.device)."""
+    process_group_bytes: Optional[float] = None
+    """Per-rank cost of the process group when world > 1 (None: CPU_/CUDA_PROCESS_GROUP_BYTES by device;
+    0 when an activation line fitted at this world size already holds it)."""
 
 
 @dataclass(frozen=True)
@@ -385,7 +394,22 @@ def estimate(run: RunSpec) -> Breakdown:
     if fixed is None:
         fixed = CUDA_FIXED_BYTES if run.engine.device == "cuda" else CPU_FIXED_BYTES
     terms.append(Term("runtime", fixed, 0.0, "fixed per process", "CUDA context / imported libraries"))
+    terms += process_group_terms(run)
     return Breakdown(terms)
+
+
+def process_group_terms(run: RunSpec) -> list[Term]:
+    """The per-rank cost of running W > 1 processes (launcher worker, gloo/NCCL process group, DeepSpeed's comm
+    init) over one process: nothing at W = 1, else run.process_group_bytes or the device's measured default."""
+    if run.world == 1:
+        return []
+    pg = run.process_group_bytes
+    if pg is None:
+        pg = CUDA_PROCESS_GROUP_BYTES if run.engine.device == "cuda" else CPU_PROCESS_GROUP_BYTES
+    if not pg:
+        return []
+    return [Term("process group", pg, 0.0, "base(W) - base(1) of activation lines fitted at W and at 1 process",
+                 "tools/bench_plan_memory.py (gloo + torchrun on CPU); --probe measures it at the target W")]
 
 
 def with_changes(run: RunSpec, **engine_changes) -> RunSpec:
