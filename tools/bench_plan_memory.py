@@ -138,7 +138,8 @@ def main() -> int:
     cfg = load_config(CONFIG, ["data.num_classes=10000", "optim.name=adamw"])
     shape = backbone_shape(cfg)
     ctx = PlanContext(shape.params, shape.largest_layer,
-                      {(pr, False): meta_activation_line(cfg, pr) for pr in ("fp32", "bf16")}, device="cpu")
+                      {(pr, False): meta_activation_line(cfg, pr) for pr in ("fp32", "bf16")}, device="cpu",
+                      saves_checkpoints=False)  # train.save_every=0
     cache = Path(args.cache)
     done = {}
     if cache.is_file():

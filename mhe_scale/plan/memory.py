@@ -38,6 +38,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LOGIT_COPIES = 3
 """fp32 [rows, cols] tensors alive per head logits matrix at the backward's peak: the logits, the softmax
 (exp) that cross-entropy saves, and the logits' gradient (margins act in place on the target column)."""
+CATCH_UP_COPIES = {"adamw": 7, "adam": 7, "sgd": 4}
+"""fp32 [rows, width] tensors alive at the peak of the row-sparse optimizer's catch-up of skipped steps
+(mhe_scale/optim/row_sparse.py _apply_skipped; AdamW: the rows, exp_avg, exp_avg_sq read by index_select and
+four temporaries of the update; SGD with momentum: rows, buffer and two; plain SGD 2). Measured on the real
+optimizer in tests/test_plan_memory.py."""
+PREDICT_CHUNK_COLUMNS = 1 << 16
+"""Columns a sharded MHS head scores (and catches up) at once in predict (mhe_scale.heads.mhs)."""
 CUDA_FIXED_BYTES = 1 * GiB
 """CUDA context + cuBLAS/NCCL workspaces per rank (typical 0.6-1 GiB on A100/H100; measure with --probe)."""
 CPU_FIXED_BYTES = 600 * MiB
@@ -160,6 +167,8 @@ class RunSpec:
     process_group_bytes: Optional[float] = None
     """Per-rank cost of the process group when world > 1 (None: CPU_/CUDA_PROCESS_GROUP_BYTES by device;
     0 when an activation line fitted at this world size already holds it)."""
+    saves_checkpoints: bool = True
+    """The run saves checkpoints: a row-sparse head's state_dict then catches up all its rows at once."""
 
 
 @dataclass(frozen=True)
@@ -342,6 +351,29 @@ def row_sparse_shape(head: HeadSpec, world: int) -> tuple[int, int]:
     return 0, 0
 
 
+def catch_up_bytes(rows: int, width: int, optimizer: str, momentum: float = 0.9) -> float:
+    """Peak bytes of the row-sparse optimizer catching up `rows` rows of `width` fp32 values at once:
+    CATCH_UP_COPIES[optimizer] * 4 * rows * width, plus the int64 ids, last step and skipped count (24 * rows)."""
+    copies = CATCH_UP_COPIES[optimizer] if optimizer != "sgd" or momentum else 2
+    return copies * 4 * rows * width + 24 * rows
+
+
+def catch_up_shape(head: HeadSpec, world: int, saves: bool) -> tuple[int, int]:
+    """(rows, width) a row-sparse sharded head catches up at once outside the training step: partial_fc all its
+    rows (refresh_all in predict and state_dict); mhs a predict chunk of PREDICT_CHUNK_COLUMNS, all rows when it
+    saves; mhc its label-table rows when it saves (predict reads only candidate rows); (0, 0) otherwise."""
+    rows, _ = row_sparse_shape(head, world)
+    if not rows:
+        return 0, 0
+    if head.name == "partial_fc":
+        return rows, head.dim
+    if head.name == "mhs":
+        members = _sizes(head)[1]
+        chunk = max(1, PREDICT_CHUNK_COLUMNS // members) * members
+        return (rows if saves else min(rows, chunk)), head.dim
+    return (rows, head.hidden) if saves else (0, 0)
+
+
 def head_terms(head: HeadSpec, engine: EngineSpec, world: int, micro_batch: int) -> list[Term]:
     """The head's per-rank memory. Sharded (outside ZeRO): fp32 weights, grads and its own optimizer's
     state of its shard; always: the gathered features and the fp32 logits of the training softmax."""
@@ -367,9 +399,27 @@ def head_terms(head: HeadSpec, engine: EngineSpec, world: int, micro_batch: int)
                       f"{LOGIT_COPIES}*4*rows*cols, rows={rows}, cols={cols}", "fp32 logits, softmax, grad"))
     if gathered:
         width = head.hidden if head.name == "mhc" else head.dim
-        terms.append(Term("head gathered weights", 2 * 4 * gathered * width, 0.0,
-                          f"2*4*{gathered}*{width} (sampled weight rows + grad)", "index_select of the sampled rows"))
+        # a row-sparse MHC gathers with repeats (gather_rows(unique=False)): the unique-row leaf [U, h] and its
+        # expansion [n, h], each with a gradient (U <= n); the dense path indexes p directly (2 copies)
+        copies = 4 if head.name == "mhc" and sparse_rows else 2
+        terms.append(Term("head gathered weights", copies * 4 * gathered * width, 0.0,
+                          f"{copies}*4*{gathered}*{width} (sampled weight rows + grad"
+                          + (", unique-row leaf + grad)" if copies == 4 else ")"),
+                          "index_select of the sampled rows (mhe_scale/optim/rows.py gather_rows)"))
     return terms
+
+
+def catch_up_terms(run: RunSpec, transient: float) -> list[Term]:
+    """The row-sparse head's catch-up outside the training step (eval / save), counted as its excess over the
+    training step's head tensors `transient` (logits, gathered features and weights), which it does not meet."""
+    rows, width = catch_up_shape(run.head, run.world, run.saves_checkpoints)
+    if not rows:
+        return []
+    peak = catch_up_bytes(rows, width, run.engine.optimizer, run.engine.momentum)
+    return [Term("head catch-up", max(0.0, peak - transient), 0.0,
+                 f"max(0, copies*4*{rows}*{width} + 24*{rows} - head step tensors), copies = "
+                 f"{CATCH_UP_COPIES[run.engine.optimizer] if run.engine.optimizer != 'sgd' or run.engine.momentum else 2}",
+                 "mhe_scale/optim/row_sparse.py _apply_skipped (refresh_all in predict / state_dict)")]
 
 
 def engine_params(run: RunSpec) -> float:
@@ -386,6 +436,8 @@ def estimate(run: RunSpec) -> Breakdown:
     terms = backbone_states(psi, largest, run.engine, run.world)
     terms += bucket_terms(psi, run.engine)
     terms += head_terms(run.head, run.engine, run.world, run.micro_batch)
+    step_tensors = ("gathered features", "head logits", "head gathered weights")
+    terms += catch_up_terms(run, sum(t.device for t in terms if t.name in step_tensors))
     line = run.activations
     if line is not None:
         terms.append(Term("activations", line.base + line.per_sample * run.micro_batch, 0.0,
