@@ -197,3 +197,12 @@ def test_unsupported_task_is_one_line_error(capsys):
     rc = main(["plan", str(ROOT / "configs" / "xmc" / "bibtex.yaml"), "--gpus", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "synthetic" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sharded_head_options_update_row_sparsely_as_the_default_does():
+    """optim.head_update=auto makes a class-sharded partial_fc / mhc / mhs row-sparse: the planner prices them so."""
+    from mhe_scale.plan.advice import head_options
+
+    for world, sparse in ((8, True), (1, False)):
+        for label, spec in head_options(2_059_906, 512, world):
+            assert spec.row_sparse == (sparse and spec.name in ("partial_fc", "mhc", "mhs")), label
