@@ -133,7 +133,7 @@ def test_logits_of_sharded_fc_use_global_rows_and_local_columns():
     spec = HeadSpec("fc", 1000, 16, sharded=True)
     assert head_logit_shape(spec, 4, 8) == (32, 250, 0)
     terms = {t.name: t.device for t in head_terms(spec, EngineSpec(optimizer="sgd"), 4, 8)}
-    assert terms["head logits"] == 3 * 4 * 32 * 250
+    assert terms["head logits"] == 2 * 4 * 32 * 250  # sharded_cross_entropy: softmax in place + its gradient
     assert terms["gathered features"] == 2 * 4 * 32 * 16
     assert terms["head optimizer"] == 4 * 250 * 17
 
@@ -297,3 +297,39 @@ def test_catch_up_shape_follows_what_each_head_refreshes():
     mhc = HeadSpec("mhc", 1_000_000, 128, sizes=(1000, 1000), sharded=True, row_sparse=True, hidden=300)
     assert catch_up_shape(mhc, 4, saves=False) == (0, 0) and catch_up_shape(mhc, 4, saves=True) == (250_000, 300)
     assert catch_up_shape(replace(pfc, row_sparse=False), 4, saves=True) == (0, 0)
+
+
+def _real_head(name: str, sharded: bool, classes: int, dim: int, **kw):
+    from mhe_scale.heads import create_head
+    from mhe_scale.parallel.sharded_fc import ShardedFullyConnectedHead, ShardedPartialFCHead
+    from mhe_scale.parallel.sharded_mhs import ShardedMultiHeadSamplingHead
+
+    if not sharded:
+        return create_head(name, in_features=dim, num_classes=classes, **kw)
+    cls = {"fc": ShardedFullyConnectedHead, "partial_fc": ShardedPartialFCHead, "mhs": ShardedMultiHeadSamplingHead}
+    return cls[name](dim, classes, group=None, **kw)  # group=None: the same math in one process
+
+
+@pytest.mark.parametrize("name,sharded,kw,spec_kw", [
+    ("fc", False, {}, {}),
+    ("fc", False, {"cosine": True, "margin": [1.0, 0.5, 0.0]}, {"cosine": True}),
+    ("partial_fc", False, {"sample_rate": 1.0}, {"sample_rate": 1.0}),
+    ("mhs", False, {"mode": "batch_union", "num_sampled_groups": 1}, {"mode": "batch_union", "num_sampled_groups": 1}),
+    ("fc", True, {}, {}),
+    ("partial_fc", True, {"sample_rate": 0.5}, {"sample_rate": 0.5}),
+    ("mhs", True, {"mode": "batch_union", "num_sampled_groups": 1}, {"mode": "batch_union", "num_sampled_groups": 1}),
+])
+def test_logit_terms_equal_the_real_heads_step(name, sharded, kw, spec_kw):
+    """Peak of the tensors a real head's training forward + backward creates, less the parameters' and
+    features' gradients, vs the model's logits + gathered-weights terms (D small: the logits dominate)."""
+    rows, classes, dim = 256, 20_000, 4
+    head = _real_head(name, sharded, classes, dim, **kw).train()
+    sizes = tuple(getattr(head, "sizes", ()) or ()) or None
+    spec = HeadSpec(name, classes, dim, sizes=sizes, sharded=sharded, **spec_kw)
+    model = sum(t.device for t in head_terms(spec, EngineSpec(), 1, rows)
+                if t.name in ("head logits", "head gathered weights"))
+    x, y = torch.randn(rows, dim, requires_grad=True), torch.randint(0, classes, (rows,))
+    with _LiveBytes() as live:
+        head(x, y).loss.backward()
+    grads = sum(p.grad.numel() * 4 for p in head.parameters() if p.grad is not None) + x.numel() * 4
+    assert live.peak - grads == pytest.approx(model, rel=0.1)

@@ -6,9 +6,10 @@
 Runs the synthetic demo (configs/demo/mhp_synthetic.yaml, a 0.36M-parameter MLP encoder, D = 128, AdamW)
 through the real engine (mhe_scale.plan.probe_run, 1 or 2 processes under torchrun on gloo) for 3 steps per
 case, each in a fresh process tree; peak RSS of the largest rank from getrusage. The matrix (cases()):
-  fit      per C: mhp, ZeRO-2, fp32, b = 64 and 256, at 1 and at 2 processes (at 100K also bf16 at 2): the
-           activation lines per (precision, world); their base holds the per-process fixed cost (libraries,
-           the synthetic data of that C) and, at W = 2, the process group's per-rank cost
+  fit      per C: mhp, ZeRO-2, fp32, b = 64 and 256, at 1 and at 2 processes (at 100K also bf16): the
+           activation lines per (precision, world), fitted per C; their base holds the per-process fixed cost (libraries,
+           the synthetic data of that C) and, at W = 2, the process group's per-rank cost (the process-group term,
+           base(2) - base(1), is printed)
   heads    every head x C at one setting: 2 processes, ZeRO-2, fp32, b = 64, class-sharded where the head can
            be (fc, partial_fc at 0.1, mhs, mhc: row-sparse updates, as optim.head_update=auto does); mhp replicated
   settings at C = 100K on fc / partial_fc / mhc / mhs (sharded): no DeepSpeed and ZeRO-0/1/2/3, fp32 and bf16,
@@ -36,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from mhe_scale.config import load_config  # noqa: E402
 from mhe_scale.plan.candidates import PlanContext, Setup, breakdown  # noqa: E402
 from mhe_scale.plan.memory import GiB, HeadSpec, MiB  # noqa: E402
-from mhe_scale.plan.probe import ProbeResult, fit_and_predict, run_probe  # noqa: E402
+from mhe_scale.plan.probe import (ProbeResult, fit_and_predict, fit_lines, process_group_cost,  # noqa: E402
+                                  run_probe)
 from mhe_scale.plan.shapes import backbone_shape, meta_activation_line  # noqa: E402
 from mhe_scale.plan.writer import write_setup  # noqa: E402
 
@@ -56,7 +58,7 @@ def cases(classes: list[int]) -> list[Case]:
     for c in classes:
         out += [("fit", "mhp", c, w, 2, "fp32", b) for w in (1, 2) for b in (64, 256)]
         if c == 100_000:
-            out += [("fit", "mhp", c, 2, 2, "bf16", b) for b in (64, 256)]
+            out += [("fit", "mhp", c, w, 2, "bf16", b) for w in (1, 2) for b in (64, 256)]
         out += [("heads", h, c, 2, 2, "fp32", 64) for h in ("fc", "partial_fc", "mhs", "mhc")]
         if c == 100_000:
             out += [("settings", "fc", c, 2, z, "fp32", 64) for z in (None, 0, 1, 3)]
@@ -167,6 +169,11 @@ def main() -> int:
                             detail=done[key(case)]["detail"]) for case in group]
         if not rows:
             continue
+        lines_c, _ = fit_lines(rows, ctx)
+        for k in sorted(lines_c):
+            pg = process_group_cost(lines_c, k)
+            print(f"C={c:,} line {k}: {lines_c[k].base / MiB:.1f} MiB + {lines_c[k].per_sample / 1024:.1f} KiB * b"
+                  + (f"; process group base(W)-base(1) = {pg / MiB:.1f} MiB" if pg is not None and k[2] > 1 else ""))
         for case, r in zip(group, fit_and_predict(rows, ctx)):
             s = r.setup
             zero = "none" if s.zero_stage is None else str(s.zero_stage)

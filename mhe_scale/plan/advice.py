@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mhe_scale.plan.memory import (LOGIT_COPIES, HeadSpec, default_sizes, fmt_bytes, head_logit_shape, head_params,
+from mhe_scale.plan.memory import (HeadSpec, default_sizes, fmt_bytes, head_logit_shape, head_params, logit_copies,
                                    optimizer_bytes)
 
 
@@ -71,7 +71,7 @@ def head_options(num_classes: int, dim: int, world: int, multilabel: bool = Fals
 def head_cost(label: str, spec: HeadSpec, world: int, micro_batch: int, optimizer: str = "sgd") -> HeadCost:
     n = head_params(spec, world)
     rows, cols, _ = head_logit_shape(spec, world, micro_batch)
-    return HeadCost(label, spec, n, (8 + optimizer_bytes(optimizer)) * n, LOGIT_COPIES * 4 * rows * cols)
+    return HeadCost(label, spec, n, (8 + optimizer_bytes(optimizer)) * n, logit_copies(spec) * 4 * rows * cols)
 
 
 def head_costs(num_classes: int, dim: int, world: int, micro_batch: int, optimizer: str = "sgd",

@@ -38,6 +38,22 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LOGIT_COPIES = 3
 """fp32 [rows, cols] tensors alive per head logits matrix at the backward's peak: the logits, the softmax
 (exp) that cross-entropy saves, and the logits' gradient (margins act in place on the target column)."""
+SHARDED_LOGIT_COPIES = 2
+"""The same for a class-sharded fc / mhs (parallel/losses.py sharded_cross_entropy): the softmax is computed
+in place and saved once, the gradient is one more; the logits die after the forward."""
+COSINE_LOGIT_COPIES = 5
+"""The same for cosine logits with a margin (partial_fc; fc with cosine=True), sharded or not: the product and
+its 1/|w| scaling (heads/linear.py cosine_similarity), the margin's output and the softmax with its gradient."""
+
+
+def logit_copies(head: "HeadSpec") -> int:
+    """fp32 [rows, cols] copies of the head's logits at the backward's peak (measured on the real heads with a
+    live-storage counter, tests/test_plan_memory.py): cosine 5, class-sharded fc / mhs 2, else 3."""
+    if head.name == "partial_fc" or head.cosine:
+        return COSINE_LOGIT_COPIES
+    if head.sharded and head.name in ("fc", "mhs"):
+        return SHARDED_LOGIT_COPIES
+    return LOGIT_COPIES
 CATCH_UP_COPIES = {"adamw": 7, "adam": 7, "sgd": 4}
 """fp32 [rows, width] tensors alive at the peak of the row-sparse optimizer's catch-up of skipped steps
 (mhe_scale/optim/row_sparse.py _apply_skipped; AdamW: the rows, exp_avg, exp_avg_sq read by index_select and
@@ -395,8 +411,9 @@ def head_terms(head: HeadSpec, engine: EngineSpec, world: int, micro_batch: int)
     if head.sharded and world > 1:
         terms.append(Term("gathered features", 2 * 4 * rows * head.dim, 0.0, "2*4*(b*N)*D (all-gathered + grad)",
                           "parallel/collectives.py all_gather with grad"))
-    terms.append(Term("head logits", LOGIT_COPIES * 4 * rows * cols, 0.0,
-                      f"{LOGIT_COPIES}*4*rows*cols, rows={rows}, cols={cols}", "fp32 logits, softmax, grad"))
+    copies = logit_copies(head)
+    terms.append(Term("head logits", copies * 4 * rows * cols, 0.0,
+                      f"{copies}*4*rows*cols, rows={rows}, cols={cols}", "fp32 logits, softmax, grad (logit_copies)"))
     if gathered:
         width = head.hidden if head.name == "mhc" else head.dim
         # a row-sparse MHC gathers with repeats (gather_rows(unique=False)): the unique-row leaf [U, h] and its
