@@ -206,3 +206,18 @@ def test_sharded_head_options_update_row_sparsely_as_the_default_does():
     for world, sparse in ((8, True), (1, False)):
         for label, spec in head_options(2_059_906, 512, world):
             assert spec.row_sparse == (sparse and spec.name in ("partial_fc", "mhc", "mhs")), label
+
+
+def test_probe_peak_starts_at_fit(monkeypatch):
+    """probe_run measures from the engine's fit on: a large tensor freed before fit (the task's data set-up)
+    is in setup_rss_peak, not in the peak the memory model is compared with."""
+    from mhe_scale.plan import probe_run
+
+    if probe_run.vm_hwm() is None or not probe_run.reset_hwm():
+        pytest.skip("no /proc/self/status VmHWM or clear_refs here")
+    monkeypatch.setattr(probe_run, "_SETUP_PEAK", [])
+    big = torch.ones(64 * 2 ** 20)  # 256 MiB, touched
+    del big
+    seen = {}
+    probe_run._mark_fit(lambda: seen.setdefault("fit", probe_run.vm_hwm()))()
+    assert probe_run._SETUP_PEAK[0] - seen["fit"] > 200 * 2 ** 20
