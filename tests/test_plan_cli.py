@@ -116,7 +116,8 @@ def test_rows_use_the_line_of_their_world_size_and_the_measured_process_group():
 
     mhp = HeadSpec("mhp", 100_000, 128)
     fit = [Setup(w, b, 256 // (w * b), 2, False, False, "fp32", False, mhp, "mhp") for w in (1, 2) for b in (32, 128)]
-    others = [replace(_base(world=2, b=64, accum=2), zero_stage=2), replace(_base(world=4, b=32, accum=2), zero_stage=3)]
+    others = [replace(_base(world=2, b=64, accum=2), zero_stage=2),
+              replace(_base(world=4, b=32, accum=2), zero_stage=3)]
     rows = [probe.ProbeResult(s, "ok", measured(s)) for s in fit + others]
     lines, used = probe.fit_lines(rows, ctx)
     assert set(lines) == {("fp32", False, 1), ("fp32", False, 2)} and used == {0, 1, 2, 3}

@@ -370,8 +370,12 @@ def row_sparse_shape(head: HeadSpec, world: int) -> tuple[int, int]:
 def catch_up_bytes(rows: int, width: int, optimizer: str, momentum: float = 0.9) -> float:
     """Peak bytes of the row-sparse optimizer catching up `rows` rows of `width` fp32 values at once:
     CATCH_UP_COPIES[optimizer] * 4 * rows * width, plus the int64 ids, last step and skipped count (24 * rows)."""
-    copies = CATCH_UP_COPIES[optimizer] if optimizer != "sgd" or momentum else 2
-    return copies * 4 * rows * width + 24 * rows
+    return catch_up_copies(optimizer, momentum) * 4 * rows * width + 24 * rows
+
+
+def catch_up_copies(optimizer: str, momentum: float = 0.9) -> int:
+    """CATCH_UP_COPIES of the optimizer; plain SGD (no momentum buffer) 2: the rows and their decayed copy."""
+    return CATCH_UP_COPIES[optimizer] if optimizer != "sgd" or momentum else 2
 
 
 def catch_up_shape(head: HeadSpec, world: int, saves: bool) -> tuple[int, int]:
@@ -435,7 +439,7 @@ def catch_up_terms(run: RunSpec, transient: float) -> list[Term]:
     peak = catch_up_bytes(rows, width, run.engine.optimizer, run.engine.momentum)
     return [Term("head catch-up", max(0.0, peak - transient), 0.0,
                  f"max(0, copies*4*{rows}*{width} + 24*{rows} - head step tensors), copies = "
-                 f"{CATCH_UP_COPIES[run.engine.optimizer] if run.engine.optimizer != 'sgd' or run.engine.momentum else 2}",
+                 f"{catch_up_copies(run.engine.optimizer, run.engine.momentum)}",
                  "mhe_scale/optim/row_sparse.py _apply_skipped (refresh_all in predict / state_dict)")]
 
 
