@@ -266,22 +266,24 @@ def test_catch_up_bytes_equal_the_real_row_sparse_optimizer(optimizer, momentum)
 
 
 def test_row_sparse_mhc_gather_counts_leaf_and_expansion():
-    """A row-sparse MHC gathers its label rows with gather_rows(unique=False) as sharded_mhc does: leaf [U, h],
-    expansion [n, h] and both gradients at the backward; the model's gathered-weights term holds the four."""
+    """A row-sparse MHC gathers its label rows with gather_rows(unique=False) as sharded_mhc does (each row: the
+    members of its target's group): leaf [U, h], expansion [n, h] and both gradients at the backward; the
+    model's gathered weights (2 n h) + gathered leaf (2 U h, U from the expected distinct groups) hold them."""
     from mhe_scale.optim.rows import enable_row_sparse, gather_rows
 
-    sizes, hidden, b = (100, 50), 32, 16
-    spec = HeadSpec("mhc", 5000, 24, sizes=sizes, hidden=hidden, sharded=True, row_sparse=True)
-    _, _, gathered = head_logit_shape(spec, 1, b)
-    model = next(t for t in head_terms(spec, EngineSpec(), 1, b) if t.name == "head gathered weights").device
-    table = torch.nn.Parameter(torch.randn(5000, hidden))
+    sizes, hidden, b = (400, 50), 32, 256
+    spec = HeadSpec("mhc", 20_000, 24, sizes=sizes, hidden=hidden, sharded=True, row_sparse=True)
+    terms = head_terms(spec, EngineSpec(), 1, b)
+    model = sum(t.device for t in terms if t.name in ("head gathered weights", "head gathered leaf"))
+    table = torch.nn.Parameter(torch.randn(20_000, hidden))
     enable_row_sparse(table)
-    local = torch.randperm(5000)[:gathered].view(b, -1)  # distinct rows: U = n, the bound the model takes
-    query = torch.randn(b, hidden)
+    groups = torch.randint(0, sizes[0], (b,), generator=torch.Generator().manual_seed(0))
+    local = groups[:, None] * sizes[1] + torch.arange(sizes[1])  # [b, c_2] the target group's members
+    query = torch.randn(b, hidden, requires_grad=True)  # the head's query: bmm then saves the expansion
     with _LiveBytes() as live:
         part = torch.bmm(gather_rows(table, local), query.unsqueeze(2)).squeeze(2)
         part.sum().backward()
-    assert live.peak == pytest.approx(model, rel=0.1)
+    assert live.peak - query.numel() * 4 == pytest.approx(model, rel=0.1)
 
 
 def test_catch_up_shape_follows_what_each_head_refreshes():

@@ -14,7 +14,8 @@ largest rank from the start of fit (mhe_scale.plan.probe_run: the data set-up is
   heads    every head x C at one setting: 2 processes, ZeRO-2, fp32, b = 64, class-sharded where the head can
            be (fc, partial_fc at 0.1, mhs, mhc: row-sparse updates, as optim.head_update=auto does); mhp replicated
   settings at C = 100K on fc / partial_fc / mhc / mhs (sharded): no DeepSpeed and ZeRO-0/1/2/3, fp32 and bf16,
-           b = 64 and 256, 1 process (head replicated) and 2
+           b = 64 and 256, 1 process (head replicated) and 2; at 1M three fp32 rows (fc b = 256, partial_fc
+           ZeRO-3, mhc ZeRO-0 b = 256)
 Every row that is not a fit row is a prediction. A case whose predicted total (per rank x ranks) is over 4 GB
 runs under the shared lock /work/briefs/bigmem.lock (as `flock`), after MemAvailable is checked.
 Results are appended to --cache (JSON lines) so the matrix can run in parts; the table is built from the cache.
@@ -75,6 +76,9 @@ def cases(classes: list[int]) -> list[Case]:
             out += [("settings", "partial_fc", c, 2, 2, "fp32", 256)]
             out += [("settings", "mhc", c, 2, 1, "fp32", 64), ("settings", "mhc", c, 2, 2, "bf16", 64),
                     ("settings", "mhs", c, 2, 3, "bf16", 64), ("settings", "mhs", c, 2, 0, "fp32", 256)]
+        if c == 1_000_000:  # the class-sized terms at their largest: b = 256 logits, ZeRO-3 and ZeRO-0 beside them
+            out += [("settings", "fc", c, 2, 2, "fp32", 256), ("settings", "partial_fc", c, 2, 3, "fp32", 64),
+                    ("settings", "mhc", c, 2, 0, "fp32", 256)]
     return out
 
 

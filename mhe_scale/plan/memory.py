@@ -368,6 +368,19 @@ def row_sparse_shape(head: HeadSpec, world: int) -> tuple[int, int]:
     return 0, 0
 
 
+def mhc_unique_rows(head: HeadSpec, world: int, micro_batch: int) -> int:
+    """U: distinct label rows an MHC step gathers on the largest rank: the expected distinct groups among the
+    rows x K group draws, G (1 - (1 - 1/G)^(rows K)), of which a sharded rank owns 1/W (groups are contiguous
+    label ranges), times the group size c_last; at most the rows x K x c_last gathered."""
+    sizes = _sizes(head)
+    groups, members = -(-head.num_classes // math.prod(sizes[1:])), sizes[-1]
+    w = world if head.sharded else 1
+    k = head.top_k_groups if head.multilabel else 1
+    draws = micro_batch * w * k
+    seen = groups * (1.0 - (1.0 - 1.0 / groups) ** draws)
+    return min(draws * members, math.ceil(seen / w) * members)
+
+
 def catch_up_bytes(rows: int, width: int, optimizer: str, momentum: float = 0.9) -> float:
     """Peak bytes of the row-sparse optimizer catching up `rows` rows of `width` fp32 values at once:
     CATCH_UP_COPIES[optimizer] * 4 * rows * width, plus the int64 ids, last step and skipped count (24 * rows)."""
@@ -421,13 +434,16 @@ def head_terms(head: HeadSpec, engine: EngineSpec, world: int, micro_batch: int)
                       f"{copies}*4*rows*cols, rows={rows}, cols={cols}", "fp32 logits, softmax, grad (logit_copies)"))
     if gathered:
         width = head.hidden if head.name == "mhc" else head.dim
-        # a row-sparse MHC gathers with repeats (gather_rows(unique=False)): the unique-row leaf [U, h] and its
-        # expansion [n, h], each with a gradient (U <= n); the dense path indexes p directly (2 copies)
-        copies = 4 if head.name == "mhc" and sparse_rows else 2
-        terms.append(Term("head gathered weights", copies * 4 * gathered * width, 0.0,
-                          f"{copies}*4*{gathered}*{width} (sampled weight rows + grad"
-                          + (", unique-row leaf + grad)" if copies == 4 else ")"),
+        terms.append(Term("head gathered weights", 2 * 4 * gathered * width, 0.0,
+                          f"2*4*{gathered}*{width} (sampled weight rows + grad)",
                           "index_select of the sampled rows (mhe_scale/optim/rows.py gather_rows)"))
+        if head.name == "mhc" and sparse_rows:
+            # a row-sparse MHC gathers with repeats (gather_rows(unique=False)): besides the expansion [n, h] and
+            # its gradient, the leaf of the U distinct rows [U, h] and its gradient
+            u = mhc_unique_rows(head, world, micro_batch)
+            terms.append(Term("head gathered leaf", 2 * 4 * u * width, 0.0,
+                              f"2*4*U*{width}, U={u} (expected distinct groups of the batch on this rank x c_last)",
+                              "mhe_scale/optim/rows.py gather_rows(unique=False)"))
     return terms
 
 
@@ -458,7 +474,7 @@ def estimate(run: RunSpec) -> Breakdown:
     terms = backbone_states(psi, largest, run.engine, run.world)
     terms += bucket_terms(psi, run.engine)
     terms += head_terms(run.head, run.engine, run.world, run.micro_batch)
-    step_tensors = ("gathered features", "head logits", "head gathered weights")
+    step_tensors = ("gathered features", "head logits", "head gathered weights", "head gathered leaf")
     terms += catch_up_terms(run, sum(t.device for t in terms if t.name in step_tensors))
     line = run.activations
     if line is not None:
