@@ -65,10 +65,10 @@ CUDA_FIXED_BYTES = 1 * GiB
 """CUDA context + cuBLAS/NCCL workspaces per rank (typical 0.6-1 GiB on A100/H100; measure with --probe)."""
 CPU_FIXED_BYTES = 600 * MiB
 """Resident size of a CPU training process after importing torch, accelerate and DeepSpeed (gloo runs)."""
-CPU_PROCESS_GROUP_BYTES = 5 * MiB
+CPU_PROCESS_GROUP_BYTES = 8 * MiB
 """Extra resident size of each rank of a W > 1 CPU run (torchrun worker + gloo process group + DeepSpeed's
 comm set-up) over a one-process run; measured by tools/bench_plan_memory.py as base(W=2) - base(W=1) of
-lines fitted at each world size: 0.2-4.9 MiB at C = 10K and 100K, fp32 and bf16 (docs/benchmarks.md).
+lines fitted at each world size: 0.2-8.1 MiB at C = 10K, 100K and 1M, fp32 and bf16 (docs/benchmarks.md).
 `--probe` measures it at the target world size."""
 CUDA_PROCESS_GROUP_BYTES = 0.0
 """NCCL's communicator buffers are counted in CUDA_FIXED_BYTES (and lie outside max_memory_allocated)."""
