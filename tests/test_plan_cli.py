@@ -94,7 +94,7 @@ def test_fit_recovers_a_planted_activation_line():
     a, b = replace(_base(), micro_batch=32, accum=4), _base()
 
     def measured(s: Setup) -> float:  # everything but activations/runtime, plus a planted 5 MB + 0.3 MB * b
-        terms = [t for t in breakdown(s, ctx).terms if t.name not in ("activations", "runtime")]
+        terms = [t for t in breakdown(s, ctx).terms if t.name not in ("activations", "runtime", "process group")]
         return sum(t.device + t.host for t in terms) + 5e6 + 3e5 * s.micro_batch
 
     rows = [probe.ProbeResult(s, "ok", measured(s)) for s in (a, b)]
@@ -103,6 +103,41 @@ def test_fit_recovers_a_planted_activation_line():
     third = replace(_base(), micro_batch=16, accum=8)
     out = probe.fit_and_predict(rows + [probe.ProbeResult(third, "ok", measured(third))], ctx)
     assert out[2].predicted == pytest.approx(out[2].peak) and not out[2].fitted_on and out[0].fitted_on
+
+
+def test_rows_use_the_line_of_their_world_size_and_the_measured_process_group():
+    """Planted: each rank of a W > 1 run costs 70 MB more than one process (the process group). Lines fitted at
+    W = 1 and W = 2 predict a different W = 2 set-up exactly, and a W = 4 row from the W = 1 line + 70 MB."""
+    ctx = _ctx(device="cpu")
+
+    def measured(s: Setup) -> float:
+        terms = [t for t in breakdown(s, ctx).terms if t.name not in ("activations", "runtime", "process group")]
+        return sum(t.device + t.host for t in terms) + 5e6 + 3e5 * s.micro_batch + (70e6 if s.world > 1 else 0.0)
+
+    mhp = HeadSpec("mhp", 100_000, 128)
+    fit = [Setup(w, b, 256 // (w * b), 2, False, False, "fp32", False, mhp, "mhp") for w in (1, 2) for b in (32, 128)]
+    others = [replace(_base(world=2, b=64, accum=2), zero_stage=2),
+              replace(_base(world=4, b=32, accum=2), zero_stage=3)]
+    rows = [probe.ProbeResult(s, "ok", measured(s)) for s in fit + others]
+    lines, used = probe.fit_lines(rows, ctx)
+    assert set(lines) == {("fp32", False, 1), ("fp32", False, 2)} and used == {0, 1, 2, 3}
+    assert probe.process_group_cost(lines, ("fp32", False, 2)) == pytest.approx(70e6)
+    out = probe.fit_and_predict(rows, ctx)
+    assert [r.fitted_on for r in out] == [True] * 4 + [False] * 2
+    for r in out:
+        assert r.predicted == pytest.approx(r.peak)
+
+
+def test_process_group_term_only_with_several_ranks():
+    from mhe_scale.plan.memory import CPU_PROCESS_GROUP_BYTES, EngineSpec, RunSpec, estimate
+
+    head = HeadSpec("fc", 1000, 16)
+    run = RunSpec(1e6, 1e5, EngineSpec(zero_stage=2, device="cpu"), head, world=1, micro_batch=8)
+    assert "process group" not in [t.name for t in estimate(run).terms]
+    two = estimate(replace(run, world=2))
+    assert two.get("process group").device == CPU_PROCESS_GROUP_BYTES
+    assert estimate(replace(run, world=2, process_group_bytes=1e6)).get("process group").device == 1e6
+    assert "process group" not in [t.name for t in estimate(replace(run, world=2, process_group_bytes=0.0)).terms]
 
 
 def test_probe_reports_oom_and_failure_without_raising(monkeypatch, tmp_path):
@@ -163,3 +198,27 @@ def test_unsupported_task_is_one_line_error(capsys):
     rc = main(["plan", str(ROOT / "configs" / "xmc" / "bibtex.yaml"), "--gpus", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "synthetic" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sharded_head_options_update_row_sparsely_as_the_default_does():
+    """optim.head_update=auto makes a class-sharded partial_fc / mhc / mhs row-sparse: the planner prices them so."""
+    from mhe_scale.plan.advice import head_options
+
+    for world, sparse in ((8, True), (1, False)):
+        for label, spec in head_options(2_059_906, 512, world):
+            assert spec.row_sparse == (sparse and spec.name in ("partial_fc", "mhc", "mhs")), label
+
+
+def test_probe_peak_starts_at_fit(monkeypatch):
+    """probe_run measures from the engine's fit on: a large tensor freed before fit (the task's data set-up)
+    is in setup_rss_peak, not in the peak the memory model is compared with."""
+    from mhe_scale.plan import probe_run
+
+    if probe_run.vm_hwm() is None or not probe_run.reset_hwm():
+        pytest.skip("no /proc/self/status VmHWM or clear_refs here")
+    monkeypatch.setattr(probe_run, "_SETUP_PEAK", [])
+    big = torch.ones(64 * 2 ** 20)  # 256 MiB, touched
+    del big
+    seen = {}
+    probe_run._mark_fit(lambda: seen.setdefault("fit", probe_run.vm_hwm()))()
+    assert probe_run._SETUP_PEAK[0] - seen["fit"] > 200 * 2 ** 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ def test_logits_of_sharded_fc_use_global_rows_and_local_columns():
     spec = HeadSpec("fc", 1000, 16, sharded=True)
     assert head_logit_shape(spec, 4, 8) == (32, 250, 0)
     terms = {t.name: t.device for t in head_terms(spec, EngineSpec(optimizer="sgd"), 4, 8)}
-    assert terms["head logits"] == 3 * 4 * 32 * 250
+    assert terms["head logits"] == 2 * 4 * 32 * 250  # sharded_cross_entropy: softmax in place + its gradient
     assert terms["gathered features"] == 2 * 4 * 32 * 16
     assert terms["head optimizer"] == 4 * 250 * 17
 
@@ -185,3 +186,152 @@ def test_row_sparse_head_state_equals_the_real_optimizer(name, extra, optimizer)
     terms = {t.name: t.device for t in head_terms(spec, EngineSpec(optimizer=optimizer, momentum=0.9), 1, 12)}
     assert state == terms["head optimizer"] + terms["head row counters"]
     assert dense_grads == terms["head grads"] == 0
+
+
+class _LiveBytes:
+    """Peak bytes of tensor storages created inside the block and still alive (a TorchDispatchMode that
+    counts each op's new output storages and frees them when their storage object dies)."""
+
+    def __enter__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        counter = self
+        self.live, self.peak, self.seen = 0, 0, set()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                          if isinstance(a, torch.Tensor)}
+                for t in tree_flatten(out)[0]:
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    storage = t.untyped_storage()
+                    key, n = storage.data_ptr(), storage.nbytes()
+                    if key in inputs or key in counter.seen or n == 0:
+                        continue
+                    counter.seen.add(key)
+                    counter.live += n
+                    counter.peak = max(counter.peak, counter.live)
+
+                    def free(key=key, n=n):
+                        counter.live -= n
+                        counter.seen.discard(key)
+
+                    weakref.finalize(storage, free)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_live_bytes_counter_on_a_known_expression():
+    a, b = torch.randn(500, 400), torch.randn(500, 400)
+    with _LiveBytes() as live:
+        c = a * b + a  # a*b and the sum alive together, then a*b dies
+        d = c.sqrt()  # c and d
+        del c
+        e = d * 2
+    assert live.peak == 2 * a.numel() * 4 and e.shape == a.shape
+
+
+@pytest.mark.parametrize("optimizer,momentum", [("adamw", 0.9), ("sgd", 0.9), ("sgd", 0.0)])
+def test_catch_up_bytes_equal_the_real_row_sparse_optimizer(optimizer, momentum):
+    """refresh_all after a few steps that touched few rows: the real catch-up's peak vs catch_up_bytes."""
+    from mhe_scale.optim.row_sparse import RowSparseAdamW, RowSparseSGD
+    from mhe_scale.optim.rows import enable_row_sparse, gather_rows, refresh_all
+    from mhe_scale.plan.memory import catch_up_bytes
+
+    rows, dim = 20_000, 64
+    w = torch.nn.Parameter(torch.randn(rows, dim))
+    enable_row_sparse(w)
+    opt = (RowSparseAdamW([w], lr=0.01, weight_decay=0.1) if optimizer == "adamw"
+           else RowSparseSGD([w], lr=0.1, momentum=momentum, weight_decay=0.1))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        (gather_rows(w, torch.randperm(rows, generator=gen)[:300], unique=True) ** 2).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    skipped = int((opt.state[w]["row_step"] < int(opt.state[w]["step"])).sum())
+    with _LiveBytes() as live:
+        refresh_all(w)
+    assert live.peak == pytest.approx(catch_up_bytes(skipped, dim, optimizer, momentum), rel=0.05)
+
+
+def test_row_sparse_mhc_gather_counts_leaf_and_expansion():
+    """A row-sparse MHC gathers its label rows with gather_rows(unique=False) as sharded_mhc does (each row: the
+    members of its target's group): leaf [U, h], expansion [n, h] and both gradients at the backward; the
+    model's gathered weights (2 n h) + gathered leaf (2 U h, U from the expected distinct groups) hold them."""
+    from mhe_scale.optim.rows import enable_row_sparse, gather_rows
+
+    sizes, hidden, b = (400, 50), 32, 256
+    spec = HeadSpec("mhc", 20_000, 24, sizes=sizes, hidden=hidden, sharded=True, row_sparse=True)
+    terms = head_terms(spec, EngineSpec(), 1, b)
+    model = sum(t.device for t in terms if t.name in ("head gathered weights", "head gathered leaf"))
+    table = torch.nn.Parameter(torch.randn(20_000, hidden))
+    enable_row_sparse(table)
+    groups = torch.randint(0, sizes[0], (b,), generator=torch.Generator().manual_seed(0))
+    local = groups[:, None] * sizes[1] + torch.arange(sizes[1])  # [b, c_2] the target group's members
+    query = torch.randn(b, hidden, requires_grad=True)  # the head's query: bmm then saves the expansion
+    with _LiveBytes() as live:
+        part = torch.bmm(gather_rows(table, local), query.unsqueeze(2)).squeeze(2)
+        part.sum().backward()
+    assert live.peak - query.numel() * 4 == pytest.approx(model, rel=0.1)
+
+
+def test_catch_up_shape_follows_what_each_head_refreshes():
+    from mhe_scale.heads.mhs import PREDICT_CHUNK_COLUMNS as HEAD_CHUNK
+    from mhe_scale.plan.memory import PREDICT_CHUNK_COLUMNS, catch_up_shape
+
+    assert PREDICT_CHUNK_COLUMNS == HEAD_CHUNK
+    pfc = HeadSpec("partial_fc", 1_000_000, 128, sharded=True, sample_rate=0.1, row_sparse=True)
+    assert catch_up_shape(pfc, 4, saves=False) == (250_000, 128)  # refresh_all in predict
+    mhs = HeadSpec("mhs", 1_000_000, 128, sizes=(1000, 1000), sharded=True, row_sparse=True)
+    assert catch_up_shape(mhs, 4, saves=False) == (65 * 1000, 128)  # 65 groups of 1000 per predict chunk
+    assert catch_up_shape(mhs, 4, saves=True) == (250 * 1000, 128)
+    mhc = HeadSpec("mhc", 1_000_000, 128, sizes=(1000, 1000), sharded=True, row_sparse=True, hidden=300)
+    assert catch_up_shape(mhc, 4, saves=False) == (0, 0) and catch_up_shape(mhc, 4, saves=True) == (250_000, 300)
+    assert catch_up_shape(replace(pfc, row_sparse=False), 4, saves=True) == (0, 0)
+
+
+def _real_head(name: str, sharded: bool, classes: int, dim: int, **kw):
+    from mhe_scale.heads import create_head
+    from mhe_scale.parallel.sharded_fc import ShardedFullyConnectedHead, ShardedPartialFCHead
+    from mhe_scale.parallel.sharded_mhs import ShardedMultiHeadSamplingHead
+
+    if not sharded:
+        return create_head(name, in_features=dim, num_classes=classes, **kw)
+    cls = {"fc": ShardedFullyConnectedHead, "partial_fc": ShardedPartialFCHead, "mhs": ShardedMultiHeadSamplingHead}
+    return cls[name](dim, classes, group=None, **kw)  # group=None: the same math in one process
+
+
+@pytest.mark.parametrize("name,sharded,kw,spec_kw", [
+    ("fc", False, {}, {}),
+    ("fc", False, {"cosine": True, "margin": [1.0, 0.5, 0.0]}, {"cosine": True}),
+    ("partial_fc", False, {"sample_rate": 1.0}, {"sample_rate": 1.0}),
+    ("mhs", False, {"mode": "batch_union", "num_sampled_groups": 1}, {"mode": "batch_union", "num_sampled_groups": 1}),
+    ("fc", True, {}, {}),
+    ("partial_fc", True, {"sample_rate": 0.5}, {"sample_rate": 0.5}),
+    ("mhs", True, {"mode": "batch_union", "num_sampled_groups": 1}, {"mode": "batch_union", "num_sampled_groups": 1}),
+])
+def test_logit_terms_equal_the_real_heads_step(name, sharded, kw, spec_kw):
+    """Peak of the tensors a real head's training forward + backward creates, less the parameters' and
+    features' gradients, vs the model's logits + gathered-weights terms (D small: the logits dominate)."""
+    rows, classes, dim = 256, 20_000, 4
+    head = _real_head(name, sharded, classes, dim, **kw).train()
+    sizes = tuple(getattr(head, "sizes", ()) or ()) or None
+    spec = HeadSpec(name, classes, dim, sizes=sizes, sharded=sharded, **spec_kw)
+    model = sum(t.device for t in head_terms(spec, EngineSpec(), 1, rows)
+                if t.name in ("head logits", "head gathered weights"))
+    x, y = torch.randn(rows, dim, requires_grad=True), torch.randint(0, classes, (rows,))
+    with _LiveBytes() as live:
+        head(x, y).loss.backward()
+    grads = sum(p.grad.numel() * 4 for p in head.parameters() if p.grad is not None) + x.numel() * 4
+    assert live.peak - grads == pytest.approx(model, rel=0.1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mhe_scale.plan.memory import (LOGIT_COPIES, HeadSpec, default_sizes, fmt_bytes, head_logit_shape, head_params,
+from mhe_scale.plan.memory import (HeadSpec, default_sizes, fmt_bytes, head_logit_shape, head_params, logit_copies,
                                    optimizer_bytes)
 
 
@@ -45,11 +45,13 @@ class HeadCost:
 
 def head_options(num_classes: int, dim: int, world: int, multilabel: bool = False,
                  hidden: int = 300, top_k: int = 10) -> list[tuple[str, HeadSpec]]:
-    """The heads the planner weighs: fc, partial_fc 0.1/0.2/0.3, mhp H=2/3, mhc (G by mhc_groups), mhs H=2."""
+    """The heads the planner weighs: fc, partial_fc 0.1/0.2/0.3, mhp H=2/3, mhc (G by mhc_groups), mhs H=2; the
+    class-sharded partial_fc / mhc / mhs update row-sparsely, as optim.head_update=auto (the default) does."""
     c, shard = num_classes, world > 1
     out = [("fc", HeadSpec("fc", c, dim, sharded=shard, multilabel=multilabel))]
     if not multilabel:
-        out += [(f"partial_fc {r}", HeadSpec("partial_fc", c, dim, sharded=shard, sample_rate=r)) for r in (0.1, 0.2, 0.3)]
+        out += [(f"partial_fc {r}", HeadSpec("partial_fc", c, dim, sharded=shard, sample_rate=r,
+                                                             row_sparse=shard)) for r in (0.1, 0.2, 0.3)]
     for h in (2, 3):
         if c >= 2 ** h:
             sizes = default_sizes(c, h)
@@ -58,18 +60,18 @@ def head_options(num_classes: int, dim: int, world: int, multilabel: bool = Fals
         g = mhc_groups(c, top_k if multilabel else 1)
         sizes = (g, -(-c // g))
         out.append((f"mhc G={g}", HeadSpec("mhc", c, dim, sizes=sizes, sharded=shard, hidden=hidden, top_k_groups=top_k,
-                                           multilabel=multilabel)))
+                                           multilabel=multilabel, row_sparse=shard)))
     if not multilabel and c >= 4:
         sizes = default_sizes(c, 2)
         out.append((f"mhs {list(sizes)}", HeadSpec("mhs", c, dim, sizes=sizes, sharded=shard, mode="batch_union",
-                                                   num_sampled_groups=1)))
+                                                   num_sampled_groups=1, row_sparse=shard)))
     return out
 
 
 def head_cost(label: str, spec: HeadSpec, world: int, micro_batch: int, optimizer: str = "sgd") -> HeadCost:
     n = head_params(spec, world)
     rows, cols, _ = head_logit_shape(spec, world, micro_batch)
-    return HeadCost(label, spec, n, (8 + optimizer_bytes(optimizer)) * n, LOGIT_COPIES * 4 * rows * cols)
+    return HeadCost(label, spec, n, (8 + optimizer_bytes(optimizer)) * n, logit_copies(spec) * 4 * rows * cols)
 
 
 def head_costs(num_classes: int, dim: int, world: int, micro_batch: int, optimizer: str = "sgd",

@@ -64,6 +64,9 @@ class PlanContext:
     fixed_bytes: Optional[float] = None
     can_checkpoint: bool = False
     gpus_per_node: int = 1
+    process_group_bytes: Optional[float] = None
+    """Per-rank cost of a W > 1 process group (None: the memory model's default for the device)."""
+    saves_checkpoints: bool = True
 
 
 def run_spec(s: Setup, ctx: PlanContext) -> RunSpec:
@@ -71,7 +74,8 @@ def run_spec(s: Setup, ctx: PlanContext) -> RunSpec:
                         offload_optimizer=s.offload_optimizer, offload_param=s.offload_param, device=ctx.device,
                         activation_checkpointing=s.checkpointing, **dict(ctx.engine_extra))
     return RunSpec(ctx.backbone_params, ctx.largest_layer, engine, s.head, s.world, s.micro_batch,
-                   ctx.activations.get((s.precision, s.checkpointing)), ctx.fixed_bytes)
+                   ctx.activations.get((s.precision, s.checkpointing)), ctx.fixed_bytes, ctx.process_group_bytes,
+                   ctx.saves_checkpoints)
 
 
 def breakdown(s: Setup, ctx: PlanContext) -> Breakdown:

@@ -38,10 +38,40 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LOGIT_COPIES = 3
 """fp32 [rows, cols] tensors alive per head logits matrix at the backward's peak: the logits, the softmax
 (exp) that cross-entropy saves, and the logits' gradient (margins act in place on the target column)."""
+SHARDED_LOGIT_COPIES = 2
+"""The same for a class-sharded fc / mhs (parallel/losses.py sharded_cross_entropy): the softmax is computed
+in place and saved once, the gradient is one more; the logits die after the forward."""
+COSINE_LOGIT_COPIES = 5
+"""The same for cosine logits with a margin (partial_fc; fc with cosine=True), sharded or not: the product and
+its 1/|w| scaling (heads/linear.py cosine_similarity), the margin's output and the softmax with its gradient."""
+
+
+def logit_copies(head: "HeadSpec") -> int:
+    """fp32 [rows, cols] copies of the head's logits at the backward's peak (measured on the real heads with a
+    live-storage counter, tests/test_plan_memory.py): cosine 5, class-sharded fc / mhs 2, else 3."""
+    if head.name == "partial_fc" or head.cosine:
+        return COSINE_LOGIT_COPIES
+    if head.sharded and head.name in ("fc", "mhs"):
+        return SHARDED_LOGIT_COPIES
+    return LOGIT_COPIES
+CATCH_UP_COPIES = {"adamw": 7, "adam": 7, "sgd": 4}
+"""fp32 [rows, width] tensors alive at the peak of the row-sparse optimizer's catch-up of skipped steps
+(mhe_scale/optim/row_sparse.py _apply_skipped; AdamW: the rows, exp_avg, exp_avg_sq read by index_select and
+four temporaries of the update; SGD with momentum: rows, buffer and two; plain SGD 2). Measured on the real
+optimizer in tests/test_plan_memory.py."""
+PREDICT_CHUNK_COLUMNS = 1 << 16
+"""Columns a sharded MHS head scores (and catches up) at once in predict (mhe_scale.heads.mhs)."""
 CUDA_FIXED_BYTES = 1 * GiB
 """CUDA context + cuBLAS/NCCL workspaces per rank (typical 0.6-1 GiB on A100/H100; measure with --probe)."""
 CPU_FIXED_BYTES = 600 * MiB
 """Resident size of a CPU training process after importing torch, accelerate and DeepSpeed (gloo runs)."""
+CPU_PROCESS_GROUP_BYTES = 8 * MiB
+"""Extra resident size of each rank of a W > 1 CPU run (torchrun worker + gloo process group + DeepSpeed's
+comm set-up) over a one-process run; measured by tools/bench_plan_memory.py as base(W=2) - base(W=1) of
+lines fitted at each world size: 0.2-8.1 MiB at C = 10K, 100K and 1M, fp32 and bf16 (docs/benchmarks.md).
+`--probe` measures it at the target world size."""
+CUDA_PROCESS_GROUP_BYTES = 0.0
+"""NCCL's communicator buffers are counted in CUDA_FIXED_BYTES (and lie outside max_memory_allocated)."""
 
 
 def optimizer_bytes(optimizer: str, momentum: float = 0.9) -> int:
@@ -151,6 +181,11 @@ class RunSpec:
     activations: Optional[ActivationLine] = None
     fixed_bytes: Optional[float] = None
     """Runtime fixed cost per rank (None: CUDA_FIXED_BYTES / CPU_FIXED_BYTES by engine.device)."""
+    process_group_bytes: Optional[float] = None
+    """Per-rank cost of the process group when world > 1 (None: CPU_/CUDA_PROCESS_GROUP_BYTES by device;
+    0 when an activation line fitted at this world size already holds it)."""
+    saves_checkpoints: bool = True
+    """The run saves checkpoints: a row-sparse head's state_dict then catches up all its rows at once."""
 
 
 @dataclass(frozen=True)
@@ -333,6 +368,46 @@ def row_sparse_shape(head: HeadSpec, world: int) -> tuple[int, int]:
     return 0, 0
 
 
+def mhc_unique_rows(head: HeadSpec, world: int, micro_batch: int) -> int:
+    """U: distinct label rows an MHC step gathers on the largest rank: the expected distinct groups among the
+    rows x K group draws, G (1 - (1 - 1/G)^(rows K)), of which a sharded rank owns 1/W (groups are contiguous
+    label ranges), times the group size c_last; at most the rows x K x c_last gathered."""
+    sizes = _sizes(head)
+    groups, members = -(-head.num_classes // math.prod(sizes[1:])), sizes[-1]
+    w = world if head.sharded else 1
+    k = head.top_k_groups if head.multilabel else 1
+    draws = micro_batch * w * k
+    seen = groups * (1.0 - (1.0 - 1.0 / groups) ** draws)
+    return min(draws * members, math.ceil(seen / w) * members)
+
+
+def catch_up_bytes(rows: int, width: int, optimizer: str, momentum: float = 0.9) -> float:
+    """Peak bytes of the row-sparse optimizer catching up `rows` rows of `width` fp32 values at once:
+    CATCH_UP_COPIES[optimizer] * 4 * rows * width, plus the int64 ids, last step and skipped count (24 * rows)."""
+    return catch_up_copies(optimizer, momentum) * 4 * rows * width + 24 * rows
+
+
+def catch_up_copies(optimizer: str, momentum: float = 0.9) -> int:
+    """CATCH_UP_COPIES of the optimizer; plain SGD (no momentum buffer) 2: the rows and their decayed copy."""
+    return CATCH_UP_COPIES[optimizer] if optimizer != "sgd" or momentum else 2
+
+
+def catch_up_shape(head: HeadSpec, world: int, saves: bool) -> tuple[int, int]:
+    """(rows, width) a row-sparse sharded head catches up at once outside the training step: partial_fc all its
+    rows (refresh_all in predict and state_dict); mhs a predict chunk of PREDICT_CHUNK_COLUMNS, all rows when it
+    saves; mhc its label-table rows when it saves (predict reads only candidate rows); (0, 0) otherwise."""
+    rows, _ = row_sparse_shape(head, world)
+    if not rows:
+        return 0, 0
+    if head.name == "partial_fc":
+        return rows, head.dim
+    if head.name == "mhs":
+        members = _sizes(head)[1]
+        chunk = max(1, PREDICT_CHUNK_COLUMNS // members) * members
+        return (rows if saves else min(rows, chunk)), head.dim
+    return (rows, head.hidden) if saves else (0, 0)
+
+
 def head_terms(head: HeadSpec, engine: EngineSpec, world: int, micro_batch: int) -> list[Term]:
     """The head's per-rank memory. Sharded (outside ZeRO): fp32 weights, grads and its own optimizer's
     state of its shard; always: the gathered features and the fp32 logits of the training softmax."""
@@ -354,13 +429,35 @@ def head_terms(head: HeadSpec, engine: EngineSpec, world: int, micro_batch: int)
     if head.sharded and world > 1:
         terms.append(Term("gathered features", 2 * 4 * rows * head.dim, 0.0, "2*4*(b*N)*D (all-gathered + grad)",
                           "parallel/collectives.py all_gather with grad"))
-    terms.append(Term("head logits", LOGIT_COPIES * 4 * rows * cols, 0.0,
-                      f"{LOGIT_COPIES}*4*rows*cols, rows={rows}, cols={cols}", "fp32 logits, softmax, grad"))
+    copies = logit_copies(head)
+    terms.append(Term("head logits", copies * 4 * rows * cols, 0.0,
+                      f"{copies}*4*rows*cols, rows={rows}, cols={cols}", "fp32 logits, softmax, grad (logit_copies)"))
     if gathered:
         width = head.hidden if head.name == "mhc" else head.dim
         terms.append(Term("head gathered weights", 2 * 4 * gathered * width, 0.0,
-                          f"2*4*{gathered}*{width} (sampled weight rows + grad)", "index_select of the sampled rows"))
+                          f"2*4*{gathered}*{width} (sampled weight rows + grad)",
+                          "index_select of the sampled rows (mhe_scale/optim/rows.py gather_rows)"))
+        if head.name == "mhc" and sparse_rows:
+            # a row-sparse MHC gathers with repeats (gather_rows(unique=False)): besides the expansion [n, h] and
+            # its gradient, the leaf of the U distinct rows [U, h] and its gradient
+            u = mhc_unique_rows(head, world, micro_batch)
+            terms.append(Term("head gathered leaf", 2 * 4 * u * width, 0.0,
+                              f"2*4*U*{width}, U={u} (expected distinct groups of the batch on this rank x c_last)",
+                              "mhe_scale/optim/rows.py gather_rows(unique=False)"))
     return terms
+
+
+def catch_up_terms(run: RunSpec, transient: float) -> list[Term]:
+    """The row-sparse head's catch-up outside the training step (eval / save), counted as its excess over the
+    training step's head tensors `transient` (logits, gathered features and weights), which it does not meet."""
+    rows, width = catch_up_shape(run.head, run.world, run.saves_checkpoints)
+    if not rows:
+        return []
+    peak = catch_up_bytes(rows, width, run.engine.optimizer, run.engine.momentum)
+    return [Term("head catch-up", max(0.0, peak - transient), 0.0,
+                 f"max(0, copies*4*{rows}*{width} + 24*{rows} - head step tensors), copies = "
+                 f"{catch_up_copies(run.engine.optimizer, run.engine.momentum)}",
+                 "mhe_scale/optim/row_sparse.py _apply_skipped (refresh_all in predict / state_dict)")]
 
 
 def engine_params(run: RunSpec) -> float:
@@ -377,6 +474,8 @@ def estimate(run: RunSpec) -> Breakdown:
     terms = backbone_states(psi, largest, run.engine, run.world)
     terms += bucket_terms(psi, run.engine)
     terms += head_terms(run.head, run.engine, run.world, run.micro_batch)
+    step_tensors = ("gathered features", "head logits", "head gathered weights", "head gathered leaf")
+    terms += catch_up_terms(run, sum(t.device for t in terms if t.name in step_tensors))
     line = run.activations
     if line is not None:
         terms.append(Term("activations", line.base + line.per_sample * run.micro_batch, 0.0,
@@ -385,7 +484,22 @@ def estimate(run: RunSpec) -> Breakdown:
     if fixed is None:
         fixed = CUDA_FIXED_BYTES if run.engine.device == "cuda" else CPU_FIXED_BYTES
     terms.append(Term("runtime", fixed, 0.0, "fixed per process", "CUDA context / imported libraries"))
+    terms += process_group_terms(run)
     return Breakdown(terms)
+
+
+def process_group_terms(run: RunSpec) -> list[Term]:
+    """The per-rank cost of running W > 1 processes (launcher worker, gloo/NCCL process group, DeepSpeed's comm
+    init) over one process: nothing at W = 1, else run.process_group_bytes or the device's measured default."""
+    if run.world == 1:
+        return []
+    pg = run.process_group_bytes
+    if pg is None:
+        pg = CUDA_PROCESS_GROUP_BYTES if run.engine.device == "cuda" else CPU_PROCESS_GROUP_BYTES
+    if not pg:
+        return []
+    return [Term("process group", pg, 0.0, "base(W) - base(1) of activation lines fitted at W and at 1 process",
+                 "tools/bench_plan_memory.py (gloo + torchrun on CPU); --probe measures it at the target W")]
 
 
 def with_changes(run: RunSpec, **engine_changes) -> RunSpec:

@@ -9,7 +9,9 @@ results.json. A set-up that runs out of memory (CUDA OOM, or a process killed by
 row saying so, not a crash of the planner.
 
 Activation fit: measured peak minus the model's non-activation terms, at two micro-batches of the first
-set-up, gives base + per_sample * b; every row is then predicted with that line.
+set-up, gives base + per_sample * b; every row is then predicted with that line. Lines are kept per
+(precision, checkpointing, world size): a row at W uses the line fitted at W (the process group's per-rank
+cost is in its base); without one, the one-process line plus the process-group term.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from typing import Any, Optional
 
 from mhe_scale.plan.candidates import PlanContext, Setup, breakdown
 from mhe_scale.plan.memory import ActivationLine, fmt_bytes
+
+
+IN_LINE_BASE = ("activations", "runtime", "process group")
+"""Terms a fitted activation line replaces: its base holds the runtime's and the process group's fixed costs."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ def fit_activations(a: ProbeResult, b: ProbeResult, ctx: PlanContext) -> Optiona
         return None
 
     def rest(r: ProbeResult) -> float:
-        terms = [t for t in breakdown(r.setup, ctx).terms if t.name not in ("activations", "runtime")]
+        terms = [t for t in breakdown(r.setup, ctx).terms if t.name not in IN_LINE_BASE]
         return sum(t.device + (t.host if ctx.device == "cpu" else 0.0) for t in terms)
 
     ya, yb = a.peak - rest(a), b.peak - rest(b)
@@ -135,19 +141,57 @@ def fit_activations(a: ProbeResult, b: ProbeResult, ctx: PlanContext) -> Optiona
     return ActivationLine(ya - slope * a.setup.micro_batch, slope, "fitted to --probe (incl. runtime)")
 
 
+def fit_lines(rows: list[ProbeResult], ctx: PlanContext) -> tuple[dict[tuple[str, bool, int], ActivationLine],
+                                                                       set[int]]:
+    """Activation lines keyed by (precision, checkpointing, world): for each key, the first two ok rows whose
+    set-ups differ only in micro-batch (and accumulation). Returns the lines and the indices of the rows used."""
+    lines: dict[tuple[str, bool, int], ActivationLine] = {}
+    used: set[int] = set()
+    for i, a in enumerate(rows):
+        key = (a.setup.precision, a.setup.checkpointing, a.setup.world)
+        if key in lines or a.status != "ok":
+            continue
+        for j in range(i + 1, len(rows)):
+            b = rows[j]
+            if b.status == "ok" and replace(b.setup, micro_batch=a.setup.micro_batch, accum=a.setup.accum) == a.setup:
+                line = fit_activations(a, b, ctx)
+                if line is not None:
+                    lines[key] = line
+                    used |= {i, j}
+                    break
+    return lines, used
+
+
+def process_group_cost(lines: dict[tuple[str, bool, int], ActivationLine], key: tuple[str, bool, int]) -> Optional[float]:
+    """base(W) - base(1) of the lines fitted at W and at one process with the same precision and checkpointing:
+    the per-rank cost of the W-process group (a line's base holds everything not proportional to b)."""
+    one = lines.get((key[0], key[1], 1))
+    at_w = lines.get(key)
+    return None if one is None or at_w is None else at_w.base - one.base
+
+
 def fit_and_predict(rows: list[ProbeResult], ctx: PlanContext) -> list[ProbeResult]:
-    """Predict every row; rows with the fitted row's precision and checkpointing use the fitted line (whose
-    base includes the runtime's fixed cost), others the meta-device line. On CPU host terms count too (RSS)."""
-    line = fit_activations(rows[0], rows[1], ctx) if len(rows) > 1 else None
-    key0 = (rows[0].setup.precision, rows[0].setup.checkpointing)
+    """Predict every row. A row uses the line fitted at its own (precision, checkpointing, world) when there is
+    one (its base holds the runtime's fixed cost and the process group's), else the one-process line of its
+    precision plus the process-group term (measured base(W) - base(1) when some world size has both lines, else
+    the model's default), else the meta-device line. On CPU host terms count too (RSS)."""
+    lines, used = fit_lines(rows, ctx)
+    measured_pg = [process_group_cost(lines, k) for k in lines if k[2] > 1]
+    measured_pg = [x for x in measured_pg if x is not None]
+    pg_default = max(measured_pg) if measured_pg else ctx.process_group_bytes
     out = []
     for i, r in enumerate(rows):
+        s = r.setup
+        own, one = (s.precision, s.checkpointing, s.world), (s.precision, s.checkpointing, 1)
         use = ctx
-        if line is not None and (r.setup.precision, r.setup.checkpointing) == key0:
-            use = replace(ctx, activations={**ctx.activations, key0: line}, fixed_bytes=0.0)
-        b = breakdown(r.setup, use)
-        out.append(replace(r, predicted=b.device + (b.host if ctx.device == "cpu" else 0.0),
-                           fitted_on=line is not None and i < 2))
+        if own in lines:
+            use = replace(ctx, activations={**ctx.activations, (s.precision, s.checkpointing): lines[own]},
+                          fixed_bytes=0.0, process_group_bytes=0.0)
+        elif one in lines:
+            use = replace(ctx, activations={**ctx.activations, (s.precision, s.checkpointing): lines[one]},
+                          fixed_bytes=0.0, process_group_bytes=pg_default)
+        b = breakdown(s, use)
+        out.append(replace(r, predicted=b.device + (b.host if ctx.device == "cpu" else 0.0), fitted_on=i in used))
     return out
 
 
