@@ -304,3 +304,36 @@ def test_dali_cifar_pad_crop_gives_exactly_the_pil_windows(image_root, tmp_path)
     assert len(set(offsets)) == 81  # every offset appears
     edge = sum(t in (0, 8) for t, _ in offsets)  # uniform over 9 rows: 2/9 * 1000 = 222 (sd 13)
     assert 170 < edge < 280
+
+
+class _CountingRecords:
+    """records wrapper counting read() calls (to see that decode_once reads each image only once)."""
+
+    def __init__(self, records) -> None:
+        self.inner, self.reads = records, 0
+        self.labels, self.num_classes = records.labels, records.num_classes
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def read(self, index: int) -> bytes:
+        self.reads += 1
+        return self.inner.read(index)
+
+    def describe(self, index: int) -> str:
+        return self.inner.describe(index)
+
+
+def test_decode_once_gives_the_decoded_path_samples_and_reads_each_image_once(image_root):
+    records = _CountingRecords(folder_records(image_root))
+    for train in (True, False):
+        plain = ImageClassificationDataset(folder_records(image_root), transform_preset("cifar", train), seed=3)
+        cached = ImageClassificationDataset(records, transform_preset("cifar", train), seed=3, decode_once=True)
+        for epoch in (0, 1, 0):  # the cache is not altered by an epoch's crops / flips
+            for i in range(len(plain)):
+                (a, ya), (b, yb) = plain[(epoch, i)], cached[(epoch, i)]
+                assert torch.equal(a, b) and ya == yb
+    assert records.reads == 2 * len(plain)  # once per dataset, at construction
+    assert torch.equal(loader_images(cached, 2), torch.stack([cached[i][0] for i in range(len(cached))]))
+    with pytest.raises(ValueError, match="read-only"):  # a transform writing into the cache fails loudly
+        cached._decoded[0][0, 0, 0] = 1

@@ -99,3 +99,22 @@ def test_embedding_by_size_keeps_input_order_and_batches_sizes():
     assert sorted(calls[:4]) == sorted([(2, 3, 4, 6), (1, 3, 4, 6), (2, 3, 5, 5), (1, 3, 7, 3)])
     one = embed_by_size(embed, images, batch_size=1)
     torch.testing.assert_close(one, expected)
+
+
+def test_faiss_search_equals_torch_search_and_gives_the_same_map():
+    """The optional faiss path (IndexFlatIP, used whenever faiss imports) ranks as the torch matmul path."""
+    pytest.importorskip("faiss")
+    from mhe_scale.eval.retrieval import RetrievalSet, ImageRef, score
+
+    g = torch.Generator().manual_seed(1)
+    db = torch.nn.functional.normalize(torch.randn(5, 40, generator=g), dim=0).t()  # [40, 5], not contiguous
+    qs = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=1)
+    s_torch, i_torch = search(qs, db, k=7, use_faiss=False)
+    s_faiss, i_faiss = search(qs, db, k=7, use_faiss=True)
+    assert torch.equal(i_faiss, i_torch)
+    torch.testing.assert_close(s_faiss, s_torch, rtol=1e-5, atol=1e-5)
+    assert torch.equal(search(qs, db, use_faiss=None)[1], search(qs, db, use_faiss=False)[1])  # automatic choice
+    refs = [ImageRef(f"{i}.jpg") for i in range(40)]
+    positives = [[int(v) for v in torch.randperm(40, generator=g)[:3]] for _ in range(12)]
+    rset = RetrievalSet("toy", refs, refs[:12], {"toy": (positives, [[q] for q in range(12)])})
+    assert score(rset, qs, db, use_faiss=True) == score(rset, qs, db, use_faiss=False)

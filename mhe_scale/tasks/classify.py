@@ -61,8 +61,10 @@ def load_image_data(cfg: ImageDataConfig, accelerator=None) -> ImageData:
     if found > num_classes or (len(test_records) and int(test_records.labels.max()) >= num_classes):
         raise ValueError(f"data.num_classes={num_classes} but {cfg.path} holds labels up to "
                          f"{max(found, int(test_records.labels.max()) + 1) - 1}; raise data.num_classes or leave it unset")
-    train = ImageClassificationDataset(train_records, transform_preset(cfg.preset, True, size=cfg.image_size), cfg.seed)
-    test = ImageClassificationDataset(test_records, transform_preset(cfg.preset, False, size=cfg.image_size), cfg.seed)
+    train = ImageClassificationDataset(train_records, transform_preset(cfg.preset, True, size=cfg.image_size), cfg.seed,
+                                       decode_once=cfg.decode_once)
+    test = ImageClassificationDataset(test_records, transform_preset(cfg.preset, False, size=cfg.image_size), cfg.seed,
+                                      decode_once=cfg.decode_once)
     return ImageData(train, test, num_classes, f"{cfg.name} ({cfg.format} {cfg.path}): {len(train):,} train / "
                                                f"{len(test):,} test images, {num_classes} classes, preset {cfg.preset}")
 
