@@ -92,10 +92,18 @@ class ImageClassificationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image(self, index: int) -> np.ndarray:
+        """uint8 [H, W, 3] of record `index`: from the records' decoded cache (data/decoded_cache.py) when
+        they have one, else decoded now."""
+        decoded = getattr(self.records, "decoded", None)
+        if decoded is not None:
+            return decoded(index)
+        return decode_rgb(self.records.read(index), self.records.describe(index))
+
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Tensor, int]:
         epoch, index = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (self.epoch, int(index))
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} images")
-        image = decode_rgb(self.records.read(index), self.records.describe(index))
+        image = self.image(index)
         rng = np.random.default_rng([self.seed, epoch, index])  # SeedSequence: independent streams
         return self.transform(image, rng), int(self.records.labels[index])
