@@ -146,7 +146,13 @@ def run_contrastive(cfg: ContrastiveConfig, accelerator) -> dict[str, dict[str, 
         bank, bank_labels = extract_features(encoder, plain, cfg.train.eval_batch_size, accelerator, "bank")
         feats, labels = extract_features(encoder, test, cfg.train.eval_batch_size, accelerator, "test")
         pred = knn_predict(bank, bank_labels, feats, num_classes, c.knn_k, c.knn_temperature)
-        return {f"knn_{k}": v for k, v in shot_accuracy(shot_counts(pred, labels, groups)).items()}
+        out = {f"knn_{k}": v for k, v in shot_accuracy(shot_counts(pred, labels, groups)).items()}
+        if c.method == "ce":  # the CE-trained net's own classifier (Kang et al.'s "supervised CE" row)
+            with torch.no_grad():
+                device = next(module.head.parameters()).device
+                top = module.head.predict(feats.to(device), 1)[1][:, 0]
+            out |= {f"classifier_{k}": v for k, v in shot_accuracy(shot_counts(top, labels, groups)).items()}
+        return out
 
     folder = c.method
     result = fit(module, optimizer, train, cfg.train, accelerator, desc=f"pretrain {folder}",
