@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from conftest import load_tool
 
 from mhe_scale.data.dali_image import dali_available
+from mhe_scale.data.decoded_cache import decode_in_memory
 from mhe_scale.data.image_archive import archive_records, build_archive_cache
 from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_preset
 from mhe_scale.data.image_folder import RecordIOImageRecords, folder_records, list_file_records
@@ -307,7 +308,7 @@ def test_dali_cifar_pad_crop_gives_exactly_the_pil_windows(image_root, tmp_path)
 
 
 class _CountingRecords:
-    """records wrapper counting read() calls (to see that decode_once reads each image only once)."""
+    """records wrapper counting read() calls (to see that the decoded cache reads each image only once)."""
 
     def __init__(self, records) -> None:
         self.inner, self.reads = records, 0
@@ -324,16 +325,16 @@ class _CountingRecords:
         return self.inner.describe(index)
 
 
-def test_decode_once_gives_the_decoded_path_samples_and_reads_each_image_once(image_root):
+def test_decoded_cache_gives_the_decoded_path_samples_and_reads_each_image_once(image_root):
     records = _CountingRecords(folder_records(image_root))
     for train in (True, False):
         plain = ImageClassificationDataset(folder_records(image_root), transform_preset("cifar", train), seed=3)
-        cached = ImageClassificationDataset(records, transform_preset("cifar", train), seed=3, decode_once=True)
+        cached = ImageClassificationDataset(decode_in_memory(records, 1024), transform_preset("cifar", train), seed=3)
         for epoch in (0, 1, 0):  # the cache is not altered by an epoch's crops / flips
             for i in range(len(plain)):
                 (a, ya), (b, yb) = plain[(epoch, i)], cached[(epoch, i)]
                 assert torch.equal(a, b) and ya == yb
-    assert records.reads == 2 * len(plain)  # once per dataset, at construction
+    assert records.reads == 2 * len(plain)  # once per cache, when it is built
     assert torch.equal(loader_images(cached, 2), torch.stack([cached[i][0] for i in range(len(cached))]))
     with pytest.raises(ValueError, match="read-only"):  # a transform writing into the cache fails loudly
-        cached._decoded[0][0, 0, 0] = 1
+        cached.records.decoded(0)[0, 0, 0] = 1

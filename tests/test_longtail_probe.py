@@ -69,6 +69,24 @@ def test_probe_and_crt_on_a_pretraining_checkpoint(lists, tmp_path, sampler):  #
     assert (out / folder / "loss_log.jsonl").is_file()
 
 
+def test_probe_groups_by_another_lists_counts(lists, tmp_path):  # noqa: F811
+    """The balancedness report: train the probe on one list, group classes by another list's counts."""
+    import math
+
+    from mhe_scale.train import main as train_main
+
+    pre = tmp_path / "pre"
+    assert train_main(["configs/longtail/cifar10_lt100_kcl.yaml", *overrides(lists, pre)]) == 0
+    counts = tmp_path / "counts.txt"  # class 0: 101 images (many), classes 1..9: 30 (medium), none few
+    counts.write_text("".join(f"x/{c}_{i}.jpg {c}\n" for c in range(10) for i in range(101 if c == 0 else 30)))
+    out = tmp_path / "probe"
+    args = [a for a in overrides(lists, out) if not a.startswith(("task=", "contrastive."))]
+    assert train_main(["configs/longtail/cifar10_lt100_probe.yaml", *args, f"probe.checkpoint={pre / 'kcl'}",
+                       f"probe.shot_counts_from={counts}"]) == 0
+    (metrics,) = [r["metrics"] for r in json.loads((out / "results.json").read_text()).values()]
+    assert not math.isnan(metrics["many"]) and not math.isnan(metrics["medium"]) and math.isnan(metrics["few"])
+
+
 def test_checkpoint_path_errors_name_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="probe.checkpoint=.*no model.safetensors"):
         resolve_checkpoint(tmp_path)

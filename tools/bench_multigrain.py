@@ -6,7 +6,7 @@
 
 Each (cell λ,p; seed) trains configs/multigrain/cifar10_r18_joint_p3.yaml (ResNet-18, CIFAR stem,
 width --width, GeM p, RA N = 3) with model.lam=λ, model.gem_p=p, train.seed = data.seed = seed on the
-first --per-class training images of each class through `mhe-scale train` (data.decode_once), in its
+first --per-class training images of each class through `mhe-scale train` (images decoded once: data.decoded_cache_mb), in its
 own process (--jobs at a time, OMP_NUM_THREADS=1 each). Then, in that process:
 - top-1 on the test split (first --per-class per class) at 32 px (the training run's own evaluation);
 - Copydays-like mAP (all queries / strong only; database = originals + distractors) of the
@@ -172,7 +172,7 @@ def run_one(args: argparse.Namespace, lam: float, p: float, seed: int) -> dict:
     run = out / run_name(lam, p, seed)
     start = time.perf_counter()
     code = train_main([CONFIG, f"data.path={args.archive}", f"data.cache_dir={cache_dir(out)}",
-                       f"data.limit_per_class={args.per_class}", "data.decode_once=true", f"data.seed={seed}",
+                       f"data.limit_per_class={args.per_class}", f"data.seed={seed}",
                        f"model.width={args.width}", f"model.lam={lam}", f"model.gem_p={p}",
                        f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", f"train.seed={seed}",
                        f"optim.lr={args.lr}", "train.num_workers=0", "train.save_every=1000000",

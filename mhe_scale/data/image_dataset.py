@@ -61,26 +61,14 @@ class ImageClassificationDataset(Dataset):
         transform: `(uint8 [H, W, 3], rng) -> float32 [3, H, W]`, e.g. transform_preset("cifar", True);
             None: ToTensor only (images of one size batch together).
         seed: the augmentation seed (independent of torch's and numpy's global RNGs).
-        decode_once: decode every image now and keep the read-only uint8 arrays in memory (small
-            images such as CIFAR's 32x32: ~3 KB each; saves the per-sample JPEG decode of every epoch).
     """
 
-    def __init__(self, records: ImageRecords, transform: Transform | None = None, seed: int = 0,
-                 decode_once: bool = False) -> None:
+    def __init__(self, records: ImageRecords, transform: Transform | None = None, seed: int = 0) -> None:
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.records, self.seed = records, seed
         self.transform = transform if transform is not None else ToTensor()
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._decoded: list[np.ndarray] | None = None
-        if decode_once:
-            self._decoded = [self._decode(i) for i in range(len(records))]
-
-    def _decode(self, index: int) -> np.ndarray:
-        """uint8 [H, W, 3] of record `index`, read-only (transforms must not write into it)."""
-        image = decode_rgb(self.records.read(index), self.records.describe(index))
-        image.flags.writeable = False
-        return image
 
     @property
     def labels(self) -> np.ndarray:
@@ -104,10 +92,18 @@ class ImageClassificationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image(self, index: int) -> np.ndarray:
+        """uint8 [H, W, 3] of record `index`: from the records' decoded cache (data/decoded_cache.py) when
+        they have one, else decoded now."""
+        decoded = getattr(self.records, "decoded", None)
+        if decoded is not None:
+            return decoded(index)
+        return decode_rgb(self.records.read(index), self.records.describe(index))
+
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Tensor, int]:
         epoch, index = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (self.epoch, int(index))
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} images")
-        image = self._decoded[index] if self._decoded is not None else self._decode(index)
+        image = self.image(index)
         rng = np.random.default_rng([self.seed, epoch, index])  # SeedSequence: independent streams
         return self.transform(image, rng), int(self.records.labels[index])

@@ -52,9 +52,10 @@ class ImageDataConfig:
     """Training order: epoch | class_balanced | repeated_aug | m_per_class (mhe_scale/data/samplers.py)."""
     seed: int = 0
     """Seed of the per-sample augmentation (with the epoch and the index)."""
-    decode_once: bool = False
-    """Decode every image once into memory (read-only uint8 arrays) instead of at each sample: for small
-    images (CIFAR: ~3 KB each, 60k images ~180 MB); same samples as decoding each time."""
+    decoded_cache_mb: float = 1024
+    """Decode all images once into memory when they share one size and fit in this many MiB (CIFAR-10:
+    146 MiB for 50,000; the same samples as decoding at each access); 0 decodes on every access
+    (data/decoded_cache.py). Every image task (classify, multigrain, contrastive, probe) uses it."""
 
 
 def _resolve(path: Optional[str], key: str) -> Path:

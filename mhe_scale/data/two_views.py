@@ -15,7 +15,7 @@ import numpy as np
 from torch import Tensor
 
 from mhe_scale.data.image_dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ImageClassificationDataset
-from mhe_scale.data.image_transforms import Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, ToTensor, decode_rgb
+from mhe_scale.data.image_transforms import Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, ToTensor
 
 GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -74,6 +74,6 @@ class TwoViewDataset(ImageClassificationDataset):
         epoch, index = (int(index[0]), int(index[1])) if isinstance(index, tuple) else (self.epoch, int(index))
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} images")
-        image = decode_rgb(self.records.read(index), self.records.describe(index))
+        image = self.image(index)
         views = [self.transform(image, np.random.default_rng([self.seed, epoch, index, v])) for v in (0, 1)]
         return torch.stack(views), int(self.records.labels[index])

@@ -24,7 +24,7 @@ NOT_TRAINING: tuple[str, ...] = (
     "train.save_every", "train.keep_last", "train.num_workers", "train.threads", "train.eval_batch_size",
     "train.loss_log", "train.batch_size", "train.grad_accum_steps",
     "dist.log_with",
-    "data.num_workers", "data.cache_dir", "data.num_proc",
+    "data.num_workers", "data.cache_dir", "data.num_proc", "data.decoded_cache_mb",
     "model.grad_checkpointing",
 )
 """Dotted keys (or whole sections) that do not change the trained weights."""

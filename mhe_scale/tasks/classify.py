@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mhe_scale.config import ExperimentConfig, HeadConfig
+from mhe_scale.data.decoded_cache import decode_in_memory
 from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_preset
 from mhe_scale.data.image_source import ImageDataConfig, image_records
 from mhe_scale.engine.loop import fit, named_sampler
@@ -61,10 +62,9 @@ def load_image_data(cfg: ImageDataConfig, accelerator=None) -> ImageData:
     if found > num_classes or (len(test_records) and int(test_records.labels.max()) >= num_classes):
         raise ValueError(f"data.num_classes={num_classes} but {cfg.path} holds labels up to "
                          f"{max(found, int(test_records.labels.max()) + 1) - 1}; raise data.num_classes or leave it unset")
-    train = ImageClassificationDataset(train_records, transform_preset(cfg.preset, True, size=cfg.image_size), cfg.seed,
-                                       decode_once=cfg.decode_once)
-    test = ImageClassificationDataset(test_records, transform_preset(cfg.preset, False, size=cfg.image_size), cfg.seed,
-                                      decode_once=cfg.decode_once)
+    train_records, test_records = (decode_in_memory(r, cfg.decoded_cache_mb) for r in (train_records, test_records))
+    train = ImageClassificationDataset(train_records, transform_preset(cfg.preset, True, size=cfg.image_size), cfg.seed)
+    test = ImageClassificationDataset(test_records, transform_preset(cfg.preset, False, size=cfg.image_size), cfg.seed)
     return ImageData(train, test, num_classes, f"{cfg.name} ({cfg.format} {cfg.path}): {len(train):,} train / "
                                                f"{len(test):,} test images, {num_classes} classes, preset {cfg.preset}")
 

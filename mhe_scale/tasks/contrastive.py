@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from mhe_scale.config import ExperimentConfig
+from mhe_scale.data.decoded_cache import decode_in_memory
 from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_preset
 from mhe_scale.data.image_source import ImageDataConfig, image_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
@@ -123,6 +124,7 @@ def run_contrastive(cfg: ContrastiveConfig, accelerator) -> dict[str, dict[str, 
     start = time.perf_counter()
     with accelerator.main_process_first():
         train_records, test_records = image_records(cfg.data, progress=accelerator.is_local_main_process)
+    train_records, test_records = (decode_in_memory(r, cfg.data.decoded_cache_mb) for r in (train_records, test_records))
     num_classes = cfg.data.num_classes or int(train_records.labels.max()) + 1
     c = cfg.contrastive
     check_contrastive(cfg, accelerator.num_processes, len(train_records))
@@ -144,7 +146,13 @@ def run_contrastive(cfg: ContrastiveConfig, accelerator) -> dict[str, dict[str, 
         bank, bank_labels = extract_features(encoder, plain, cfg.train.eval_batch_size, accelerator, "bank")
         feats, labels = extract_features(encoder, test, cfg.train.eval_batch_size, accelerator, "test")
         pred = knn_predict(bank, bank_labels, feats, num_classes, c.knn_k, c.knn_temperature)
-        return {f"knn_{k}": v for k, v in shot_accuracy(shot_counts(pred, labels, groups)).items()}
+        out = {f"knn_{k}": v for k, v in shot_accuracy(shot_counts(pred, labels, groups)).items()}
+        if c.method == "ce":  # the CE-trained net's own classifier (Kang et al.'s "supervised CE" row)
+            with torch.no_grad():
+                device = next(module.head.parameters()).device
+                top = module.head.predict(feats.to(device), 1)[1][:, 0]
+            out |= {f"classifier_{k}": v for k, v in shot_accuracy(shot_counts(top, labels, groups)).items()}
+        return out
 
     folder = c.method
     result = fit(module, optimizer, train, cfg.train, accelerator, desc=f"pretrain {folder}",

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mhe_scale.config import ExperimentConfig
+from mhe_scale.data.decoded_cache import decode_in_memory
 from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_preset
+from mhe_scale.data.image_folder import list_file_records
 from mhe_scale.data.image_source import ImageDataConfig, image_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
 from mhe_scale.engine.checkpoint import list_checkpoints
@@ -47,6 +49,10 @@ class ProbeSection:
     """tau-normalisation grid: w_c / ||w_c||^tau, bias dropped (0 = the raw weights)."""
     bias: bool = True
     """The linear classifier's bias (tau-normalised scores never use it)."""
+    shot_counts_from: Optional[str] = None
+    """A list file (`path label` lines) whose per-class counts define the many / medium / few groups
+    (default: the training records'). The balancedness report trains on balanced data and groups the
+    classes by the long-tailed pre-training set's counts."""
 
 
 @dataclass(kw_only=True)
@@ -139,6 +145,7 @@ def run_probe(cfg: ProbeConfig, accelerator) -> dict[str, dict[str, Any]]:
         raise ValueError("probe.checkpoint is not set; point it at a pre-training run (tasks/contrastive.py)")
     with accelerator.main_process_first():
         train_records, test_records = image_records(cfg.data, progress=accelerator.is_local_main_process)
+    train_records, test_records = (decode_in_memory(r, cfg.data.decoded_cache_mb) for r in (train_records, test_records))
     num_classes = cfg.data.num_classes or int(train_records.labels.max()) + 1
     size = cfg.data.image_size
     train = ImageClassificationDataset(train_records, transform_preset(cfg.data.preset, True, size=size), cfg.data.seed)
@@ -148,7 +155,13 @@ def run_probe(cfg: ProbeConfig, accelerator) -> dict[str, dict[str, Any]]:
     loaded = load_backbone(backbone, cfg.probe.checkpoint)
     module = LinearProbe(backbone, num_classes, cfg.probe.bias)
     optimizer = make_optimizer(cfg.optim, [{"params": list(module.fc.parameters()), "lr": cfg.optim.lr, "name": "fc"}])
-    groups = torch.as_tensor(shot_groups(counts_from_labels(train_records.labels, num_classes)))
+    group_labels = train_records.labels
+    if cfg.probe.shot_counts_from:
+        if not Path(cfg.probe.shot_counts_from).is_file():
+            raise FileNotFoundError(f"probe.shot_counts_from={cfg.probe.shot_counts_from!r} is not a file; give the "
+                                    "long-tailed training list whose per-class counts define the shot groups")
+        group_labels = list_file_records(cfg.probe.shot_counts_from, ".", check_exists=False).labels
+    groups = torch.as_tensor(shot_groups(counts_from_labels(group_labels, num_classes)))
     sampler = None if cfg.data.sampler == "epoch" else named_sampler(cfg.data.sampler, torch.as_tensor(train.labels))
     folder = "crt" if cfg.data.sampler == "class_balanced" else f"probe-{cfg.data.sampler}"
     accelerator.print(f"{cfg.data.name}: {len(train):,} train / {len(test):,} test images, {num_classes} classes; "
