@@ -29,7 +29,7 @@ class DecodedImageRecords(ImageRecords):
             raise ValueError(f"decoded images {images.shape} {images.dtype} do not match {len(records)} records")
         self.source, self.images = records, images
         self.images.flags.writeable = False
-        self.labels, self.classes = records.labels, records.classes
+        self.labels, self.classes = records.labels, getattr(records, "classes", None)
 
     def read(self, index: int) -> bytes:
         return self.source.read(index)
