@@ -62,6 +62,28 @@ def build(row: str, classes: int, dim: int, args: argparse.Namespace):
     return create_head("mhp", in_features=dim, num_classes=classes, num_heads=2)
 
 
+def head_optimizer(row: str, head):
+    """SGD momentum 0.9, wd 5e-4: row-sparse for the "... sparse" rows, torch's dense SGD otherwise."""
+    import torch
+
+    from mhe_scale.optim import RowSparseSGD
+
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    if row.endswith("sparse"):
+        head.row_sparse_parameters()
+        return RowSparseSGD(head.parameters(), **hyper)
+    return torch.optim.SGD(head.parameters(), **hyper)
+
+
+def state_bytes(head, optimizer) -> int:
+    """Parameter bytes + optimizer state tensors (momentum, per-row counters) of one rank."""
+    import torch
+
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                if torch.is_tensor(v) and v.dim() > 0)
+    return state + sum(p.numel() * p.element_size() for p in head.parameters())
+
+
 def build_sharded(row: str, classes: int, dim: int, args: argparse.Namespace, group):
     """The class-sharded head of a row (W ranks each hold C / W classes or groups)."""
     from mhe_scale.parallel import ShardedMultiHeadSamplingHead, ShardedPartialFCHead
@@ -79,7 +101,6 @@ def rank_step(group, row: str, classes: int, args: argparse.Namespace) -> dict:
     """Runs on every rank of a W-process gloo group: the sharded head's step; the slowest rank's time."""
     import torch
 
-    from mhe_scale.optim import RowSparseSGD
     from mhe_scale.parallel import all_reduce_sum, get_rank, get_world_size
 
     world = get_world_size(group)
@@ -90,12 +111,7 @@ def rank_step(group, row: str, classes: int, args: argparse.Namespace) -> dict:
     labels = torch.randint(0, classes, (per_rank,), generator=g)
     base_rss = rss_bytes()
     head = build_sharded(row, classes, args.dim, args, group)
-    hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
-    if row.endswith("sparse"):
-        head.row_sparse_parameters()
-        optimizer = RowSparseSGD(head.parameters(), **hyper)
-    else:
-        optimizer = torch.optim.SGD(head.parameters(), **hyper)
+    optimizer = head_optimizer(row, head)
     times = []
     for i in range(args.steps + 1):
         all_reduce_sum(torch.zeros(1), group)  # barrier: the step ends when the slowest rank is done
@@ -109,11 +125,9 @@ def rank_step(group, row: str, classes: int, args: argparse.Namespace) -> dict:
         if i > 0:
             times.append(time.perf_counter() - start)
     metric = out.metrics.get("softmax_columns", out.metrics.get("kept_classes"))
-    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-                if torch.is_tensor(v) and v.dim() > 0)
-    params = sum(p.numel() * p.element_size() for p in head.parameters())
+    params_and_state = state_bytes(head, optimizer)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-    return {"median_s": statistics.median(times), "state_bytes": params + state, "peak_bytes": max(peak, 0),
+    return {"median_s": statistics.median(times), "state_bytes": params_and_state, "peak_bytes": max(peak, 0),
             "softmax": float(metric) if metric is not None else float("nan"), "sizes": getattr(head, "sizes", None),
             "device": f"cpu x{torch.get_num_threads()} per rank"}
 
@@ -132,8 +146,6 @@ def run_sharded(row: str, classes: int, world: int, args: argparse.Namespace) ->
 def run_one(row: str, classes: int, args: argparse.Namespace) -> dict:
     import torch
 
-    from mhe_scale.optim import RowSparseSGD
-
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -141,12 +153,7 @@ def run_one(row: str, classes: int, args: argparse.Namespace) -> dict:
     labels = torch.randint(0, classes, (args.batch,))
     base_rss = rss_bytes()
     head = build(row, classes, args.dim, args)
-    hyper = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
-    if row.endswith("sparse"):
-        head.row_sparse_parameters()
-        optimizer = RowSparseSGD(head.parameters(), **hyper)
-    else:
-        optimizer = torch.optim.SGD(head.parameters(), **hyper)
+    optimizer = head_optimizer(row, head)
     times, passes, width = [], [], 0.0
     for i in range(args.steps + 1):
         start = time.perf_counter()
@@ -161,13 +168,11 @@ def run_one(row: str, classes: int, args: argparse.Namespace) -> dict:
             passes.append(backward_done - start)
         metric = out.metrics.get("softmax_columns", out.metrics.get("kept_classes"))
         width = float(metric) if metric is not None else float(classes if row == "fc" else sum(head.sizes))
-    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-                if torch.is_tensor(v) and v.dim() > 0)
-    params = sum(p.numel() * p.element_size() for p in head.parameters())
+    params_and_state = state_bytes(head, optimizer)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     return {"row": row, "classes": classes, "sizes": getattr(head, "sizes", None), "median_s": statistics.median(times),
             "pass_s": statistics.median(passes),
-            "state_bytes": params + state, "peak_bytes": max(peak, 0), "softmax": width,
+            "state_bytes": params_and_state, "peak_bytes": max(peak, 0), "softmax": width,
             "device": f"cpu x{torch.get_num_threads()}"}
 
 
