@@ -33,3 +33,28 @@ def run_isolated(cmd: list[str]) -> dict | None:
         print(proc.stderr[-2000:], file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def timed_steps(head, optimizer, features, labels, steps: int, sync=None) -> tuple[list[float], list[float], object]:
+    """steps + 1 training steps (forward, backward, optimizer) of `head`; the first is a warm-up.
+    sync(): run before the clock starts and before it stops (cuda synchronize, or a barrier so the time is
+    the slowest rank's). -> (step seconds [steps], forward + backward seconds [steps], last HeadOutput)."""
+    import time
+
+    times, passes, out = [], [], None
+    for i in range(steps + 1):
+        if sync is not None:
+            sync()
+        start = time.perf_counter()
+        out = head(features, labels)
+        out.loss.backward()
+        backward_done = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        features.grad = None
+        if sync is not None:
+            sync()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+            passes.append(backward_done - start)
+    return times, passes, out

@@ -19,11 +19,10 @@ import platform
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import available_gb, fmt_bytes, run_isolated  # noqa: E402
+from bench_common import available_gb, fmt_bytes, run_isolated, timed_steps  # noqa: E402
 
 HEADS = {  # row name -> (registered head, constructor arguments)
     "fc": ("fc", {}),
@@ -67,20 +66,8 @@ def run_one(head_name: str, classes: int, dim: int, batch: int, steps: int, thre
     name, kwargs = HEADS[head_name]
     head = create_head(name, in_features=dim, num_classes=classes, **kwargs).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    times = []
-    for i in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = head(features, labels)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        features.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i > 0:
-            times.append(time.perf_counter() - start)
+    times, _, out = timed_steps(head, optimizer, features, labels, steps,
+                                sync=torch.cuda.synchronize if device.type == "cuda" else None)
     state = sum(v.numel() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
     params = sum(p.numel() for p in head.parameters())
     if device.type == "cuda":

@@ -27,12 +27,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 from mhe_scale.parallel import (ShardedFullyConnectedHead, ShardedMultiHeadSamplingHead, all_reduce_sum,  # noqa: E402
                                 get_rank)
 from mhe_scale.parallel.testing import run_in_processes  # noqa: E402
+from bench_common import timed_steps  # noqa: E402
 
 HEADS = ("fc", "mhs")
 
@@ -55,17 +57,8 @@ def bench_rank(group, classes: int, dim: int, batch: int, steps: int, groups: in
         opt = torch.optim.Adam(head.parameters(), lr=1e-3)
         features = torch.randn(batch, dim, generator=g).requires_grad_()
         labels = torch.randint(0, classes, (batch,), generator=g)
-        times = []
-        for i in range(steps + 1):
-            all_reduce_sum(torch.zeros(1), group)  # barrier: time the slowest rank
-            start = time.perf_counter()
-            head(features, labels).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            features.grad = None
-            all_reduce_sum(torch.zeros(1), group)
-            if i > 0:
-                times.append(time.perf_counter() - start)
+        times, _, _ = timed_steps(head, opt, features, labels, steps,  # barriers: time the slowest rank
+                                  sync=lambda: all_reduce_sum(torch.zeros(1), group))
         params = sum(p.numel() * p.element_size() for p in head.parameters())
         adam = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                    if torch.is_tensor(v) and v.dim() > 0)

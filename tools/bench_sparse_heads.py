@@ -25,11 +25,10 @@ import platform
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import available_gb, fmt_bytes, run_isolated  # noqa: E402
+from bench_common import available_gb, fmt_bytes, run_isolated, timed_steps  # noqa: E402
 
 ROWS = ("fc", "partial_fc dense", "partial_fc sparse", "mhs dense", "mhs sparse", "mhp")
 
@@ -112,18 +111,9 @@ def rank_step(group, row: str, classes: int, args: argparse.Namespace) -> dict:
     base_rss = rss_bytes()
     head = build_sharded(row, classes, args.dim, args, group)
     optimizer = head_optimizer(row, head)
-    times = []
-    for i in range(args.steps + 1):
-        all_reduce_sum(torch.zeros(1), group)  # barrier: the step ends when the slowest rank is done
-        start = time.perf_counter()
-        out = head(features, labels)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        features.grad = None
-        all_reduce_sum(torch.zeros(1), group)
-        if i > 0:
-            times.append(time.perf_counter() - start)
+    # barrier before and after: the step ends when the slowest rank is done
+    times, _, out = timed_steps(head, optimizer, features, labels, args.steps,
+                                sync=lambda: all_reduce_sum(torch.zeros(1), group))
     metric = out.metrics.get("softmax_columns", out.metrics.get("kept_classes"))
     params_and_state = state_bytes(head, optimizer)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
@@ -154,20 +144,9 @@ def run_one(row: str, classes: int, args: argparse.Namespace) -> dict:
     base_rss = rss_bytes()
     head = build(row, classes, args.dim, args)
     optimizer = head_optimizer(row, head)
-    times, passes, width = [], [], 0.0
-    for i in range(args.steps + 1):
-        start = time.perf_counter()
-        out = head(features, labels)
-        out.loss.backward()
-        backward_done = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        features.grad = None
-        if i > 0:
-            times.append(time.perf_counter() - start)
-            passes.append(backward_done - start)
-        metric = out.metrics.get("softmax_columns", out.metrics.get("kept_classes"))
-        width = float(metric) if metric is not None else float(classes if row == "fc" else sum(head.sizes))
+    times, passes, out = timed_steps(head, optimizer, features, labels, args.steps)
+    metric = out.metrics.get("softmax_columns", out.metrics.get("kept_classes"))
+    width = float(metric) if metric is not None else float(classes if row == "fc" else sum(head.sizes))
     params_and_state = state_bytes(head, optimizer)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     return {"row": row, "classes": classes, "sizes": getattr(head, "sizes", None), "median_s": statistics.median(times),
