@@ -40,13 +40,15 @@ def _data() -> SyntheticSplit:
     return SyntheticSplit(torch.randn(n, DIM, generator=g), torch.randint(0, C, (n,), generator=g))
 
 
-def _fit(out, head_name: str, update: str, kind: str, stop_at: int | None = None, resume: bool = False):
+def _fit(out, head_name: str, update: str, kind: str, stop_at: int | None = None, resume: bool = False,
+         schedule: str = "constant"):
     model = _model(head_name)
     optim = OptimConfig(name=kind, lr=0.1 if kind == "sgd" else 0.02, momentum=0.9, weight_decay=0.01,
                         head_update=update)
     optimizer, head_optimizer = build_optimizers(optim, model)
     cfg = TrainConfig(epochs=1.0, batch_size=MICRO, grad_accum_steps=ACCUM, log_every=1, seed=1, keep_last=0,
-                      clip_grad_norm=0.3, save_every=3, output_dir=str(out), resume=resume)
+                      clip_grad_norm=0.3, save_every=3, output_dir=str(out), resume=resume, schedule=schedule,
+                      warmup_steps=2 if schedule != "constant" else 0)
 
     def stop(step: int) -> None:
         if step == stop_at:
@@ -106,3 +108,21 @@ def test_auto_is_sparse_for_class_sharded_sampled_heads_only() -> None:
     full = Classifier(MLPEncoder(DIM, hidden=16, num_features=FEAT, depth=1), ShardedFullyConnectedHead(FEAT, C, group=None))
     assert type(build_optimizers(OptimConfig(), full)[1]) is torch.optim.AdamW
     assert type(build_optimizers(OptimConfig(head_update="dense"), _model("pfc"))[1]) is torch.optim.AdamW
+
+
+def test_sparse_fit_equals_dense_under_the_face_schedule(tmp_path) -> None:
+    """Warm-up + poly decay (the face configs' schedule): the lr changes every step, and the skipped rows
+    are caught up at each skipped step's own lr (ShardedHeadTraining passes the schedule), so the
+    sparse update still equals the dense one; resume is exact."""
+    dense_log, dense_w = _fit(tmp_path / "dense", "pfc", "dense", "sgd", schedule="poly")
+    sparse_log, sparse_w = _fit(tmp_path / "sparse", "pfc", "sparse", "sgd", schedule="poly")
+    assert len({r["lr"] for r in dense_log}) >= 4  # warm-up then decay: the lr moves while rows are skipped
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in sparse_log]), torch.tensor([r["loss"] for r in dense_log]),
+                               rtol=1e-5, atol=1e-6)
+    for n in dense_w:
+        torch.testing.assert_close(sparse_w[n], dense_w[n], rtol=1e-4, atol=1e-6, msg=n)
+    _fit(tmp_path / "resumed", "pfc", "sparse", "sgd", stop_at=4, schedule="poly")
+    resumed_log, resumed_w = _fit(tmp_path / "resumed", "pfc", "sparse", "sgd", resume=True, schedule="poly")
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in sparse_log]
+    for n in sparse_w:
+        assert torch.equal(resumed_w[n], sparse_w[n]), n

@@ -64,6 +64,10 @@ class ShardedHeadTraining:
 
     def __init__(self, head: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         self.head, self.optimizer, self.scheduler = head, optimizer, scheduler
+        if hasattr(optimizer, "set_lr_schedule") and hasattr(scheduler, "lr_lambdas"):
+            # row-sparse heads catch skipped rows up at each skipped step's own lr (exact under any schedule):
+            # step t (1-based) runs at base_lr * factor(t - 1), LambdaLR's convention (engine/schedule.py)
+            optimizer.set_lr_schedule(lambda index, t: scheduler.base_lrs[index] * scheduler.lr_lambdas[index](t - 1))
         self.params = [p for p in head.parameters() if p.requires_grad]
         self.sharded_ids = {id(p) for p in sharded_parameters(head)}
         self.dtype = next((p.dtype for p in self.params if p.is_floating_point()), torch.float32)

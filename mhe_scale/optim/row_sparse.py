@@ -13,8 +13,11 @@ steps taken. A row skipped by k steps (zero gradient in each) is caught up when 
     sqrt(v) (mhat, vhat bias-corrected at step s; v_hat0 = v at s0 without correction). That is
     the dense update exactly when eps = 0 and differs by O(eps / sqrt(v)) otherwise; terms with
     beta1^j / beta2^(j/2) < 1e-20 are dropped.
-  * Both use the group's CURRENT lr (and wd) for the skipped steps: exact when lr was constant over
-    the skipped window, an approximation under a changing lr schedule.
+  * The lr of each skipped step: with `set_lr_schedule(lr_at)` (the engine passes its LambdaLR) every
+    skipped step t uses lr_at(group, t): SGD multiplies the per-step matrices A_t (one product per
+    distinct start, float64), AdamW sums each step's term with its own lr and the later steps' decay
+    (1 - lr_u*wd): exact under any schedule. Without it, the group's CURRENT lr stands for every skipped
+    step: exact when the lr was constant over the skipped window, an approximation otherwise.
 Parameters not marked row-sparse get the ordinary dense update (same formulas, k = 0).
 State tensors shaped like the parameter (momentum_buffer / exp_avg / exp_avg_sq) and row_step
 (shape p.shape[:row_ndim]) are per row, so shard checkpoints reshard them with the rows.
@@ -23,7 +26,7 @@ State tensors shaped like the parameter (momentum_buffer / exp_avg / exp_avg_sq)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -48,16 +51,74 @@ def _mat_power(a: Tensor, ks: Tensor) -> Tensor:
     return out
 
 
+def _suffix_products(factors: list[float]) -> Tensor:
+    """factors f_1..f_W -> float64 [W + 1]: out[i] = f_{i+1} * ... * f_W (out[W] = 1)."""
+    f = torch.tensor(factors + [1.0], dtype=torch.float64)
+    return torch.flip(torch.cumprod(torch.flip(f, [0]), 0), [0]) if factors else f
+
+
+def _window_products(lrs: list[float], base: int, step: int, starts: list[int], mu: float, wd: float) -> Tensor:
+    """SGD under a schedule: for each start s0 (>= base), A_step ... A_{s0+1} with A_t = [[1 - lr_t wd,
+    -lr_t mu], [wd, mu]] and lr_t = lrs[t - base - 1] -> float64 [len(starts), 2, 2]."""
+    wanted = set(starts)
+    out = {step: (1.0, 0.0, 0.0, 1.0)}
+    p00, p01, p10, p11 = 1.0, 0.0, 0.0, 1.0  # A_step ... A_t, built from the latest step backwards
+    for t in range(step, base, -1):
+        lr = lrs[t - base - 1]
+        a00, a01, a10, a11 = 1.0 - lr * wd, -lr * mu, wd, mu
+        p00, p01, p10, p11 = (p00 * a00 + p01 * a10, p00 * a01 + p01 * a11,
+                              p10 * a00 + p11 * a10, p10 * a01 + p11 * a11)
+        if t - 1 in wanted:
+            out[t - 1] = (p00, p01, p10, p11)
+    return torch.tensor([out[s] for s in starts], dtype=torch.float64).view(-1, 2, 2)
+
+
+def _adamw_window(lrs: list[float], base: int, step: int, s0: Tensor, horizon: int, b1: float, b2: float,
+                  wd: float) -> tuple[Tensor, Tensor]:
+    """AdamW under a schedule, per distinct start s0 [K] (float64, >= base): (the sum over skipped steps
+    t = s0+1..step of R_t lr_t b1^j / b2^(j/2) sqrt(1 - b2^t) / (1 - b1^t), j = t - s0, terms beyond
+    `horizon` dropped; R_s0) with R_t = prod_{u=t+1..step} (1 - lr_u wd); lr_t = lrs[t - base - 1]."""
+    lr = torch.tensor(lrs, dtype=torch.float64)                         # steps base+1 .. step
+    suffix = _suffix_products([1.0 - x * wd for x in lrs])              # suffix[i] = R_{base + i}
+    t = torch.arange(base + 1, step + 1, dtype=torch.float64)
+    c = suffix[1:] * lr * torch.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)   # R_t lr_t sqrt(1-b2^t)/(1-b1^t)
+    j = torch.arange(1, max(horizon, 0) + 1, dtype=torch.float64)
+    steps = s0[:, None] + j[None, :]                                    # [K, H] skipped step t = s0 + j
+    valid = steps <= step
+    index = (steps - base - 1).clamp(0, max(len(lrs) - 1, 0)).long()
+    q = (b1 ** j) / (b2 ** (j / 2))
+    total = torch.where(valid, c[index] * q[None, :], torch.zeros((), dtype=torch.float64)).sum(dim=1)
+    decay = suffix[(s0 - base).long()]
+    return total, decay
+
+
 class _RowSparseBase(torch.optim.Optimizer):
     """Shared bookkeeping: per-param step, per-row row_step, catch-up hook, sparse/dense dispatch."""
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
+        self._lr_at: Callable[[int, int], float] | None = None
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 rg: RowGradients | None = getattr(p, ROWS_ATTR, None)
                 if rg is not None:
                     rg.refresh = self._refresher(p, index)
+
+    def set_lr_schedule(self, lr_at: Callable[[int, int], float] | None) -> None:
+        """lr_at(group_index, t) -> the lr that optimizer step t (1-based) of that group uses (the engine
+        passes its LambdaLR's base_lr * factor(t - 1)). The catch-up then applies every skipped step at its
+        own lr: exact under any schedule. None (default): the group's current lr for every skipped step."""
+        self._lr_at = lr_at
+
+    def _window_lrs(self, group: dict[str, Any], first: int, last: int) -> list[float] | None:
+        """lrs of steps first..last (inclusive), or None when there is no schedule or they all equal the
+        group's current lr (then the constant-lr catch-up is exact)."""
+        if self._lr_at is None or last < first:
+            return None
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        lrs = [float(self._lr_at(index, t)) for t in range(first, last + 1)]
+        now = float(group["lr"])
+        return None if all(lr == now for lr in lrs) else lrs
 
     def _refresher(self, p: Tensor, index: int):
         def refresh(ids: Tensor | None) -> None:
@@ -184,15 +245,26 @@ class RowSparseSGD(_RowSparseBase):
 
     def _apply_skipped(self, p, row_ndim, state, group, ids, last, skipped):
         lr, mu, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+        step = int(state["step"])
         view = rows_of(p.data, row_ndim)
         rows = view.index_select(0, ids)  # index_select / index_copy_: several times faster than [ids] on CPU
         shape = (-1,) + (1,) * (rows.dim() - 1)
-        if mu == 0.0:  # p <- (1 - lr*wd)^k p
-            view.index_copy_(0, ids, rows * torch.pow(1.0 - lr * wd, skipped.double()).to(rows.dtype).view(shape))
+        if mu == 0.0:  # p <- prod over the skipped steps of (1 - lr_t*wd) p
+            lrs = self._window_lrs(group, step - int(skipped.max()) + 1, step) if self._lr_at is not None else None
+            if lrs is None:
+                factor = torch.pow(1.0 - lr * wd, skipped.double())
+            else:
+                suffix = _suffix_products([1.0 - x * wd for x in lrs])  # [W + 1]: prod of steps > first - 1 + i
+                factor = suffix.to(skipped.device)[len(lrs) - skipped]
+            view.index_copy_(0, ids, rows * factor.to(rows.dtype).view(shape))
             return
-        ks, inverse = torch.unique(skipped, return_inverse=True)
-        a = torch.tensor([[1.0 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64, device=p.device)
-        m = _mat_power(a, ks)[inverse].to(rows.dtype)  # [U, 2, 2]
+        starts, inverse = torch.unique(last, return_inverse=True)
+        lrs = self._window_lrs(group, int(starts[0]) + 1, step)
+        if lrs is None:  # one lr over the window: A^k by squaring
+            a = torch.tensor([[1.0 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64, device=p.device)
+            m = _mat_power(a, step - starts)[inverse].to(rows.dtype)  # [U, 2, 2]
+        else:  # a schedule: A_step ... A_{s0+1} with each step's own lr, one product per distinct start s0
+            m = _window_products(lrs, int(starts[0]), step, starts.tolist(), mu, wd).to(p.device)[inverse].to(rows.dtype)
         bufs = rows_of(state["momentum_buffer"], row_ndim)
         buf = bufs.index_select(0, ids)
         view.index_copy_(0, ids, torch.addcmul(m[:, 0, 0].view(shape) * rows, m[:, 0, 1].view(shape), buf))
@@ -232,16 +304,22 @@ class RowSparseAdamW(_RowSparseBase):
         starts, inverse = torch.unique(last, return_inverse=True)
         s0 = starts.double()
         k = step - s0
-        total = torch.zeros_like(s0)
         q = b1 / math.sqrt(b2) if b2 > 0 else 0.0
         horizon = int(max(k.max().item(), 0)) if q == 0.0 or q >= 1.0 else \
             min(int(k.max().item()), int(math.ceil(math.log(ADAM_TAIL) / math.log(q))) + 1)
-        for j in range(1, horizon + 1):  # loop over skipped-step offsets (scalars per distinct start)
-            s = s0 + j
-            term = lr * (b1 ** j) / (b2 ** (j / 2)) * torch.sqrt(1.0 - b2 ** s) / (1.0 - b1 ** s)
-            total += torch.where(j <= k, term * torch.pow(rho, (k - j).clamp(min=0)), torch.zeros_like(term))
+        lrs = self._window_lrs(group, int(starts[0]) + 1, step)
+        if lrs is None:
+            total = torch.zeros_like(s0)
+            for j in range(1, horizon + 1):  # loop over skipped-step offsets (scalars per distinct start)
+                s = s0 + j
+                term = lr * (b1 ** j) / (b2 ** (j / 2)) * torch.sqrt(1.0 - b2 ** s) / (1.0 - b1 ** s)
+                total += torch.where(j <= k, term * torch.pow(rho, (k - j).clamp(min=0)), torch.zeros_like(term))
+            decay_starts = torch.pow(rho, k)
+        else:  # a schedule: each skipped step t at its own lr_t, decayed by the later steps' (1 - lr_u*wd)
+            total, decay_starts = (x.to(p.device) for x in _adamw_window(
+                lrs, int(starts[0]), step, s0.cpu(), horizon, b1, b2, float(group["weight_decay"])))
         coef = total[inverse].to(rows.dtype).view(shape)
-        decay = torch.pow(rho, skipped.double()).to(rows.dtype).view(shape)
+        decay = decay_starts[inverse].to(rows.dtype).view(shape)
         view.index_copy_(0, ids, decay * rows - coef * m / (v.sqrt() + eps))
         m_all.index_copy_(0, ids, m * torch.pow(b1, skipped.double()).to(m.dtype).view(shape))
         v_all.index_copy_(0, ids, v * torch.pow(b2, skipped.double()).to(v.dtype).view(shape))
