@@ -83,6 +83,16 @@ def test_large_c_advice_picks_a_cheaper_head_when_fc_does_not_fit():
     assert line.startswith("full FC needs") and "fits at" in line
 
 
+def test_small_group_mhs_is_offered_and_narrower_than_partial_fc_at_large_c():
+    """At 2,059,906 classes on 8 ranks with 128 rows each, MHS with 32-member groups scores at most
+    1,024 groups x 32 columns over all ranks, Partial FC 0.1 206K: its logits are far smaller."""
+    costs = {c.label: c for c in head_costs(2_059_906, 512, 8, 128)}
+    small = costs["mhs [64373, 32]"]
+    assert small.spec.sizes == (64373, 32) and 64373 * 32 >= 2_059_906
+    assert small.logits_bytes < costs["partial_fc 0.1"].logits_bytes / 10
+    assert "mhs [64373, 32]" not in {c.label for c in head_costs(100_000 // 25, 512, 8, 128)}  # small C: square only
+
+
 def test_parse_size():
     assert parse_size("80GB") == 80 * 2 ** 30 and parse_size("512MiB") == 512 * 2 ** 20 and parse_size("24g") == 24 * 2 ** 30
     with pytest.raises(ValueError, match="--gpu-mem"):

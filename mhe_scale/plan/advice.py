@@ -43,9 +43,15 @@ class HeadCost:
         return self.state_bytes + self.logits_bytes
 
 
+MHS_GROUP_SIZE = 32
+"""Members per group of the small-groups MHS option (c_2): a batch of B rows then scores about
+min(B, C / c_2) x c_2 columns, narrower than Partial FC's r x C at large C (docs/benchmarks.md)."""
+
+
 def head_options(num_classes: int, dim: int, world: int, multilabel: bool = False,
                  hidden: int = 300, top_k: int = 10) -> list[tuple[str, HeadSpec]]:
-    """The heads the planner weighs: fc, partial_fc 0.1/0.2/0.3, mhp H=2/3, mhc (G by mhc_groups), mhs H=2; the
+    """The heads the planner weighs: fc, partial_fc 0.1/0.2/0.3, mhp H=2/3, mhc (G by mhc_groups), mhs H=2 with square
+    groups and (C >= 4 * 32^2) with groups of MHS_GROUP_SIZE members; the
     class-sharded partial_fc / mhc / mhs update row-sparsely, as optim.head_update=auto (the default) does."""
     c, shard = num_classes, world > 1
     out = [("fc", HeadSpec("fc", c, dim, sharded=shard, multilabel=multilabel))]
@@ -62,9 +68,10 @@ def head_options(num_classes: int, dim: int, world: int, multilabel: bool = Fals
         out.append((f"mhc G={g}", HeadSpec("mhc", c, dim, sizes=sizes, sharded=shard, hidden=hidden, top_k_groups=top_k,
                                            multilabel=multilabel, row_sparse=shard)))
     if not multilabel and c >= 4:
-        sizes = default_sizes(c, 2)
-        out.append((f"mhs {list(sizes)}", HeadSpec("mhs", c, dim, sizes=sizes, sharded=shard, mode="batch_union",
-                                                   num_sampled_groups=1, row_sparse=shard)))
+        small = (-(-c // MHS_GROUP_SIZE), MHS_GROUP_SIZE)  # many small groups: the narrow softmax (docs/face.md)
+        for sizes in (default_sizes(c, 2),) + ((small,) if c >= 4 * MHS_GROUP_SIZE ** 2 else ()):
+            out.append((f"mhs {list(sizes)}", HeadSpec("mhs", c, dim, sizes=sizes, sharded=shard, mode="batch_union",
+                                                       num_sampled_groups=1, row_sparse=shard)))
     return out
 
 
