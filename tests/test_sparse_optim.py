@@ -22,12 +22,17 @@ def _schedule(steps: int) -> list[list[int]]:
     return out
 
 
-def _run(kind: str, sparse: bool, steps: int = 9, eps: float = 1e-30, accumulate: int = 1) -> torch.Tensor:
+def _weight(sparse: bool) -> tuple[torch.nn.Parameter, torch.Tensor]:
+    """The [R, D] weight (row-sparse when asked) and the target its rows are pulled to."""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(R, D))
-    target = torch.randn(R, D, generator=torch.Generator().manual_seed(1))
     if sparse:
         enable_row_sparse(w)
+    return w, torch.randn(R, D, generator=torch.Generator().manual_seed(1))
+
+
+def _run(kind: str, sparse: bool, steps: int = 9, eps: float = 1e-30, accumulate: int = 1) -> torch.Tensor:
+    w, target = _weight(sparse)
     if kind == "sgd":
         cls = RowSparseSGD if sparse else torch.optim.SGD
         opt = cls([w], lr=0.1, momentum=0.9, weight_decay=0.05)
@@ -127,11 +132,7 @@ def test_dense_optimizer_state_is_refused_with_the_fix() -> None:
 def _run_scheduled(kind: str, sparse: bool, steps: int = 12) -> torch.Tensor:
     """_run's rows and loss, with a LambdaLR (warm-up then cosine) on the optimizer; the row-sparse one
     is told the schedule (as the engine's ShardedHeadTraining does)."""
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(R, D))
-    target = torch.randn(R, D, generator=torch.Generator().manual_seed(1))
-    if sparse:
-        enable_row_sparse(w)
+    w, target = _weight(sparse)
     if kind == "sgd":
         opt = (RowSparseSGD if sparse else torch.optim.SGD)([w], lr=0.1, momentum=0.9, weight_decay=0.05)
     elif kind == "sgd_plain":

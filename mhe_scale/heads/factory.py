@@ -36,7 +36,7 @@ def head_kwargs(cfg: HeadConfig) -> dict[str, Any]:
         kwargs[f.name] = list(value) if isinstance(value, ListConfig) else value
     if "sizes" in kwargs and len(kwargs["sizes"]) == 0:
         raise ConfigError(f"head.sizes=[] is empty; give the head sizes (e.g. head.sizes=[64,64], product >= C) "
-                          f"or leave head.sizes unset (null) for the default factorize(C, head.num_heads)")
+                          "or leave head.sizes unset (null) for the default factorize(C, head.num_heads)")
     return kwargs
 
 
