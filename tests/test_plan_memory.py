@@ -288,16 +288,17 @@ def test_row_sparse_mhc_gather_counts_leaf_and_expansion():
 
 def test_catch_up_shape_follows_what_each_head_refreshes():
     from mhe_scale.heads.mhs import PREDICT_CHUNK_COLUMNS as HEAD_CHUNK
-    from mhe_scale.plan.memory import PREDICT_CHUNK_COLUMNS, catch_up_shape
+    from mhe_scale.optim.row_sparse import REFRESH_CHUNK_ROWS as OPTIM_CHUNK
+    from mhe_scale.plan.memory import PREDICT_CHUNK_COLUMNS, REFRESH_CHUNK_ROWS, catch_up_shape
 
-    assert PREDICT_CHUNK_COLUMNS == HEAD_CHUNK
+    assert PREDICT_CHUNK_COLUMNS == HEAD_CHUNK and REFRESH_CHUNK_ROWS == OPTIM_CHUNK
     pfc = HeadSpec("partial_fc", 1_000_000, 128, sharded=True, sample_rate=0.1, row_sparse=True)
-    assert catch_up_shape(pfc, 4, saves=False) == (250_000, 128)  # refresh_all in predict
+    assert catch_up_shape(pfc, 4, saves=False) == (REFRESH_CHUNK_ROWS, 128)  # refresh_all in predict, in chunks
     mhs = HeadSpec("mhs", 1_000_000, 128, sizes=(1000, 1000), sharded=True, row_sparse=True)
     assert catch_up_shape(mhs, 4, saves=False) == (65 * 1000, 128)  # 65 groups of 1000 per predict chunk
-    assert catch_up_shape(mhs, 4, saves=True) == (250 * 1000, 128)
+    assert catch_up_shape(mhs, 4, saves=True) == (REFRESH_CHUNK_ROWS, 128)
     mhc = HeadSpec("mhc", 1_000_000, 128, sizes=(1000, 1000), sharded=True, row_sparse=True, hidden=300)
-    assert catch_up_shape(mhc, 4, saves=False) == (0, 0) and catch_up_shape(mhc, 4, saves=True) == (250_000, 300)
+    assert catch_up_shape(mhc, 4, saves=False) == (0, 0) and catch_up_shape(mhc, 4, saves=True) == (REFRESH_CHUNK_ROWS, 300)
     assert catch_up_shape(replace(pfc, row_sparse=False), 4, saves=True) == (0, 0)
 
 

@@ -59,6 +59,8 @@ CATCH_UP_COPIES = {"adamw": 7, "adam": 7, "sgd": 4}
 (mhe_scale/optim/row_sparse.py _apply_skipped; AdamW: the rows, exp_avg, exp_avg_sq read by index_select and
 four temporaries of the update; SGD with momentum: rows, buffer and two; plain SGD 2). Measured on the real
 optimizer in tests/test_plan_memory.py."""
+REFRESH_CHUNK_ROWS = 1 << 16
+"""Rows a full refresh of a row-sparse head catches up at once (mhe_scale.optim.row_sparse)."""
 PREDICT_CHUNK_COLUMNS = 1 << 16
 """Columns a sharded MHS head scores (and catches up) at once in predict (mhe_scale.heads.mhs)."""
 CUDA_FIXED_BYTES = 1 * GiB
@@ -393,19 +395,21 @@ def catch_up_copies(optimizer: str, momentum: float = 0.9) -> int:
 
 
 def catch_up_shape(head: HeadSpec, world: int, saves: bool) -> tuple[int, int]:
-    """(rows, width) a row-sparse sharded head catches up at once outside the training step: partial_fc all its
-    rows (refresh_all in predict and state_dict); mhs a predict chunk of PREDICT_CHUNK_COLUMNS, all rows when it
-    saves; mhc its label-table rows when it saves (predict reads only candidate rows); (0, 0) otherwise."""
+    """(rows, width) a row-sparse sharded head catches up at once outside the training step: partial_fc its rows
+    (refresh_all in predict and state_dict), mhs its rows when it saves and a predict chunk of
+    PREDICT_CHUNK_COLUMNS otherwise, mhc its label-table rows when it saves (predict reads only candidate rows),
+    each full refresh at most REFRESH_CHUNK_ROWS at a time; (0, 0) otherwise."""
     rows, _ = row_sparse_shape(head, world)
     if not rows:
         return 0, 0
+    whole = min(rows, REFRESH_CHUNK_ROWS)  # refresh_all catches up in chunks (mhe_scale/optim/row_sparse.py)
     if head.name == "partial_fc":
-        return rows, head.dim
+        return whole, head.dim
     if head.name == "mhs":
         members = _sizes(head)[1]
         chunk = max(1, PREDICT_CHUNK_COLUMNS // members) * members
-        return (rows if saves else min(rows, chunk)), head.dim
-    return (rows, head.hidden) if saves else (0, 0)
+        return (whole if saves else min(rows, chunk)), head.dim
+    return (whole, head.hidden) if saves else (0, 0)
 
 
 def head_terms(head: HeadSpec, engine: EngineSpec, world: int, micro_batch: int) -> list[Term]:
