@@ -31,6 +31,7 @@ from mhe_scale.tasks.xmc_evaluate import evaluate
 from mhe_scale.engine.accelerator import TRACKER_RUN, build_accelerator
 from mhe_scale.heads import create_head
 from mhe_scale.models import MLPEncoder
+from mhe_scale.parallel.testing import finish_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 C, DIM, FEAT, MICRO, ACCUM, PROCS = 11, 12, 16, 4, 2, 2
@@ -187,6 +188,7 @@ def child_resume_and_evaluate(out: str) -> None:
     sharded = sharded_model(dist.group.WORLD)
     metrics = evaluate(sharded, test, [1, 3], 8, accelerator=acc)
     Path(f"{out}/sharded-eval-{acc.process_index}.json").write_text(json.dumps(metrics))
+    finish_ranks()
 
 
 def torchrun(tmp: Path, child: str, ok: bool = True) -> subprocess.CompletedProcess:

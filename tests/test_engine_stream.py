@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from mhe_scale.config import OptimConfig
 from mhe_scale.data.synthetic import SyntheticSplit
 from mhe_scale.engine import build_optimizer, fit
+from mhe_scale.parallel.testing import finish_ranks
 from mhe_scale.data.samplers import epoch_permutation
 from mhe_scale.engine.stream import BatchStream, StreamTooShortError
 
@@ -110,6 +111,7 @@ def child_two_ranks(out: str) -> None:
     optimizer = build_optimizer(OptimConfig(lr=5e-3), model)
     fit(model, optimizer, TensorStream(tiny_data(100)), train_cfg(epochs=2.0, batch_size=8), acc, out_dir=out)
     Path(f"{out}/params-{acc.process_index}.json").write_text(json.dumps(flat_params(model).tolist()))
+    finish_ranks()
 
 
 def test_two_ranks_read_disjoint_rows_and_train_like_one_process_with_their_union(tmp_path):

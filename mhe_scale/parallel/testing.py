@@ -46,6 +46,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def finish_ranks() -> None:
+    """End of a torchrun child: every rank waits for the others, then the process group is destroyed before
+    the interpreter exits (a rank exiting while a peer's gloo threads still talk to it can abort with
+    "terminate called without an active exception"; mhe-scale train does the same before end_training)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def subgroup(ranks: list[int]) -> ProcessGroup | None:
     """A gloo group of the given global ranks; None on ranks outside it.
 
