@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mhe_scale.parallel.testing import free_port
+from mhe_scale.parallel.testing import finish_ranks, free_port
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
@@ -233,6 +233,7 @@ def ddp_child(out: str) -> None:
     result = fit(model, build_optimizer(OptimConfig(), model), tiny_data(), TrainConfig(**cfg, resume=True), acc,
                  out_dir=f"{out}/b", extra_state=[extra])
     assert result.resumed_from == 4 and loaded == [float(rank)], (result, loaded)
+    finish_ranks()
 
 
 @pytest.fixture(scope="module")
