@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from mhe_scale.parallel.testing import finish_ranks, free_port
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
@@ -28,6 +26,7 @@ from mhe_scale.engine import (Classifier, ExponentialMovingAverage, ExtraState, 
 from mhe_scale.engine.checkpoint import find_resumable_everywhere
 from mhe_scale.heads import create_head
 from mhe_scale.models import MLPEncoder
+from mhe_scale.parallel.testing import finish_ranks, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 C, DIM = 30, 12
