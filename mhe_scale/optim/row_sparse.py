@@ -80,21 +80,21 @@ def _window_products(lrs: list[float], base: int, step: int, starts: list[int], 
 
 def _adamw_window(lrs: list[float], base: int, step: int, s0: Tensor, horizon: int, b1: float, b2: float,
                   wd: float) -> tuple[Tensor, Tensor]:
-    """AdamW under a schedule, per distinct start s0 [K] (float64, >= base): (the sum over skipped steps
-    t = s0+1..step of R_t lr_t b1^j / b2^(j/2) sqrt(1 - b2^t) / (1 - b1^t), j = t - s0, terms beyond
-    `horizon` dropped; R_s0) with R_t = prod_{u=t+1..step} (1 - lr_u wd); lr_t = lrs[t - base - 1]."""
+    """AdamW's catch-up coefficients per distinct start s0 [K] (float64, >= base), each skipped step
+    t = s0+1..step at its own lr_t = lrs[t - base - 1]: (S(s0), R_s0) with
+        S(s0) = sum_j R_t lr_t b1^j / b2^(j/2) sqrt(1 - b2^t) / (1 - b1^t),  t = s0 + j, j <= horizon,
+        R_t = prod_{u=t+1..step} (1 - lr_u wd)  (the decay of the later steps; R_s0 decays the row).
+    A loop over the offsets j with [K] vectors: memory O(K + window)."""
     lr = torch.tensor(lrs, dtype=torch.float64)                         # steps base+1 .. step
     suffix = _suffix_products([1.0 - x * wd for x in lrs])              # suffix[i] = R_{base + i}
     t = torch.arange(base + 1, step + 1, dtype=torch.float64)
     c = suffix[1:] * lr * torch.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)   # R_t lr_t sqrt(1-b2^t)/(1-b1^t)
-    j = torch.arange(1, max(horizon, 0) + 1, dtype=torch.float64)
-    steps = s0[:, None] + j[None, :]                                    # [K, H] skipped step t = s0 + j
-    valid = steps <= step
-    index = (steps - base - 1).clamp(0, max(len(lrs) - 1, 0)).long()
-    q = (b1 ** j) / (b2 ** (j / 2))
-    total = torch.where(valid, c[index] * q[None, :], torch.zeros((), dtype=torch.float64)).sum(dim=1)
-    decay = suffix[(s0 - base).long()]
-    return total, decay
+    total = torch.zeros_like(s0)
+    for j in range(1, horizon + 1):
+        steps = s0 + j
+        term = c[(steps - base - 1).clamp(0, len(lrs) - 1).long()] * ((b1 ** j) / (b2 ** (j / 2)))
+        total += torch.where(steps <= step, term, torch.zeros_like(term))
+    return total, suffix[(s0 - base).long()]
 
 
 class _RowSparseBase(torch.optim.Optimizer):
@@ -253,7 +253,7 @@ class RowSparseSGD(_RowSparseBase):
         lr, mu, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
         step = int(state["step"])
         view = rows_of(p.data, row_ndim)
-        rows = view.index_select(0, ids)  # index_select / index_copy_: several times faster than [ids] on CPU
+        rows = view.index_select(0, ids)  # index_select / index_copy_: faster than [ids] indexing on CPU
         shape = (-1,) + (1,) * (rows.dim() - 1)
         if mu == 0.0:  # p <- prod over the skipped steps of (1 - lr_t*wd) p
             lrs = self._window_lrs(group, step - int(skipped.max()) + 1, step) if self._lr_at is not None else None
@@ -300,30 +300,19 @@ class RowSparseAdamW(_RowSparseBase):
 
     def _apply_skipped(self, p, row_ndim, state, group, ids, last, skipped):
         (b1, b2), lr, eps = group["betas"], float(group["lr"]), float(group["eps"])
-        rho = 1.0 - lr * float(group["weight_decay"])
         step = int(state["step"])
         view = rows_of(p.data, row_ndim)
         m_all, v_all = rows_of(state["exp_avg"], row_ndim), rows_of(state["exp_avg_sq"], row_ndim)
         rows, m, v = view.index_select(0, ids), m_all.index_select(0, ids), v_all.index_select(0, ids)
         shape = (-1,) + (1,) * (rows.dim() - 1)
-        # S(s0) = sum_{j=1..k} rho^(k-j) * lr * b1^j sqrt(1 - b2^s) / ((1 - b1^s) b2^(j/2)), s = s0 + j, k = step - s0
         starts, inverse = torch.unique(last, return_inverse=True)
-        s0 = starts.double()
-        k = step - s0
+        base = int(starts[0])  # the earliest start: the window is steps base+1 .. step
         q = b1 / math.sqrt(b2) if b2 > 0 else 0.0
-        horizon = int(max(k.max().item(), 0)) if q == 0.0 or q >= 1.0 else \
-            min(int(k.max().item()), int(math.ceil(math.log(ADAM_TAIL) / math.log(q))) + 1)
-        lrs = self._window_lrs(group, int(starts[0]) + 1, step)
-        if lrs is None:
-            total = torch.zeros_like(s0)
-            for j in range(1, horizon + 1):  # loop over skipped-step offsets (scalars per distinct start)
-                s = s0 + j
-                term = lr * (b1 ** j) / (b2 ** (j / 2)) * torch.sqrt(1.0 - b2 ** s) / (1.0 - b1 ** s)
-                total += torch.where(j <= k, term * torch.pow(rho, (k - j).clamp(min=0)), torch.zeros_like(term))
-            decay_starts = torch.pow(rho, k)
-        else:  # a schedule: each skipped step t at its own lr_t, decayed by the later steps' (1 - lr_u*wd)
-            total, decay_starts = (x.to(p.device) for x in _adamw_window(
-                lrs, int(starts[0]), step, s0.cpu(), horizon, b1, b2, float(group["weight_decay"])))
+        horizon = step - base if q == 0.0 or q >= 1.0 else \
+            min(step - base, int(math.ceil(math.log(ADAM_TAIL) / math.log(q))) + 1)
+        lrs = self._window_lrs(group, base + 1, step) or [lr] * (step - base)  # one lr: the current one
+        total, decay_starts = (x.to(p.device) for x in _adamw_window(
+            lrs, base, step, starts.double().cpu(), horizon, b1, b2, float(group["weight_decay"])))
         coef = total[inverse].to(rows.dtype).view(shape)
         decay = decay_starts[inverse].to(rows.dtype).view(shape)
         view.index_copy_(0, ids, decay * rows - coef * m / (v.sqrt() + eps))
