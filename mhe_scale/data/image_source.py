@@ -1,4 +1,5 @@
-"""The data section of the image tasks and the one function that turns it into train / test records.
+"""The data section of the image tasks and the functions that turn it into train / test records
+(`image_records`; `task_records` for a training task: cache built by one process, small sets decoded once).
 
     data.format = archive   data.path = a .tar(.gz) of <split>/<class>/<file> images (CIFAR-10 jpeg),
                             converted once into an indexed RecordIO cache (data/image_archive.py)
@@ -12,8 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+from mhe_scale.data.decoded_cache import decode_in_memory
 from mhe_scale.data.image_folder import ImageRecords, folder_records, list_file_records, RecordIOImageRecords
 
 FORMATS = ("archive", "folder", "list", "recordio")
@@ -91,3 +93,16 @@ def image_records(cfg: ImageDataConfig, progress: bool = True) -> tuple[ImageRec
         return list_file_records(path, root), list_file_records(test, root)
     return (RecordIOImageRecords(path, path.with_suffix(".idx")),
             RecordIOImageRecords(test, test.with_suffix(".idx")))
+
+
+def task_records(cfg: ImageDataConfig, accelerator: Any = None) -> tuple[ImageRecords, ImageRecords]:
+    """(train, test) records for a training task: under `accelerator` one process builds an archive's cache
+    first and the others then read it; then every process decodes small image sets once into memory
+    (data.decoded_cache_mb, data/decoded_cache.py)."""
+    if accelerator is None:
+        pair = image_records(cfg)
+    else:
+        with accelerator.main_process_first():
+            pair = image_records(cfg, progress=accelerator.is_local_main_process)
+    train, test = (decode_in_memory(r, cfg.decoded_cache_mb) for r in pair)
+    return train, test

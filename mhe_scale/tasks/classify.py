@@ -22,9 +22,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mhe_scale.config import ExperimentConfig, HeadConfig
-from mhe_scale.data.decoded_cache import decode_in_memory
 from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_preset
-from mhe_scale.data.image_source import ImageDataConfig, image_records
+from mhe_scale.data.image_source import ImageDataConfig, task_records
 from mhe_scale.engine.loop import fit, named_sampler
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
 from mhe_scale.engine.run_identity import run_config
@@ -51,18 +50,12 @@ class ImageData:
 
 def load_image_data(cfg: ImageDataConfig, accelerator=None) -> ImageData:
     """Train (augmented) and test (eval transform) datasets of the data section."""
-    main_first = accelerator.main_process_first() if accelerator is not None else None
-    if main_first is not None:  # one process builds an archive's cache, the others then read it
-        with main_first:
-            train_records, test_records = image_records(cfg, progress=accelerator.is_local_main_process)
-    else:
-        train_records, test_records = image_records(cfg)
+    train_records, test_records = task_records(cfg, accelerator)
     found = int(train_records.labels.max()) + 1 if len(train_records) else 0
     num_classes = cfg.num_classes or found
     if found > num_classes or (len(test_records) and int(test_records.labels.max()) >= num_classes):
         raise ValueError(f"data.num_classes={num_classes} but {cfg.path} holds labels up to "
                          f"{max(found, int(test_records.labels.max()) + 1) - 1}; raise data.num_classes or leave it unset")
-    train_records, test_records = (decode_in_memory(r, cfg.decoded_cache_mb) for r in (train_records, test_records))
     train = ImageClassificationDataset(train_records, transform_preset(cfg.preset, True, size=cfg.image_size), cfg.seed)
     test = ImageClassificationDataset(test_records, transform_preset(cfg.preset, False, size=cfg.image_size), cfg.seed)
     return ImageData(train, test, num_classes, f"{cfg.name} ({cfg.format} {cfg.path}): {len(train):,} train / "

@@ -21,9 +21,8 @@ from typing import Any, Optional
 import torch
 
 from mhe_scale.config import ExperimentConfig
-from mhe_scale.data.decoded_cache import decode_in_memory
 from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_preset
-from mhe_scale.data.image_source import ImageDataConfig, image_records
+from mhe_scale.data.image_source import ImageDataConfig, task_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
 from mhe_scale.data.two_views import TwoViewDataset, contrastive_transform
 from mhe_scale.engine.loop import fit
@@ -122,9 +121,7 @@ def run_contrastive(cfg: ContrastiveConfig, accelerator) -> dict[str, dict[str, 
     from mhe_scale.parallel.collectives import world_group
 
     start = time.perf_counter()
-    with accelerator.main_process_first():
-        train_records, test_records = image_records(cfg.data, progress=accelerator.is_local_main_process)
-    train_records, test_records = (decode_in_memory(r, cfg.data.decoded_cache_mb) for r in (train_records, test_records))
+    train_records, test_records = task_records(cfg.data, accelerator)
     num_classes = cfg.data.num_classes or int(train_records.labels.max()) + 1
     c = cfg.contrastive
     check_contrastive(cfg, accelerator.num_processes, len(train_records))

@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mhe_scale.config import ExperimentConfig
-from mhe_scale.data.decoded_cache import decode_in_memory
 from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_preset
 from mhe_scale.data.image_folder import list_file_records
-from mhe_scale.data.image_source import ImageDataConfig, image_records
+from mhe_scale.data.image_source import ImageDataConfig, task_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
 from mhe_scale.engine.checkpoint import list_checkpoints
 from mhe_scale.engine.loop import fit, named_sampler
@@ -143,9 +142,7 @@ def probe_metrics(module: LinearProbe, test: ImageClassificationDataset, groups:
 def run_probe(cfg: ProbeConfig, accelerator) -> dict[str, dict[str, Any]]:
     if not cfg.probe.checkpoint:
         raise ValueError("probe.checkpoint is not set; point it at a pre-training run (tasks/contrastive.py)")
-    with accelerator.main_process_first():
-        train_records, test_records = image_records(cfg.data, progress=accelerator.is_local_main_process)
-    train_records, test_records = (decode_in_memory(r, cfg.data.decoded_cache_mb) for r in (train_records, test_records))
+    train_records, test_records = task_records(cfg.data, accelerator)
     num_classes = cfg.data.num_classes or int(train_records.labels.max()) + 1
     size = cfg.data.image_size
     train = ImageClassificationDataset(train_records, transform_preset(cfg.data.preset, True, size=size), cfg.data.seed)
