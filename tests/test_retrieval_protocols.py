@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from mhe_scale.eval.retrieval import ImageRef, copydays, evaluate, holidays, load_image, revisited, ukbench
+from tests.test_retrieval_metrics import naive_ap_pk
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -34,15 +35,10 @@ def naive_vec(path, rotation=0, box=None):
 
 
 def naive_ap(qv, dbv, pos, junk):
+    """(AP of the database sorted by inner product with qv, that order): the naive scorer of
+    test_retrieval_metrics on a full sort."""
     order = sorted(range(len(dbv)), key=lambda i: -float(qv @ dbv[i]))
-    ranks, r = [], 0
-    for i in order:
-        if i in junk and i not in pos:
-            continue
-        if i in pos:
-            ranks.append(r)
-        r += 1
-    return sum(((1.0 if rk == 0 else j / rk) + (j + 1) / (rk + 1)) / 2 for j, rk in enumerate(ranks)) / len(pos), order
+    return naive_ap_pk(order, pos, junk, [])[0], order
 
 
 def write(path, colour, rng, size=(16, 24)):
