@@ -58,3 +58,11 @@ def timed_steps(head, optimizer, features, labels, steps: int, sync=None) -> tup
             times.append(time.perf_counter() - start)
             passes.append(backward_done - start)
     return times, passes, out
+
+
+def emit_table(table: str, out: str | Path | None) -> None:
+    """Print the markdown table; append it to `out` when given."""
+    print(table)
+    if out:
+        with open(out, "a") as f:
+            f.write(table + "\n")

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import available_gb, fmt_bytes, run_isolated, timed_steps  # noqa: E402
+from bench_common import available_gb, emit_table, fmt_bytes, run_isolated, timed_steps  # noqa: E402
 
 HEADS = {  # row name -> (registered head, constructor arguments)
     "fc": ("fc", {}),
@@ -118,11 +118,7 @@ def main() -> None:
             rows.append(row)
             print(f"{head:10s} C={classes:>9,}  step {row['median_s'] * 1e3:9.1f} ms  params+state "
                   f"{fmt_bytes(row['state_bytes']):>9s}  peak {fmt_bytes(row['peak_bytes']):>9s}", file=sys.stderr)
-    table = render(rows, args)
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table + "\n")
+    emit_table(render(rows, args), args.out)
 
 
 def render(rows: list[dict], args: argparse.Namespace) -> str:

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import available_gb, fmt_bytes, run_isolated, timed_steps  # noqa: E402
+from bench_common import available_gb, emit_table, fmt_bytes, run_isolated, timed_steps  # noqa: E402
 
 ROWS = ("fc", "partial_fc dense", "partial_fc sparse", "mhs dense", "mhs sparse", "mhp")
 
@@ -228,11 +228,7 @@ def main() -> None:
         rows.append(result)
         print(f"{row:18s} C={classes:>9,} W={world}  step {result['median_s'] * 1e3:9.1f} ms  state "
               f"{fmt_bytes(result['state_bytes']):>9s}  peak {fmt_bytes(result['peak_bytes']):>9s}", file=sys.stderr)
-    table = render(rows, args)
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table + "\n")
+    emit_table(render(rows, args), args.out)
 
 
 if __name__ == "__main__":
