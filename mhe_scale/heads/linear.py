@@ -53,8 +53,8 @@ def cosine_similarity(features: Tensor, weight: Tensor) -> Tensor:
 
     The weight is not normalised into an [N, D] copy: the product's columns are divided by the row
     norms, (f / |f|) W^T / |w_n| (the same as F.normalize on both sides, eps 1e-12). Forward and
-    backward then make one pass over the [N, D] rows instead of four (at Partial FC's 100K sampled
-    rows of 512: 0.45 s instead of 0.9 s of backward on 2 CPU cores)."""
+    backward then make one pass over the [N, D] rows instead of four (measured in the sparse-heads
+    table of docs/benchmarks.md, before / after)."""
     weight = upcast(weight)
     inv_norm = weight.norm(dim=1).clamp_min(1e-12).reciprocal()
     return F.linear(F.normalize(upcast(features), dim=1), weight) * inv_norm
