@@ -93,6 +93,16 @@ def test_small_group_mhs_is_offered_and_narrower_than_partial_fc_at_large_c():
     assert "mhs [64373, 32]" not in {c.label for c in head_costs(100_000 // 25, 512, 8, 128)}  # small C: square only
 
 
+def test_counts_below_one_are_refused_naming_the_flag(capsys):
+    from mhe_scale.plan.cli import parse_args
+
+    for argv in (["c.yaml", "--gpus", "0"], ["c.yaml", "--nodes", "-1"], ["c.yaml", "--probe-steps", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert f"{argv[1]} must be >= 1" in capsys.readouterr().err
+    assert parse_args(["c.yaml", "--gpus", "8"]).gpus == 8
+
+
 def test_parse_size():
     assert parse_size("80GB") == 80 * 2 ** 30 and parse_size("512MiB") == 512 * 2 ** 20 and parse_size("24g") == 24 * 2 ** 30
     with pytest.raises(ValueError, match="--gpu-mem"):

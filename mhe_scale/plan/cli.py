@@ -50,7 +50,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--probe-steps", type=int, default=3)
     p.add_argument("--probe-timeout", type=int, default=300, help="seconds per probe run")
     p.add_argument("--probe-overrides", nargs="*", default=[], help="extra overrides for probe runs (small data)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("gpus", "nodes", "top", "probe_top", "probe_steps", "probe_timeout"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    return args
 
 
 def _stages(text: Optional[str]) -> Optional[list]:
