@@ -168,3 +168,13 @@ def test_tools_run_on_a_trained_checkpoint(archive, tmp_path, capsys):
                                          "--device", "cpu"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["protocol"] == "holidays" and 0 < metrics["mAP"] <= 100
+    # bad input: one line naming the file, exit 2 (a traceback before)
+    (tmp_path / "gnd.json").write_text('{"qimlist": ["a"], "gnd": [')
+    (tmp_path / "junk.safetensors").write_text("junk")
+    for args, named in ([str(config), str(new), "--protocol", "revisited", "--root", str(tmp_path / "hol"), "--gnd",
+                         str(tmp_path / "gnd.json")], "gnd.json: not readable JSON"), \
+                       ([str(config), str(tmp_path / "junk.safetensors"), "--protocol", "holidays", "--root",
+                         str(tmp_path / "hol")], "junk.safetensors: not a readable safetensors file"):
+        assert _tool("eval_retrieval").main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("eval_retrieval: error: ") and named in err and "\n" not in err

@@ -38,7 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    from mhe_scale.config import ConfigError
 
+    try:
+        result = evaluate_checkpoint(args)
+    except (ConfigError, ValueError, OSError) as err:  # config, checkpoint, image layout, ground truth
+        print(f"eval_retrieval: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """The protocol's metrics for the checkpoint (args as parsed by main); bad input raises ValueError / OSError
+    naming the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from mhe_scale.config import load_config
@@ -48,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     from mhe_scale.tasks.multigrain import build_model
 
     cfg = load_config(args.config)
-    state = load_file(args.checkpoint)
+    try:
+        state = load_file(args.checkpoint)
+    except SafetensorError as err:
+        raise ValueError(f"{args.checkpoint}: not a readable safetensors file ({err})") from None
     if "classifier.weight" not in state:
-        raise SystemExit(f"error: {args.checkpoint} has no classifier.weight; is it a multigrain checkpoint?")
+        raise ValueError(f"{args.checkpoint} has no classifier.weight; is it a multigrain checkpoint?")
     model = build_model(cfg.model, int(state["classifier.weight"].shape[0]))
     model.load_state_dict(state, strict=True)
     if args.p is not None:
@@ -66,13 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         rset = R.ukbench(args.root)
     elif args.protocol == "revisited":
         if not args.gnd:
-            raise SystemExit("error: --protocol revisited needs --gnd gnd_<name>.json")
+            raise ValueError("--protocol revisited needs --gnd gnd_<name>.json")
         rset = R.revisited(args.root, args.gnd)
     else:
         rset = R.copydays(args.root, args.distractors, args.max_distractors, args.transforms)
     metrics = R.evaluate(rset, embed, args.largest_side, batch_size=args.batch_size, device=args.device)
-    print(json.dumps({"protocol": rset.name, "largest_side": args.largest_side, **metrics}))
-    return 0
+    return {"protocol": rset.name, "largest_side": args.largest_side, **metrics}
 
 
 if __name__ == "__main__":
