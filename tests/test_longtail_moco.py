@@ -116,6 +116,36 @@ def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path):
     assert torch.equal(whole.generator.get_state(), resumed.generator.get_state())
 
 
+def test_resume_on_another_number_of_processes_reads_rank_mod_saved_world(tmp_path, caplog):
+    saved = []
+    for rank in (0, 1):  # two processes' files; rank 1's queue made different to see which file is read
+        m = tiny_moco(rank=rank, world=2)
+        m.queue = torch.randn(m.queue.shape, generator=torch.Generator().manual_seed(rank))
+        m.queue_labels = torch.full_like(m.queue_labels, rank)
+        m.pointer = 8
+        m.extra_state()[0].save(tmp_path)
+        saved.append(m)
+
+    def resumed(rank: int, world: int) -> MoCo:
+        m = tiny_moco(rank=rank, world=world)
+        m.extra_state()[0].load(tmp_path)
+        return m
+
+    one = resumed(0, 1)
+    assert "saved by 2 processes, resumed on 1" in caplog.text
+    assert torch.equal(one.queue, saved[0].queue) and one.pointer == 8 and (one.queue_labels == 0).all()
+    for a, b in zip(one.key_encoder.state_dict().values(), saved[0].key_encoder.state_dict().values()):
+        assert torch.equal(a, b)
+    three = [resumed(r, 3) for r in range(3)]
+    assert [int(m.queue_labels[0]) for m in three] == [0, 1, 0]  # rank r reads rank (r mod 2)'s file
+    states = [m.generator.get_state() for m in three]
+    assert not torch.equal(states[0], states[2])  # same file, yet their own key-shuffle / draw streams
+    assert torch.equal(resumed(2, 3).generator.get_state(), states[2])  # and deterministic
+    (tmp_path / "moco-rank0-of-3.safetensors").write_bytes(b"")  # two world sizes in one folder: refused
+    with pytest.raises(FileNotFoundError, match="no MoCo state for rank 0 of 4"):
+        resumed(0, 4)
+
+
 @pytest.fixture(scope="module")
 def lists(tmp_path_factory):
     from tests.conftest import load_tool
@@ -157,7 +187,7 @@ def test_contrastive_task_two_processes_share_one_queue(lists, tmp_path):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), "-m", "mhe_scale.train", "configs/longtail/cifar10_lt100_kcl.yaml",
-                           *overrides(lists, out)], cwd=REPO, env=env, capture_output=True,
+                           *overrides(lists, out, "train.schedule=constant")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     ckpt = sorted((out / "kcl" / "checkpoints").glob("step-*"))[-1]
@@ -166,3 +196,14 @@ def test_contrastive_task_two_processes_share_one_queue(lists, tmp_path):
     assert (r0["queue_labels"] >= 0).all()
     keys = [k for k in r0 if k.startswith("key.") and "running" not in k and "num_batches" not in k]
     assert all(torch.equal(r0[k], r1[k]) for k in keys)  # key weights follow the same (averaged) query weights
+
+    # the same run extended by an epoch on ONE process (global batch 8 kept): resumes from the 2-process files
+    from mhe_scale.train import main as train_main
+
+    steps = [json.loads(l)["step"] for l in (out / "kcl" / "loss_log.jsonl").read_text().splitlines()]
+    assert train_main(["configs/longtail/cifar10_lt100_kcl.yaml", *overrides(lists, out, "train.schedule=constant",
+                                                                             "train.epochs=2", "train.batch_size=8")]) == 0
+    more = [json.loads(l)["step"] for l in (out / "kcl" / "loss_log.jsonl").read_text().splitlines()]
+    assert more[:len(steps)] == steps and more[len(steps):] == list(range(steps[-1] + 1, 2 * steps[-1] + 1))
+    last = sorted((out / "kcl" / "checkpoints").glob("step-*"))[-1]
+    assert (last / "moco-rank0-of-1.safetensors").is_file()

@@ -12,6 +12,9 @@ Per seed s (train.seed = data.seed = s), every step a `mhe-scale train` subproce
   trained on a BALANCED subset of CIFAR-10 train (--balanced-per-class images per class, seeded)
   with the classes grouped by the long-tailed counts (probe.shot_counts_from).
 Once (seed 0): MoCo pre-trained on the balanced subset, kNN accuracy after every epoch.
+Per seed and --references method: the same pre-training on the balanced subset (as many images as
+the long-tailed list) and the same balanced probe: the paper's claim is that the long tail costs
+contrastive features less than CE features (the "cost of the long tail" table, paired by seed).
 Tables: many / medium / few / all accuracy, mean ± std over the seeds, seconds per run; the
 balancedness table (many, medium, gap); the balanced-MoCo kNN curve (a PNG if matplotlib imports).
 CIFAR-10-LT r100 has no few-shot class (its smallest class has 50 images): "few" is n/a.
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--balanced-per-class", type=int, default=1240)
     parser.add_argument("--balanced-epochs", type=float, default=None, help="balanced MoCo (default --epochs)")
     parser.add_argument("--evals-per-epoch", type=int, default=1, help="balanced MoCo: kNN passes per epoch")
+    parser.add_argument("--references", nargs="*", default=["ce", "moco", "kcl"], choices=["ce", "moco", "kcl"],
+                        help="methods also pre-trained on the balanced subset, every seed (what the long tail costs them)")
     parser.add_argument("--out", default="runs/bench_longtail")
     parser.add_argument("--deadline-min", type=float, default=math.inf, help="start no run after this many minutes")
     args = parser.parse_args(argv)
@@ -220,6 +225,21 @@ def main(argv: list[str] | None = None) -> int:
                                                f"train.epochs={args.probe_epochs}", f"optim.lr={args.probe_lr}",
                                                f"data.path={bal}", "data.sampler=epoch", f"probe.shot_counts_from={lt}",
                                                f"train.output_dir={o}"], o, ("balanced-moco",)))
+    for s in args.seeds:  # the same pre-training on the balanced subset: what the long tail costs each method
+        seed = [f"train.seed={s}", f"data.seed={s}"]
+        for m in args.references:
+            if (m, s) == ("moco", 0):
+                continue  # the kNN-curve run above is this reference
+            o = out / f"s{s}" / f"{m}_balanced" / "pretrain"
+            jobs.append(Job(f"s{s}-{m}-balpretrain", [pre_cfg, *common, *seed, f"data.path={bal}", "data.name=cifar10-balanced",
+                                                      f"contrastive.method={m}", f"contrastive.queue_size={args.queue}",
+                                                      f"train.epochs={args.balanced_epochs or args.epochs}",
+                                                      f"optim.lr={0.1 if m == 'ce' else 0.06}", f"train.output_dir={o}"], o))
+            o = out / f"s{s}" / f"{m}_balanced" / "balanced"
+            jobs.append(Job(f"s{s}-{m}-balref", [probe_cfg, *common, *seed, f"probe.checkpoint={o.parent / 'pretrain' / m}",
+                                                 f"train.epochs={args.probe_epochs}", f"optim.lr={args.probe_lr}",
+                                                 f"data.path={bal}", "data.sampler=epoch", f"probe.shot_counts_from={lt}",
+                                                 f"train.output_dir={o}"], o, (f"s{s}-{m}-balpretrain",)))
     if (out / "bench.json").is_file():  # a rerun: the seconds of the runs it does not repeat
         prior = json.loads((out / "bench.json").read_text())
         for j in jobs:
@@ -236,6 +256,29 @@ def main(argv: list[str] | None = None) -> int:
                                                 "metrics": {j.name: j.metrics() for j in jobs if j.done},
                                                 "balanced_epoch_times": by["balanced-moco"].epoch_times}, indent=1))
     return 0
+
+
+def reference_job(by: dict[str, Job], method: str, seed: int) -> Job:
+    """The balanced probe over features pre-trained on the balanced subset (method, seed)."""
+    return by["balanced-moco-balanced"] if (method, seed) == ("moco", 0) else by[f"s{seed}-{method}-balref"]
+
+
+def cost_table(args: argparse.Namespace, by: dict[str, Job]) -> str:
+    """Kang et al.'s claim: the same linear classifier (balanced data) over features pre-trained on the
+    long-tailed list vs on a balanced subset of the same size; the cost of the long tail per method,
+    paired by seed."""
+    lines = ["| balanced linear classifier, all classes | features from the LT list | features from the balanced "
+             "subset | cost of the long tail (paired by seed) |", "|---|---|---|---|"]
+    names = {"ce": "CE", "moco": "MoCo v2", "kcl": "KCL (k=6)"}
+    for m in args.references:
+        pairs = [(by[f"s{s}-{m}-balanced"].metrics().get("overall"), reference_job(by, m, s).metrics().get("overall"))
+                 for s in args.seeds]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if pairs:
+            lt_acc, bal_acc = zip(*pairs)
+            lines.append(f"| {names[m]} | {mean_std(list(lt_acc))} | {mean_std(list(bal_acc))} | "
+                         f"{mean_std([b - a for a, b in pairs])} ({len(pairs)} seeds) |")
+    return "\n".join(lines) + "\n"
 
 
 def report(args: argparse.Namespace, by: dict[str, Job], out: Path, total: float) -> str:
@@ -275,6 +318,8 @@ def report(args: argparse.Namespace, by: dict[str, Job], out: Path, total: float
                      f"epochs, seed 0) | {mean_std([ref['many']])} | {mean_std([ref['medium']])} | "
                      f"{mean_std([ref['many'] - ref['medium']])} | {mean_std([ref['overall']])} |")
     lines.append("")
+    if args.references:
+        lines.append(cost_table(args, by))
     bal = by["balanced-moco"]
     logs = list(out.joinpath("balanced_moco").glob("*/eval_log.jsonl"))
     evals = [json.loads(l) for l in logs[0].read_text().splitlines()] if logs else []

@@ -19,12 +19,15 @@
 - Loss: losses.kcl (k_positives = 0: InfoNCE; k: KCL; None: all same-class queue entries).
   metrics: accuracy (own key ranked first), positives, chance = log(1 + filled queue entries).
 - extra_state(): key encoder, queue, labels, pointer and the shuffle / draw generator, one
-  safetensors file per process ("moco-rank{r}-of-{W}.safetensors"); resume needs the same world size.
+  safetensors file per process ("moco-rank{r}-of-{W}.safetensors"). Resuming on W' != W processes
+  (`saved_by_other_world`): rank r loads rank (r mod W)'s file (queue, pointer and key weights are the
+  same on every rank) and re-seeds its generator from it and r.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 
@@ -35,6 +38,8 @@ from torch import Tensor, nn
 from mhe_scale.engine.checkpoint import ExtraState
 from mhe_scale.engine.module import Metrics, TrainingModule
 from mhe_scale.losses.kcl import KPositiveContrastive
+
+logger = logging.getLogger(__name__)
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -163,7 +168,8 @@ class MoCo(TrainingModule):
         if size % len(keys):
             raise ValueError(f"MoCo: contrastive.queue_size={size} is not divisible by the {len(keys)} keys enqueued "
                              f"per micro-batch (train.batch_size x processes); choose a multiple of {len(keys)}")
-        rows = torch.arange(self.pointer, self.pointer + len(keys), device=keys.device)
+        # modulo: a run resumed with another micro batch x processes may hold a pointer off its new stride
+        rows = torch.arange(self.pointer, self.pointer + len(keys), device=keys.device) % size
         # out of place: the loss graph of this micro-batch still holds the old queue
         self.queue = self.queue.index_copy(0, rows, keys.to(self.queue.dtype))
         self.queue_labels = self.queue_labels.index_copy(0, rows, labels)
@@ -189,19 +195,42 @@ class MoCo(TrainingModule):
             save_file(tensors, str(self._file(folder)))
 
         def load(folder: Path) -> None:
-            path = self._file(folder)
-            if not path.is_file():
-                found = sorted(p.name for p in Path(folder).glob("moco-rank*.safetensors"))
-                raise FileNotFoundError(f"{path} is missing (checkpoint holds {found}); resume MoCo with the world "
-                                        f"size it was saved with ({self.world} now)")
+            path, saved_world = self._file(folder), self.world
+            if not path.is_file():  # saved by another number of processes
+                path, saved_world = saved_by_other_world(Path(folder), self.rank, self.world)
             tensors = load_file(str(path))
             device = self.queue.device
             self.key_encoder.load_state_dict({n[4:]: t for n, t in tensors.items() if n.startswith("key.")})
             self.queue, self.queue_labels = tensors["queue"].to(device), tensors["queue_labels"].to(device)
             self.pointer = int(tensors["pointer"][0])
             self.generator.set_state(tensors["generator"])
+            if saved_world != self.world:  # ranks sharing a saved generator would draw alike: one new stream each
+                seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+                self.generator.manual_seed(seed + self.rank)
 
         return [ExtraState("moco", save, load)]
+
+
+def saved_by_other_world(folder: Path, rank: int, world: int) -> tuple[Path, int]:
+    """The MoCo file rank `rank` of `world` processes resumes from when the checkpoint was saved by W'
+    processes: rank (rank mod W')'s -> (path, W'). Every saved rank holds the same queue, labels, pointer
+    and key-encoder weights (keys are all-gathered, the query weights averaged); only the key encoder's
+    BN statistics and the generator are per process."""
+    found = sorted(folder.glob("moco-rank*-of-*.safetensors"))
+    worlds = {int(p.stem.rsplit("-of-", 1)[1]) for p in found}
+    if len(worlds) != 1:
+        raise FileNotFoundError(f"{folder}: no MoCo state for rank {rank} of {world} (found "
+                                f"{[p.name for p in found]}); resume from a complete checkpoint folder")
+    saved = worlds.pop()
+    path = folder / f"moco-rank{rank % saved}-of-{saved}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (checkpoint holds {[p.name for p in found]}); the checkpoint "
+                                "is incomplete: resume from an earlier step folder")
+    if rank == 0:
+        logger.warning("MoCo state saved by %d processes, resumed on %d: each rank continues from rank (r mod %d)'s "
+                       "queue and key encoder with its own new key-shuffle / positive-draw stream (not bit-exact "
+                       "with an uninterrupted %d-process run)", saved, world, saved, saved)
+    return path, saved
 
 
 def warn_if_queue_is_large(queue_size: int, num_train: int, fraction: float = 0.25) -> str | None:
