@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mhe_scale.data.image_folder import list_file_records
-from mhe_scale.data.longtail import (KANG_TABLE, balanced_holdout, exponential_counts, imagenet_lt_reference,
+from mhe_scale.data.longtail import (KANG_TABLE, balanced_holdout, exponential_counts, imagenet_lt_reference, kang_counts,
                                      nested_subsets, ood_class_split, power_counts, shot_groups)
 from tests.conftest import load_tool
 
@@ -33,11 +33,8 @@ def test_imagenet_lt_reference_has_the_published_shape():
 @pytest.mark.parametrize("name", list(KANG_TABLE))
 def test_kang_table_rows(name):
     a, top, bottom, total = KANG_TABLE[name]
-    counts = power_counts(imagenet_lt_reference(), a)
-    if name == "LT0":  # rounding the mean 115.846 gives 116 per class; the paper's table has 115
-        assert (counts.max(), counts.min(), counts.sum()) == (116, 116, 116_000)
-        return
-    if name == "LT":
+    counts = kang_counts(imagenet_lt_reference(), name)
+    if name in ("LT0", "LT"):  # LT0: 115 per class (floor of the mean 115.846); LT: the reference itself
         assert (counts.max(), counts.min(), counts.sum()) == (top, bottom, total)
     # the stand-in reference is not ImageNet-LT's exact list: max / min within 4 %, totals within 0.1 %
     assert abs(counts.max() - top) <= 0.04 * top and abs(counts.min() - bottom) <= max(1, 0.06 * bottom)
@@ -123,7 +120,7 @@ def test_make_longtail_imagenet_folder_with_reference_counts(tmp_path):
     full = list_file_records(out / "LT.txt", root)
     assert sorted(np.bincount(full.labels, minlength=4).tolist()) == [1, 4, 9, 25]
     flat = list_file_records(out / "LT0.txt", root)
-    assert np.bincount(flat.labels).tolist() == [10] * 4  # the mean 39/4 rounded
+    assert np.bincount(flat.labels).tolist() == [9] * 4  # LT0: the mean 39/4 floored (as the paper's 115.846 -> 115)
     lt0, lt = ({flat.path(i) for i in range(len(flat))}, {full.path(i) for i in range(len(full))})
     head = int(np.bincount(full.labels).argmax())
     assert {p for p in lt0 if f"/n{head}/" in p} <= {p for p in lt if f"/n{head}/" in p}

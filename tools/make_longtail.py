@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mhe_scale.data.longtail import (KANG_TABLE, balanced_holdout, counts_from_labels, exponential_counts,  # noqa: E402
-                                     imagenet_lt_reference, nested_subsets, ood_class_split, power_counts)
+                                     imagenet_lt_reference, kang_counts, nested_subsets, ood_class_split, power_counts)
 
 
 def write_list(path: Path, names: list[str], labels: np.ndarray, indices: np.ndarray,
@@ -127,8 +127,8 @@ def make_imagenet(args: argparse.Namespace) -> dict:
     base = assign_by_availability(power_counts(ref, 10), available, args.seed)
     order = np.argsort(-base, kind="stable")
     counts = {}
-    for name, (a, *_rest) in KANG_TABLE.items():
-        per = np.sort(power_counts(ref, a))[::-1]
+    for name in KANG_TABLE:
+        per = np.sort(kang_counts(ref, name))[::-1]
         counts[name] = np.empty(len(classes), dtype=np.int64)
         counts[name][order] = per
     picked = nested_subsets(labels[pool], counts, args.seed)

@@ -3,7 +3,8 @@
 Per-class counts:
 - `power_counts(reference, a)`: n_c^(a/10) of reference counts n_c, rescaled so the mean stays the
   reference's mean, rounded to the nearest integer (>= 1): Kang et al.'s ImageNet LT0 ... LT series
-  (a = 0 balanced, a = 10 the reference itself).
+  (a = 0 balanced, a = 10 the reference itself); `kang_counts` gives the table's rows (LT0: floor of the
+  mean, as the paper's 115 per class).
 - `exponential_counts(n_max, ratio, C)`: n_c = floor(n_max * ratio^(-c/(C-1))), class 0 the largest
   (Cao et al. 2019's CIFAR-LT with imbalance ratio `ratio`).
 - `imagenet_lt_reference()`: a stand-in for ImageNet-LT's per-class counts. Liu et al. 2019 drew
@@ -75,6 +76,17 @@ def power_counts(reference: Sequence[int] | np.ndarray, a: float, mean: float | 
     raw = ref ** (a / 10.0)
     target = ref.mean() if mean is None else float(mean)
     return np.maximum(np.rint(raw * target / raw.mean()), 1).astype(np.int64)
+
+
+def kang_counts(reference: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
+    """Kang et al.'s subset `name` (a KANG_TABLE key) of reference counts -> int64 [C]: power_counts with
+    the row's a, except LT0 (a = 0, balanced), which takes floor(mean) images per class: every class's
+    mean-preserving count is the same 115.846, which rounds to 116, while the paper's table has 115 x 1000."""
+    a = KANG_TABLE[name][0]
+    if a == 0:
+        ref = np.asarray(reference, dtype=np.float64)
+        return np.full(len(ref), max(int(math.floor(ref.mean())), 1), dtype=np.int64)
+    return power_counts(reference, a)
 
 
 def exponential_counts(n_max: int, ratio: float, num_classes: int) -> np.ndarray:
