@@ -8,6 +8,7 @@ Costs D*C parameters: this is the head that does not scale, kept as the referenc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,12 +53,45 @@ def cosine_similarity(features: Tensor, weight: Tensor) -> Tensor:
     """features [B, D], weight [N, D] -> cos [B, N], computed in fp32 (or fp64).
 
     The weight is not normalised into an [N, D] copy: the product's columns are divided by the row
-    norms, (f / |f|) W^T / |w_n| (the same as F.normalize on both sides, eps 1e-12). Forward and
-    backward then make one pass over the [N, D] rows instead of four (measured in the sparse-heads
-    table of docs/benchmarks.md, before / after)."""
-    weight = upcast(weight)
-    inv_norm = weight.norm(dim=1).clamp_min(1e-12).reciprocal()
-    return F.linear(F.normalize(upcast(features), dim=1), weight) * inv_norm
+    norms, (f / |f|) W^T / |w_n| (the same as F.normalize on both sides, eps 1e-12), and the backward
+    is one fused function (_CosineColumns): one matmul and one pass over the [N, D] rows for the
+    weight's gradient (measured in the sparse-heads table of docs/benchmarks.md, before / after)."""
+    return _CosineColumns.apply(F.normalize(upcast(features), dim=1), upcast(weight))
+
+
+class _CosineColumns(torch.autograd.Function):
+    """(unit features U [B, D], weight W [N, D]) -> cos [B, N] = (U W^T)_bn / max(|w_n|, 1e-12).
+
+    Backward, G = dL/dcos, inv_n = 1 / max(|w_n|, 1e-12):
+        dL/dU = (G * inv) W,
+        dL/dw_n = inv_n sum_b G_bn u_b - inv_n^2 (sum_b G_bn cos_bn) w_n   (second term only where
+        |w_n| > 1e-12; below, the clamp's gradient is zero).
+    Autograd's version of the same graph makes three more passes over [N, D] (the norm's backward and
+    adding its gradient to the product's). Under autocast the backward matmuls run under the same
+    autocast as the forward's."""
+
+    @staticmethod
+    def forward(ctx, unit: Tensor, weight: Tensor) -> Tensor:
+        norm = weight.norm(dim=1)
+        inv = norm.clamp_min(1e-12).reciprocal()
+        cos = torch.mm(unit, weight.t()) * inv  # out of place: an autocast (bf16) product is promoted to fp32
+        device = unit.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        ctx.save_for_backward(unit, weight, inv, cos, norm > 1e-12)
+        return cos
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        unit, weight, inv, cos, live = ctx.saved_tensors
+        scaled = grad * inv
+        with torch.autocast(*ctx.autocast) if ctx.autocast else contextlib.nullcontext():
+            grad_unit = torch.mm(scaled, weight.to(scaled.dtype)) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.mm(scaled.t(), unit.to(scaled.dtype)) if ctx.needs_input_grad[1] else None
+        if grad_weight is not None:
+            coef = (grad * cos).sum(0).mul_(inv * inv).neg_().masked_fill_(~live, 0.0)
+            grad_weight = grad_weight.to(weight.dtype).addcmul_(weight, coef.to(weight.dtype).unsqueeze(1))
+        return (None if grad_unit is None else grad_unit.to(unit.dtype)), grad_weight
 
 
 @register_head("fc")

@@ -126,9 +126,9 @@ class _RowSparseBase(torch.optim.Optimizer):
         return None if all(lr == now for lr in lrs) else lrs
 
     def _refresher(self, p: Tensor, index: int):
-        def refresh(ids: Tensor | None) -> None:
+        def refresh(ids: Tensor | None) -> tuple[Tensor, list[Tensor]] | None:
             with torch.no_grad():  # the group is looked up now: load_state_dict / schedules replace its values
-                self._catch_up(p, self.param_groups[index], ids)
+                return self._catch_up(p, self.param_groups[index], ids)
         return refresh
 
     def _state(self, p: Tensor) -> dict[str, Tensor]:
@@ -161,8 +161,9 @@ class _RowSparseBase(torch.optim.Optimizer):
             if "row_step" in state and state["row_step"].dtype != torch.int64:
                 state["row_step"] = state["row_step"].round().long()
 
-    def _catch_up(self, p: Tensor, group: dict[str, Any], ids: Tensor | None) -> None:
-        """Apply the skipped steps to rows `ids` (None: all rows) so they reflect state["step"] steps."""
+    def _catch_up(self, p: Tensor, group: dict[str, Any], ids: Tensor | None) -> tuple[Tensor, list[Tensor]] | None:
+        """Apply the skipped steps to rows `ids` (None: all rows) so they reflect state["step"] steps.
+        For ids: -> (rows [U, ...], [state rows]) caught up (fresh tensors, also written back), or None."""
         state = self._state(p)
         rg: RowGradients = getattr(p, ROWS_ATTR)
         row_step = state["row_step"].view(-1)
@@ -171,16 +172,18 @@ class _RowSparseBase(torch.optim.Optimizer):
             ids = torch.nonzero(row_step < step).squeeze(1)  # host sync: full refreshes only
             for chunk in ids.split(REFRESH_CHUNK_ROWS):  # bounded transient memory (REFRESH_CHUNK_ROWS)
                 self._catch_up(p, group, chunk)
-            return
+            return None
         last = row_step[ids]
         skipped = step - last
         if skipped.numel() == 0:
-            return
-        self._apply_skipped(p, rg.row_ndim, state, group, ids, last, skipped)
+            return None
+        caught = self._apply_skipped(p, rg.row_ndim, state, group, ids, last, skipped)
         row_step[ids] = step
+        return caught
 
     def _apply_skipped(self, p: Tensor, row_ndim: int, state: dict[str, Tensor], group: dict[str, Any],
-                       ids: Tensor, last: Tensor, skipped: Tensor) -> None:
+                       ids: Tensor, last: Tensor, skipped: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Catch rows `ids` up in p and its state (written back) -> (rows, [state rows]), fresh tensors."""
         raise NotImplementedError
 
     def _update(self, rows: Tensor, grad: Tensor, bufs: list[Tensor], group: dict[str, Any], step: int) -> tuple:
@@ -213,8 +216,12 @@ class _RowSparseBase(torch.optim.Optimizer):
                 t = int(state["step"]) + 1
                 view = rows_of(p.data, rg.row_ndim)
                 bufs = [rows_of(state[k], rg.row_ndim) for k in self._buffers()]
-                new, new_bufs = self._update(view.index_select(0, ids), leaf.grad,
-                                             [b.index_select(0, ids) for b in bufs], group, t)
+                cached = rg.cached_state()
+                if cached is not None:  # one gather caught these rows up: its leaf and state copies are current
+                    rows, buf_rows = leaf.detach(), cached
+                else:
+                    rows, buf_rows = view.index_select(0, ids), [b.index_select(0, ids) for b in bufs]
+                new, new_bufs = self._update(rows, leaf.grad, buf_rows, group, t)
                 view.index_copy_(0, ids, new)
                 for b, nb in zip(bufs, new_bufs):
                     b.index_copy_(0, ids, nb)
@@ -262,8 +269,9 @@ class RowSparseSGD(_RowSparseBase):
             else:
                 suffix = _suffix_products([1.0 - x * wd for x in lrs])  # [W + 1]: prod of steps > first - 1 + i
                 factor = suffix.to(skipped.device)[len(lrs) - skipped]
-            view.index_copy_(0, ids, rows * factor.to(rows.dtype).view(shape))
-            return
+            rows = rows * factor.to(rows.dtype).view(shape)
+            view.index_copy_(0, ids, rows)
+            return rows, []
         starts, inverse = torch.unique(last, return_inverse=True)
         lrs = self._window_lrs(group, int(starts[0]) + 1, step)
         if lrs is None:  # one lr over the window: A^k by squaring
@@ -273,8 +281,11 @@ class RowSparseSGD(_RowSparseBase):
             m = _window_products(lrs, int(starts[0]), step, starts.tolist(), mu, wd).to(p.device)[inverse].to(rows.dtype)
         bufs = rows_of(state["momentum_buffer"], row_ndim)
         buf = bufs.index_select(0, ids)
-        view.index_copy_(0, ids, torch.addcmul(m[:, 0, 0].view(shape) * rows, m[:, 0, 1].view(shape), buf))
-        bufs.index_copy_(0, ids, torch.addcmul(buf.mul_(m[:, 1, 1].view(shape)), m[:, 1, 0].view(shape), rows))
+        new_rows = torch.addcmul(m[:, 0, 0].view(shape) * rows, m[:, 0, 1].view(shape), buf)
+        new_buf = buf.mul_(m[:, 1, 1].view(shape)).addcmul_(m[:, 1, 0].view(shape), rows)
+        view.index_copy_(0, ids, new_rows)
+        bufs.index_copy_(0, ids, new_buf)
+        return new_rows, [new_buf]
 
 
 class RowSparseAdamW(_RowSparseBase):
@@ -315,9 +326,13 @@ class RowSparseAdamW(_RowSparseBase):
             lrs, base, step, starts.double().cpu(), horizon, b1, b2, float(group["weight_decay"])))
         coef = total[inverse].to(rows.dtype).view(shape)
         decay = decay_starts[inverse].to(rows.dtype).view(shape)
-        view.index_copy_(0, ids, decay * rows - coef * m / (v.sqrt() + eps))
-        m_all.index_copy_(0, ids, m * torch.pow(b1, skipped.double()).to(m.dtype).view(shape))
-        v_all.index_copy_(0, ids, v * torch.pow(b2, skipped.double()).to(v.dtype).view(shape))
+        new_rows = decay * rows - coef * m / (v.sqrt() + eps)
+        m.mul_(torch.pow(b1, skipped.double()).to(m.dtype).view(shape))
+        v.mul_(torch.pow(b2, skipped.double()).to(v.dtype).view(shape))
+        view.index_copy_(0, ids, new_rows)
+        m_all.index_copy_(0, ids, m)
+        v_all.index_copy_(0, ids, v)
+        return new_rows, [m, v]
 
 
 def build_row_sparse_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float,

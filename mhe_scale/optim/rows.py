@@ -26,14 +26,21 @@ class RowGradients:
         self.row_ndim = row_ndim
         self.ids: list[Tensor] = []
         self.leaves: list[Tensor] = []
+        self.states: list[list[Tensor] | None] = []  # per gather: its rows' caught-up optimizer state, if kept
         self.merged: tuple[Tensor, Tensor] | None = None  # (ids [U], leaf [U, ...] holding the summed grad)
-        self.refresh: Callable[[Tensor | None], None] | None = None  # set by the optimizer; None ids = all rows
+        self.merged_state: list[Tensor] | None = None
+        # set by the optimizer: refresh(ids) catches rows up (None = all rows) and, for ids, returns the
+        # caught-up (rows [U, ...], optimizer state rows) it also wrote back, or None
+        self.refresh: Callable[[Tensor | None], tuple[Tensor, list[Tensor]] | None] | None = None
         self.fresh = True  # every gathered row was caught up when gathered
 
-    def add(self, ids: Tensor, leaf: Tensor, fresh: bool) -> None:
+    def add(self, ids: Tensor, leaf: Tensor, fresh: bool, state: list[Tensor] | None = None) -> None:
+        """One gather: its row ids, the leaf holding the rows and, when the optimizer handed them over,
+        the rows' caught-up optimizer state (the step then reads neither the rows nor the state again)."""
         self.fresh = self.fresh and fresh
         self.ids.append(ids)
         self.leaves.append(leaf)
+        self.states.append(state)
         self.merged = None
 
     def coalesce(self) -> tuple[Tensor, Tensor] | None:
@@ -41,22 +48,28 @@ class RowGradients:
         gathered row received a gradient. Idempotent until the next add / clear."""
         if self.merged is not None:
             return self.merged
-        pairs = [(i, leaf) for i, leaf in zip(self.ids, self.leaves) if leaf.grad is not None]
+        pairs = [(i, leaf, st) for i, leaf, st in zip(self.ids, self.leaves, self.states) if leaf.grad is not None]
         if not pairs:
             return None
+        self.merged_state = None
         if len(pairs) == 1:
-            ids, leaf = pairs[0]
+            ids, leaf, self.merged_state = pairs[0]
         else:  # gradient accumulation: rows may repeat across micro-batches
-            ids, inverse = torch.unique(torch.cat([i for i, _ in pairs]), return_inverse=True)
-            grads = torch.cat([leaf.grad for _, leaf in pairs])
+            ids, inverse = torch.unique(torch.cat([i for i, _, _ in pairs]), return_inverse=True)
+            grads = torch.cat([leaf.grad for _, leaf, _ in pairs])
             summed = grads.new_zeros((ids.numel(), *grads.shape[1:])).index_add_(0, inverse, grads)
             leaf = torch.empty_like(summed)  # a holder: only its .grad is read
             leaf.grad = summed
         self.merged = (ids, leaf)
         return self.merged
 
+    def cached_state(self) -> list[Tensor] | None:
+        """After coalesce: the merged rows' caught-up optimizer state when ONE gather holds them all and the
+        optimizer handed it over (the leaf then holds the caught-up rows themselves), else None."""
+        return self.merged_state if self.merged is not None else None
+
     def clear(self) -> None:
-        self.ids, self.leaves, self.merged, self.fresh = [], [], None, True
+        self.ids, self.leaves, self.states, self.merged, self.merged_state, self.fresh = [], [], [], None, None, True
 
 
 def rows_of(p: Tensor, row_ndim: int) -> Tensor:
@@ -95,12 +108,14 @@ def gather_rows(p: Tensor, ids: Tensor, unique: bool = False, row_ndim: int = 1)
         u, inverse = flat, None
     else:
         u, inverse = torch.unique(flat, return_inverse=True)
-    if rg.refresh is not None:
-        rg.refresh(u)
-    rows = rows_of(p.detach(), rg.row_ndim).index_select(0, u)  # index_select: faster than [u] indexing on CPU
+    caught = rg.refresh(u) if rg.refresh is not None else None
+    if caught is not None:  # the caught-up rows (a fresh copy, already written back) and their optimizer state
+        rows, state = caught
+    else:  # index_select: faster than [u] indexing on CPU
+        rows, state = rows_of(p.detach(), rg.row_ndim).index_select(0, u), None
     if torch.is_grad_enabled():
         rows.requires_grad_(True)
-        rg.add(u, rows, rg.refresh is not None)
+        rg.add(u, rows, rg.refresh is not None, state)
     out = rows if inverse is None else rows[inverse]
     return out.reshape(*ids.shape, *out.shape[1:])
 

@@ -41,14 +41,15 @@ LOGIT_COPIES = 3
 SHARDED_LOGIT_COPIES = 2
 """The same for a class-sharded fc / mhs (parallel/losses.py sharded_cross_entropy): the softmax is computed
 in place and saved once, the gradient is one more; the logits die after the forward."""
-COSINE_LOGIT_COPIES = 5
-"""The same for cosine logits with a margin (partial_fc; fc with cosine=True), sharded or not: the product and
-its 1/|w| scaling (heads/linear.py cosine_similarity), the margin's output and the softmax with its gradient."""
+COSINE_LOGIT_COPIES = 4
+"""The same for cosine logits with a margin (partial_fc; fc with cosine=True), sharded or not: the cosines
+(heads/linear.py cosine_similarity saves only its scaled product), the margin's output and the softmax with
+its gradient."""
 
 
 def logit_copies(head: "HeadSpec") -> int:
     """fp32 [rows, cols] copies of the head's logits at the backward's peak (measured on the real heads with a
-    live-storage counter, tests/test_plan_memory.py): cosine 5, class-sharded fc / mhs 2, else 3."""
+    live-storage counter, tests/test_plan_memory.py): cosine 4, class-sharded fc / mhs 2, else 3."""
     if head.name == "partial_fc" or head.cosine:
         return COSINE_LOGIT_COPIES
     if head.sharded and head.name in ("fc", "mhs"):
