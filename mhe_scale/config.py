@@ -77,6 +77,10 @@ class OptimConfig:
     """Decoupled (adamw) or L2 (sgd) weight decay."""
     momentum: float = 0.9
     """sgd momentum."""
+    head_momentum: Optional[float] = None
+    """sgd momentum of the head, if different (default: momentum). 0 keeps no momentum buffer for the head: with
+    the row-sparse update its state is then the weights plus one int64 step counter per row (C x 8 bytes)
+    instead of twice the weights (docs/engine.md, "Row-sparse head updates")."""
     no_decay_bias_norm: bool = False
     """Weight decay 0 for parameters with at most one dimension (biases, LayerNorm / BatchNorm weights), as
     LightXML's AdamW does (no_decay = bias, LayerNorm.weight); False: weight_decay applies to every parameter."""

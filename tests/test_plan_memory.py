@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mhe_scale.plan.memory import (ActivationLine, EngineSpec, HeadSpec, RunSpec, backbone_states, bucket_terms,
-                                   estimate, head_logit_shape, head_params, head_terms)
+                                   catch_up_copies, estimate, head_logit_shape, head_params, head_terms)
 
 
 def device_sum(terms) -> float:
@@ -336,3 +336,13 @@ def test_logit_terms_equal_the_real_heads_step(name, sharded, kw, spec_kw):
         head(x, y).loss.backward()
     grads = sum(p.grad.numel() * 4 for p in head.parameters() if p.grad is not None) + x.numel() * 4
     assert live.peak - grads == pytest.approx(model, rel=0.1)
+
+
+def test_head_momentum_zero_drops_the_sharded_heads_optimizer_term():
+    """optim.head_momentum=0 (plain SGD for the head): the class-sharded head's optimizer term is 0 and its
+    catch-up holds 2 copies instead of 4, while the encoder keeps its momentum (its optimizer term)."""
+    head = HeadSpec("partial_fc", 1_000_000, 128, sharded=True, sample_rate=0.1, row_sparse=True)
+    plain = {t.name: t.device for t in head_terms(head, EngineSpec(optimizer="sgd", head_momentum=0.0), 4, 64)}
+    default = {t.name: t.device for t in head_terms(head, EngineSpec(optimizer="sgd"), 4, 64)}
+    assert plain["head optimizer"] == 0 and default["head optimizer"] == default["head params"] > 0
+    assert catch_up_copies("sgd", EngineSpec(optimizer="sgd", head_momentum=0.0).head_sgd_momentum) == 2

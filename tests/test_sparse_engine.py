@@ -41,11 +41,13 @@ def _data() -> SyntheticSplit:
 
 
 def _fit(out, head_name: str, update: str, kind: str, stop_at: int | None = None, resume: bool = False,
-         schedule: str = "constant"):
+         schedule: str = "constant", head_momentum: float | None = None, optimizers: list | None = None):
     model = _model(head_name)
     optim = OptimConfig(name=kind, lr=0.1 if kind == "sgd" else 0.02, momentum=0.9, weight_decay=0.01,
-                        head_update=update)
+                        head_update=update, head_momentum=head_momentum)
     optimizer, head_optimizer = build_optimizers(optim, model)
+    if optimizers is not None:
+        optimizers += [optimizer, head_optimizer]
     cfg = TrainConfig(epochs=1.0, batch_size=MICRO, grad_accum_steps=ACCUM, log_every=1, seed=1, keep_last=0,
                       clip_grad_norm=0.3, save_every=3, output_dir=str(out), resume=resume, schedule=schedule,
                       warmup_steps=2 if schedule != "constant" else 0)
@@ -126,3 +128,29 @@ def test_sparse_fit_equals_dense_under_the_face_schedule(tmp_path) -> None:
     assert [r["loss"] for r in resumed_log] == [r["loss"] for r in sparse_log]
     for n in sparse_w:
         assert torch.equal(resumed_w[n], sparse_w[n]), n
+
+
+def test_head_momentum_zero_keeps_no_momentum_state_and_sparse_equals_dense(tmp_path) -> None:
+    """optim.head_momentum=0: the head's SGD keeps no momentum buffer (row-sparse: its state is the int64
+    step counter per row), the encoder keeps optim.momentum; sparse still equals dense (plain SGD catch-up)."""
+    dense_opts, sparse_opts = [], []
+    dense_log, dense_w = _fit(tmp_path / "dense", "pfc", "dense", "sgd", head_momentum=0.0, optimizers=dense_opts)
+    sparse_log, sparse_w = _fit(tmp_path / "sparse", "pfc", "sparse", "sgd", head_momentum=0.0, optimizers=sparse_opts)
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in sparse_log]), torch.tensor([r["loss"] for r in dense_log]),
+                               rtol=1e-5, atol=1e-6)
+    for n in dense_w:
+        torch.testing.assert_close(sparse_w[n], dense_w[n], rtol=1e-4, atol=1e-6, msg=n)
+    momentum_log, _ = _fit(tmp_path / "momentum", "pfc", "sparse", "sgd")
+    assert [r["loss"] for r in momentum_log] != [r["loss"] for r in sparse_log]  # the knob changes training
+    encoder_opt, head_opt = sparse_opts
+    (state,) = head_opt.state.values()
+    assert set(state) == {"step", "row_step"} and state["row_step"].shape == (C,)
+    assert all("momentum_buffer" in s for s in encoder_opt.state.values()) and encoder_opt.state
+    assert dense_opts[1].param_groups[0]["momentum"] == 0.0 and not any(
+        "momentum_buffer" in s and s["momentum_buffer"] is not None for s in dense_opts[1].state.values())
+    replicated = Classifier(MLPEncoder(DIM, hidden=16, num_features=FEAT, depth=1),
+                            create_head("partial_fc", in_features=FEAT, num_classes=C))
+    optimizer, _ = build_optimizers(OptimConfig(name="sgd", head_momentum=0.0), replicated)
+    assert [g["momentum"] for g in optimizer.param_groups] == [0.9, 0.0]
+    with pytest.raises(ValueError, match="head_momentum=0.0 is an sgd setting"):
+        build_optimizers(OptimConfig(name="adamw", head_momentum=0.0), _model("pfc"))

@@ -25,10 +25,12 @@ def available_gb(fraction: float) -> float:
     return fraction * avail / 1e9
 
 
-def run_isolated(cmd: list[str]) -> dict | None:
+def run_isolated(cmd: list[str], echo_stderr: bool = False) -> dict | None:
     """Run one measurement in a fresh process (its peak memory is its own); its last stdout line is a
-    JSON row. None (stderr tail printed) when it failed."""
+    JSON row. None (stderr tail printed) when it failed; echo_stderr prints its stderr in any case."""
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if echo_stderr and proc.returncode == 0:
+        print(proc.stderr, file=sys.stderr)
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
         return None

@@ -145,6 +145,13 @@ def run_one(row: str, classes: int, args: argparse.Namespace) -> dict:
     head = build(row, classes, args.dim, args)
     optimizer = head_optimizer(row, head)
     times, passes, out = timed_steps(head, optimizer, features, labels, args.steps)
+    if args.profile:  # one more step under torch.profiler: where the step's time goes, by operator
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            timed_steps(head, optimizer, features, labels, 0)
+        print(f"{row} C={classes:,}: one step by operator\n"
+              + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile), file=sys.stderr)
     metric = out.metrics.get("softmax_columns", out.metrics.get("kept_classes"))
     width = float(metric) if metric is not None else float(classes if row == "fc" else sum(head.sizes))
     params_and_state = state_bytes(head, optimizer)
@@ -198,6 +205,8 @@ def main() -> None:
     parser.add_argument("--world", type=int, nargs="+", default=[1], help="W = 1: the single-process heads; "
                         "W > 1: the class-sharded heads on W gloo processes (same global batch, cores // W threads "
                         "each); partial_fc and mhs rows only")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="W = 1 rows: print torch.profiler's N costliest operators of one more step")
     parser.add_argument("--one", nargs=3, metavar=("ROW", "C", "W"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -220,8 +229,8 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--one", row, str(classes), str(world), "--dim", str(args.dim), "--batch",
                str(args.batch), "--steps", str(args.steps), "--group-size", str(args.group_size), "--groups",
-               str(args.groups)] + (["--threads", str(args.threads)] if args.threads else [])
-        result = run_isolated(cmd)
+               str(args.groups), "--profile", str(args.profile)] + (["--threads", str(args.threads)] if args.threads else [])
+        result = run_isolated(cmd, echo_stderr=bool(args.profile))
         if result is None:
             rows.append({"row": row, "classes": classes, "world": world, "skipped": "failed (see stderr)"})
             continue

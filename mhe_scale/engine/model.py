@@ -60,10 +60,26 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def head_momentum(cfg: OptimConfig) -> float:
+    """optim.head_momentum, default optim.momentum; refused for optimizers without momentum (adamw)."""
+    if cfg.head_momentum is None:
+        return cfg.momentum
+    if cfg.name != "sgd":
+        raise ValueError(f"optim.head_momentum={cfg.head_momentum} is an sgd setting; optim.name={cfg.name!r}: "
+                         "remove optim.head_momentum or set optim.name=sgd")
+    if not 0.0 <= cfg.head_momentum < 1.0:
+        raise ValueError(f"optim.head_momentum={cfg.head_momentum} must be in [0, 1)")
+    return float(cfg.head_momentum)
+
+
 def _parameter_groups(cfg: OptimConfig, model: Classifier) -> tuple[dict, dict]:
     head_lr = cfg.head_lr if cfg.head_lr is not None else cfg.lr
-    return ({"params": list(model.encoder.parameters()), "lr": cfg.lr, "name": "encoder"},
-            {"params": list(model.head.parameters()), "lr": head_lr, "name": "head"})
+    head = {"params": list(model.head.parameters()), "lr": head_lr, "name": "head"}
+    if cfg.name == "sgd" and head_momentum(cfg) != cfg.momentum:
+        head["momentum"] = head_momentum(cfg)
+    else:
+        head_momentum(cfg)  # refuses a head momentum the optimizer cannot use
+    return {"params": list(model.encoder.parameters()), "lr": cfg.lr, "name": "encoder"}, head
 
 
 def split_no_decay(groups: list[dict]) -> list[dict]:
@@ -151,5 +167,5 @@ def build_optimizers(cfg: OptimConfig, model: Classifier) -> tuple[torch.optim.O
 
         model.head.row_sparse_parameters()
         return make_optimizer(cfg, [encoder]), build_row_sparse_optimizer(cfg.name, [head], cfg.lr, cfg.weight_decay,
-                                                                           cfg.momentum)
+                                                                           head_momentum(cfg))
     return make_optimizer(cfg, [encoder]), make_optimizer(cfg, [head])

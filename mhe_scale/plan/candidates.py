@@ -67,10 +67,13 @@ class PlanContext:
     process_group_bytes: Optional[float] = None
     """Per-rank cost of a W > 1 process group (None: the memory model's default for the device)."""
     saves_checkpoints: bool = True
+    head_momentum: Optional[float] = None
+    """sgd momentum of a class-sharded head (optim.head_momentum; None: momentum)."""
 
 
 def run_spec(s: Setup, ctx: PlanContext) -> RunSpec:
     engine = EngineSpec(zero_stage=s.zero_stage, precision=s.precision, optimizer=ctx.optimizer, momentum=ctx.momentum,
+                        head_momentum=ctx.head_momentum,
                         offload_optimizer=s.offload_optimizer, offload_param=s.offload_param, device=ctx.device,
                         activation_checkpointing=s.checkpointing, **dict(ctx.engine_extra))
     return RunSpec(ctx.backbone_params, ctx.largest_layer, engine, s.head, s.world, s.micro_batch,

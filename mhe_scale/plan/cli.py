@@ -142,7 +142,8 @@ def _main(args: argparse.Namespace, cfg: Any) -> int:
         for ckpt in ((False, True) if can_ckpt else (base.checkpointing,)):
             lines[(prec, ckpt)] = _activation_line(cfg, prec, ckpt)
     ctx = PlanContext(shape.params, shape.largest_layer, lines, cfg.optim.name, cfg.optim.momentum, args.device,
-                      engine_extra(ds), can_checkpoint=can_ckpt, gpus_per_node=args.gpus)
+                      engine_extra(ds), can_checkpoint=can_ckpt, gpus_per_node=args.gpus,
+                      head_momentum=cfg.optim.head_momentum)
     print(f"{args.config}: task {cfg.task}, encoder {shape.params:,} parameters (largest layer {shape.largest_layer:,}),"
           f" D={shape.dim}, C={shape.num_classes:,}, head {base.head_label}"
           f"{' (class-sharded)' if head.sharded else ''}; {world} ranks x {fmt_bytes(budget)}, global batch "

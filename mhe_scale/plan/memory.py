@@ -112,6 +112,8 @@ class EngineSpec:
     precision: str = "fp32"
     optimizer: str = "adamw"
     momentum: float = 0.9
+    head_momentum: Optional[float] = None
+    """sgd momentum of a class-sharded head's own optimizer (None: momentum)."""
     offload_optimizer: bool = False
     offload_param: bool = False
     reduce_bucket_size: float = 5e8
@@ -133,6 +135,10 @@ class EngineSpec:
             raise ValueError("offload_optimizer needs ZeRO-1, 2 or 3")
         param_bytes(self.precision)
         optimizer_bytes(self.optimizer, self.momentum)
+
+    @property
+    def head_sgd_momentum(self) -> float:
+        return self.momentum if self.head_momentum is None else self.head_momentum
 
     @property
     def overlap(self) -> bool:
@@ -418,7 +424,7 @@ def head_terms(head: HeadSpec, engine: EngineSpec, world: int, micro_batch: int)
     state of its shard; always: the gathered features and the fp32 logits of the training softmax."""
     terms: list[Term] = []
     n_params = head_params(head, world)
-    k = optimizer_bytes(engine.optimizer, engine.momentum)
+    k = optimizer_bytes(engine.optimizer, engine.head_sgd_momentum)
     src = "mhe_scale/parallel (class-sharded head, own torch optimizer)"
     sparse_rows, sparse_params = row_sparse_shape(head, world)
     if head.sharded:
@@ -458,10 +464,10 @@ def catch_up_terms(run: RunSpec, transient: float) -> list[Term]:
     rows, width = catch_up_shape(run.head, run.world, run.saves_checkpoints)
     if not rows:
         return []
-    peak = catch_up_bytes(rows, width, run.engine.optimizer, run.engine.momentum)
+    peak = catch_up_bytes(rows, width, run.engine.optimizer, run.engine.head_sgd_momentum)
     return [Term("head catch-up", max(0.0, peak - transient), 0.0,
                  f"max(0, copies*4*{rows}*{width} + 24*{rows} - head step tensors), copies = "
-                 f"{catch_up_copies(run.engine.optimizer, run.engine.momentum)}",
+                 f"{catch_up_copies(run.engine.optimizer, run.engine.head_sgd_momentum)}",
                  "mhe_scale/optim/row_sparse.py _apply_skipped (refresh_all in predict / state_dict)")]
 
 
