@@ -172,3 +172,16 @@ def test_run_config_leaves_out_what_does_not_change_training():
     assert rc["optim"]["lr"] == 0.5 and "output_dir" not in rc["train"] and "log_every" not in rc["train"]
     assert "eval" not in rc and "name" not in rc
     assert run_config(exp, head={"name": "fc"})["head"] == {"name": "fc"}
+
+
+def test_a_checkpoint_from_before_an_added_key_resumes_at_its_as_before_value():
+    """optim.head_momentum / optim.head_update did not exist when older runs were saved: their absence equals
+    the value that trains as before (None / dense); any other value is still a difference."""
+    from mhe_scale.engine.run_identity import differences
+
+    old = {"optim": {"lr": 0.1, "momentum": 0.9}}
+    same = {"optim": {"lr": 0.1, "momentum": 0.9, "head_momentum": None, "head_update": "dense"}}
+    assert differences(old, same) == [] and differences(same, old) == []
+    changed = differences(old, {"optim": {"lr": 0.1, "momentum": 0.9, "head_momentum": 0.0, "head_update": "auto"}})
+    assert [(k, new) for k, _, new in changed] == [("optim.head_momentum", 0.0), ("optim.head_update", "auto")]
+    assert differences(old, {"optim": {"lr": 0.1, "momentum": 0.9, "nesterov": False}})[0][0] == "optim.nesterov"

@@ -88,9 +88,22 @@ def describe(value: Any) -> str:
 
 _ABSENT = object()
 
+ADDED_KEYS: dict[str, Any] = {
+    "optim.head_update": "dense",   # before it existed every head was updated densely
+    "optim.head_momentum": None,    # None: the head uses optim.momentum, as before
+}
+"""Training keys added after runs were saved, each with the value that trains as those runs did. A
+checkpoint that lacks the key is the same run as a new one with that value (any other value is a
+difference); without this, adding a config key would refuse to resume every older checkpoint."""
+
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) for every training key that differs, sorted; absent values are _ABSENT."""
+    """(dotted key, old, new) for every training key that differs, sorted; absent values are _ABSENT
+    (a key of ADDED_KEYS absent on one side counts as its as-before value)."""
     a, b = training_keys(flatten(old)), training_keys(flatten(new))
+
+    def value(side: dict[str, Any], key: str) -> Any:
+        return side.get(key, ADDED_KEYS.get(key, _ABSENT))
+
     return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(a.keys() | b.keys())
-            if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+            if value(a, k) != value(b, k)]
