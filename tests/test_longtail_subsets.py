@@ -105,7 +105,7 @@ def test_make_longtail_cifar_writes_loadable_lists(tmp_path):
     assert not set(summary["ood"]["pretrain_classes"]) & set(summary["ood"]["probe_classes"])
 
 
-def test_make_longtail_imagenet_folder_with_reference_counts(tmp_path):
+def test_make_longtail_imagenet_folder_with_reference_counts(tmp_path, capsys):
     tool = load_tool("make_longtail")
     root = tmp_path / "train"
     for c in range(4):
@@ -119,6 +119,10 @@ def test_make_longtail_imagenet_folder_with_reference_counts(tmp_path):
                       "--val-per-class", "5"]) == 0
     full = list_file_records(out / "LT.txt", root)
     assert sorted(np.bincount(full.labels, minlength=4).tolist()) == [1, 4, 9, 25]
+    bad = tmp_path / "bad_ref.txt"
+    bad.write_text("n0/0.jpg 0\n\nn1/0.jpg 7\n")  # label 7: only 4 class folders
+    assert tool.main(["imagenet", "--folder", str(root), "--out", str(tmp_path / "bad"), "--reference-counts", str(bad)]) == 2
+    assert "bad_ref.txt: record 2 (blank lines not counted) has label 7, outside the 4 class folders" in capsys.readouterr().err
     flat = list_file_records(out / "LT0.txt", root)
     assert np.bincount(flat.labels).tolist() == [9] * 4  # LT0: the mean 39/4 floored (as the paper's 115.846 -> 115)
     lt0, lt = ({flat.path(i) for i in range(len(flat))}, {full.path(i) for i in range(len(full))})

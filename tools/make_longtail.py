@@ -112,8 +112,14 @@ def make_imagenet(args: argparse.Namespace) -> dict:
     if args.reference_counts:
         from mhe_scale.data.image_folder import list_file_records
 
-        ref = counts_from_labels(list_file_records(args.reference_counts, Path(args.reference_counts).parent,
-                                                   check_exists=False).labels, len(classes))
+        ref_labels = np.asarray(list_file_records(args.reference_counts, Path(args.reference_counts).parent,
+                                                  check_exists=False).labels)
+        if len(ref_labels) and ref_labels.max() >= len(classes):
+            record = int(np.flatnonzero(ref_labels >= len(classes))[0])
+            raise ValueError(f"{args.reference_counts}: record {record + 1} (blank lines not counted) has label "
+                             f"{int(ref_labels[record])}, outside the "
+                             f"{len(classes)} class folders of {args.folder}; the reference must use the same classes")
+        ref = counts_from_labels(ref_labels, len(classes))
         if (ref <= 0).any():
             raise ValueError(f"{args.reference_counts}: class {int(np.flatnonzero(ref <= 0)[0])} has no image; "
                              f"the reference needs a count for each of the {len(classes)} classes")
