@@ -4,9 +4,11 @@
 sample i in epoch e uses `numpy.random.default_rng([seed, e, i, v])`, so like
 ImageClassificationDataset every view depends only on (seed, epoch, index, view).
 `contrastive_transform(preset, version)`: MoCo's augmentation from the project's transforms plus
-colour jitter and grayscale: random resized crop (scale 0.2..1), colour jitter (brightness, contrast,
-saturation 0.4; v1 always, v2 with p = 0.8), grayscale p = 0.2, horizontal flip. (MoCo v2's Gaussian
-blur is left out: it is not used at CIFAR's 32 pixels; ImageNet runs lose a little by its absence.)
+colour jitter, grayscale and blur: random resized crop (scale 0.2..1), colour jitter (brightness,
+contrast, saturation 0.4 and, v2, hue 0.1; v1 always, v2 with p = 0.8), grayscale p = 0.2, v2 on the
+imagenet preset: Gaussian blur with p = 0.5, sigma uniform in [0.1, 2.0] (kernel about 10 % of the
+image side, MoCo v2 / SimCLR), horizontal flip. The cifar preset has no blur (at 32 pixels it only
+erases the image; MoCo's and SimCLR's CIFAR set-ups leave it out).
 """
 
 from __future__ import annotations
@@ -21,17 +23,23 @@ GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 class ColorJitter:
-    """uint8 [H, W, 3]: brightness, contrast, saturation factors uniform in [1 - s, 1 + s], applied in a
-    random order, with probability p."""
+    """uint8 [H, W, 3]: brightness, contrast, saturation factors uniform in [1 - s, 1 + s] and (hue > 0)
+    a hue shift uniform in [-hue, hue] turns of the colour wheel, applied in a random order, with
+    probability p."""
 
-    def __init__(self, strength: float = 0.4, p: float = 1.0) -> None:
-        self.strength, self.p = strength, p
+    def __init__(self, strength: float = 0.4, p: float = 1.0, hue: float = 0.0) -> None:
+        if not 0.0 <= hue <= 0.5:
+            raise ValueError(f"ColorJitter: hue={hue} must be in [0, 0.5] (a fraction of the colour wheel)")
+        self.strength, self.p, self.hue = strength, p, hue
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if rng.random() >= self.p:
             return image
         x = image.astype(np.float32)
-        for op in rng.permutation(3):
+        for op in rng.permutation(4 if self.hue > 0 else 3):
+            if op == 3:
+                x = shift_hue(x, rng.uniform(-self.hue, self.hue))
+                continue
             f = rng.uniform(1 - self.strength, 1 + self.strength)
             if op == 0:
                 x = x * f
@@ -42,6 +50,45 @@ class ColorJitter:
                 x = (x - gray) * f + gray
             x = np.clip(x, 0, 255)
         return x.astype(np.uint8)
+
+
+def shift_hue(x: np.ndarray, turns: float) -> np.ndarray:
+    """float32 RGB [H, W, 3] in [0, 255] -> the same colours with the HSV hue rotated by `turns` (a
+    fraction of the wheel); saturation and value unchanged."""
+    value = x.max(axis=2)
+    chroma = value - x.min(axis=2)
+    safe = np.where(chroma > 0, chroma, 1.0)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    hue = np.where(value == r, ((g - b) / safe) % 6.0, np.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    hue = np.where(chroma > 0, (hue / 6.0 + turns) % 1.0, 0.0) * 6.0  # sector position in [0, 6)
+    # the standard HSV -> RGB: channel n takes v - c * clip(min(k, 4 - k), 0, 1), k = (n + h) mod 6
+    out = [value - chroma * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0) for k in ((5.0 + hue) % 6.0, (3.0 + hue) % 6.0,
+                                                                              (1.0 + hue) % 6.0)]
+    return np.stack(out, axis=2).astype(np.float32)
+
+
+class GaussianBlur:
+    """uint8 [H, W, 3]: with probability p, a separable Gaussian blur with sigma uniform in `sigma` pixels
+    x (side / 224) (MoCo v2's [0.1, 2.0] at 224 pixels), kernel radius ceil(3 sigma), reflected edges."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0), p: float = 0.5, reference_side: int = 224) -> None:
+        self.sigma, self.p, self.reference_side = sigma, p, reference_side
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if rng.random() >= self.p:
+            return image
+        sigma = rng.uniform(*self.sigma) * min(image.shape[:2]) / self.reference_side
+        radius = max(1, int(np.ceil(3.0 * sigma)))
+        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        taps = (taps / taps.sum()).astype(np.float32)
+        x = image.astype(np.float32)
+        for axis in (0, 1):
+            pad = [(0, 0)] * 3
+            pad[axis] = (radius, radius)
+            padded = np.pad(x, pad, mode="reflect")
+            size = x.shape[axis]
+            x = sum(w * np.take(padded, np.arange(i, i + size), axis=axis) for i, w in enumerate(taps))
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 class RandomGrayscale:
@@ -61,8 +108,10 @@ def contrastive_transform(preset: str = "cifar", version: int = 2, size: int | N
         raise ValueError(f"contrastive_transform: preset={preset!r} (cifar | imagenet), version={version} (1 | 2)")
     size = size or (32 if preset == "cifar" else 224)
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if preset == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
-    return Compose([RandomResizedCrop(size, scale=(0.2, 1.0)), ColorJitter(0.4, 1.0 if version == 1 else 0.8),
-                    RandomGrayscale(0.2), RandomHorizontalFlip(0.5), ToTensor(), Normalize(mean, std)])
+    jitter = ColorJitter(0.4, 1.0) if version == 1 else ColorJitter(0.4, 0.8, hue=0.1)
+    blur = [GaussianBlur((0.1, 2.0), 0.5)] if version == 2 and preset == "imagenet" else []
+    return Compose([RandomResizedCrop(size, scale=(0.2, 1.0)), jitter, RandomGrayscale(0.2), *blur,
+                    RandomHorizontalFlip(0.5), ToTensor(), Normalize(mean, std)])
 
 
 class TwoViewDataset(ImageClassificationDataset):
