@@ -346,3 +346,13 @@ def test_head_momentum_zero_drops_the_sharded_heads_optimizer_term():
     default = {t.name: t.device for t in head_terms(head, EngineSpec(optimizer="sgd"), 4, 64)}
     assert plain["head optimizer"] == 0 and default["head optimizer"] == default["head params"] > 0
     assert catch_up_copies("sgd", EngineSpec(optimizer="sgd", head_momentum=0.0).head_sgd_momentum) == 2
+
+
+def test_the_models_chunk_constants_are_the_codes():
+    """plan/memory.py keeps its own copies of the chunk sizes (it does not import the heads); they must be
+    the values the optimizer and the MHS head use."""
+    import mhe_scale.plan.memory as model
+    from mhe_scale.heads.mhs import PREDICT_CHUNK_COLUMNS
+    from mhe_scale.optim.row_sparse import REFRESH_CHUNK_ROWS
+
+    assert (model.REFRESH_CHUNK_ROWS, model.PREDICT_CHUNK_COLUMNS) == (REFRESH_CHUNK_ROWS, PREDICT_CHUNK_COLUMNS)

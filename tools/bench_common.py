@@ -62,6 +62,15 @@ def timed_steps(head, optimizer, features, labels, steps: int, sync=None) -> tup
     return times, passes, out
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's per-parameter state tensors (momentum, moments, per-row counters; scalar
+    step counts left out)."""
+    import torch
+
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
 def emit_table(table: str, out: str | Path | None) -> None:
     """Print the markdown table; append it to `out` when given."""
     print(table)

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import available_gb, emit_table, fmt_bytes, run_isolated, timed_steps  # noqa: E402
+from bench_common import (available_gb, emit_table, fmt_bytes, optimizer_state_bytes, run_isolated,  # noqa: E402
+                          timed_steps)
 
 HEADS = {  # row name -> (registered head, constructor arguments)
     "fc": ("fc", {}),
@@ -68,14 +69,13 @@ def run_one(head_name: str, classes: int, dim: int, batch: int, steps: int, thre
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
     times, _, out = timed_steps(head, optimizer, features, labels, steps,
                                 sync=torch.cuda.synchronize if device.type == "cuda" else None)
-    state = sum(v.numel() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
     params = sum(p.numel() for p in head.parameters())
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base_cuda
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     return {"head": head_name, "classes": classes, "sizes": getattr(head, "sizes", None), "median_s": statistics.median(times),
-            "params": params, "state_bytes": 4 * (params + state), "peak_bytes": max(peak, 0),
+            "params": params, "state_bytes": 4 * params + optimizer_state_bytes(optimizer), "peak_bytes": max(peak, 0),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"}
 
 

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from mhe_scale.parallel import (ShardedFullyConnectedHead, ShardedMultiHeadSamplingHead, all_reduce_sum,  # noqa: E402
                                 get_rank)
 from mhe_scale.parallel.testing import run_in_processes  # noqa: E402
-from bench_common import timed_steps  # noqa: E402
+from bench_common import optimizer_state_bytes, timed_steps  # noqa: E402
 
 HEADS = ("fc", "mhs")
 
@@ -60,8 +60,7 @@ def bench_rank(group, classes: int, dim: int, batch: int, steps: int, groups: in
         times, _, _ = timed_steps(head, opt, features, labels, steps,  # barriers: time the slowest rank
                                   sync=lambda: all_reduce_sum(torch.zeros(1), group))
         params = sum(p.numel() * p.element_size() for p in head.parameters())
-        adam = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                   if torch.is_tensor(v) and v.dim() > 0)
+        adam = optimizer_state_bytes(opt)
         out[name] = {"median_s": statistics.median(times), "param_bytes": params, "adam_bytes": adam,
                      "shard": head.plan.count, "sizes": getattr(head, "sizes", None)}
         del head, opt

@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import available_gb, emit_table, fmt_bytes, run_isolated, timed_steps  # noqa: E402
+from bench_common import (available_gb, emit_table, fmt_bytes, optimizer_state_bytes, run_isolated,  # noqa: E402
+                          timed_steps)
 
 ROWS = ("fc", "partial_fc dense", "partial_fc sparse", "mhs dense", "mhs sparse", "mhp")
 
@@ -76,11 +77,7 @@ def head_optimizer(row: str, head):
 
 def state_bytes(head, optimizer) -> int:
     """Parameter bytes + optimizer state tensors (momentum, per-row counters) of one rank."""
-    import torch
-
-    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-                if torch.is_tensor(v) and v.dim() > 0)
-    return state + sum(p.numel() * p.element_size() for p in head.parameters())
+    return optimizer_state_bytes(optimizer) + sum(p.numel() * p.element_size() for p in head.parameters())
 
 
 def build_sharded(row: str, classes: int, dim: int, args: argparse.Namespace, group):

@@ -75,10 +75,9 @@ def head_momentum(cfg: OptimConfig) -> float:
 def _parameter_groups(cfg: OptimConfig, model: Classifier) -> tuple[dict, dict]:
     head_lr = cfg.head_lr if cfg.head_lr is not None else cfg.lr
     head = {"params": list(model.head.parameters()), "lr": head_lr, "name": "head"}
-    if cfg.name == "sgd" and head_momentum(cfg) != cfg.momentum:
-        head["momentum"] = head_momentum(cfg)
-    else:
-        head_momentum(cfg)  # refuses a head momentum the optimizer cannot use
+    momentum = head_momentum(cfg)  # also refuses a head momentum the optimizer cannot use
+    if cfg.name == "sgd" and momentum != cfg.momentum:
+        head["momentum"] = momentum
     return {"params": list(model.encoder.parameters()), "lr": cfg.lr, "name": "encoder"}, head
 
 

@@ -35,7 +35,7 @@ def head_kwargs(cfg: HeadConfig) -> dict[str, Any]:
             raise ConfigError(f"head.{f.name} is set but head {cfg.name!r} does not take it; it takes {takes}")
         kwargs[f.name] = list(value) if isinstance(value, ListConfig) else value
     if "sizes" in kwargs and len(kwargs["sizes"]) == 0:
-        raise ConfigError(f"head.sizes=[] is empty; give the head sizes (e.g. head.sizes=[64,64], product >= C) "
+        raise ConfigError("head.sizes=[] is empty; give the head sizes (e.g. head.sizes=[64,64], product >= C) "
                           "or leave head.sizes unset (null) for the default factorize(C, head.num_heads)")
     return kwargs
 

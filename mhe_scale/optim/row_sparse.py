@@ -273,12 +273,13 @@ class RowSparseSGD(_RowSparseBase):
             view.index_copy_(0, ids, rows)
             return rows, []
         starts, inverse = torch.unique(last, return_inverse=True)
-        lrs = self._window_lrs(group, int(starts[0]) + 1, step)
+        base = int(starts[0])  # the earliest start: the window is steps base+1 .. step
+        lrs = self._window_lrs(group, base + 1, step)
         if lrs is None:  # one lr over the window: A^k by squaring
             a = torch.tensor([[1.0 - lr * wd, -lr * mu], [wd, mu]], dtype=torch.float64, device=p.device)
             m = _mat_power(a, step - starts)[inverse].to(rows.dtype)  # [U, 2, 2]
         else:  # a schedule: A_step ... A_{s0+1} with each step's own lr, one product per distinct start s0
-            m = _window_products(lrs, int(starts[0]), step, starts.tolist(), mu, wd).to(p.device)[inverse].to(rows.dtype)
+            m = _window_products(lrs, base, step, starts.tolist(), mu, wd).to(p.device)[inverse].to(rows.dtype)
         bufs = rows_of(state["momentum_buffer"], row_ndim)
         buf = bufs.index_select(0, ids)
         new_rows = torch.addcmul(m[:, 0, 0].view(shape) * rows, m[:, 0, 1].view(shape), buf)
