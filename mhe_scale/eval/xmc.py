@@ -24,6 +24,8 @@ Conventions: rows with no true labels count as 0 in every metric and stay in the
 N rows (the repository convention; `ignore_empty=True` drops them from the denominator instead).
 A label repeated in a row's targets counts once; a repeated predicted id counts only at its first
 position (later copies are misses), so no metric can exceed 1.
+
+Micro-F1 at a threshold on the scores, and the threshold tuned on a dev split: eval/xmc_f1.py.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ _FAMILIES = ("P", "R", "nDCG", "PSP_num", "PSP_den", "PSnDCG_num", "PSnDCG_den",
 _SENTINEL = torch.iinfo(torch.long).max  # stands in for padding in sorted target rows
 
 
-def _distinct_sorted(targets: Tensor) -> tuple[Tensor, Tensor]:
+def distinct_sorted(targets: Tensor) -> tuple[Tensor, Tensor]:
     """targets [N, L] (-1 pads) -> (rows sorted ascending with pads as SENTINEL [N, L],
     first-occurrence mask of real labels [N, L])."""
     if targets.dim() == 1:
@@ -62,7 +64,7 @@ def first_occurrence(pred: Tensor) -> Tensor:
 
 
 def prediction_hits(pred: Tensor, sorted_targets: Tensor) -> Tensor:
-    """pred [N, K] ids (-1 = none), sorted_targets [N, L] from `_distinct_sorted` -> bool hits [N, K]:
+    """pred [N, K] ids (-1 = none), sorted_targets [N, L] from `distinct_sorted` -> bool hits [N, K]:
     the prediction is a true label (binary search in the sorted row) at its first position in the row."""
     pos = torch.searchsorted(sorted_targets, pred).clamp(max=sorted_targets.shape[1] - 1)
     return (sorted_targets.gather(1, pos) == pred) & (pred >= 0) & first_occurrence(pred)
@@ -71,7 +73,7 @@ def prediction_hits(pred: Tensor, sorted_targets: Tensor) -> Tensor:
 def label_counts(targets: Tensor, num_classes: int) -> Tensor:
     """Training frequency N_l of every label: targets [N, L] (-1 pads) -> LongTensor [num_classes]."""
     check_label_range(targets, num_classes, allow_pad=True)
-    t, first = _distinct_sorted(targets)
+    t, first = distinct_sorted(targets)
     return torch.bincount(t[first], minlength=num_classes)
 
 
@@ -188,7 +190,7 @@ def _batch_sums(pred: Tensor, targets: Tensor, ks: tuple[int, ...], w: Tensor | 
         pred = torch.cat([pred, pred.new_full((n, kmax - pred.shape[1]), -1)], dim=1)
     pred = pred[:, :kmax].contiguous()
     dev = pred.device
-    t, first = _distinct_sorted(targets.to(dev))
+    t, first = distinct_sorted(targets.to(dev))
     n_true = first.sum(1)  # [N] distinct true labels
     hitf = prediction_hits(pred, t).double()
 
