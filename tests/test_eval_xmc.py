@@ -311,6 +311,9 @@ def test_eval_tool_errors_name_file_and_line(tmp_path, capsys):
     (d / "bom.txt").write_bytes(bom.encode("utf-8-sig"))
     assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "bom.txt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pred"]["P@3"] == pytest.approx(5 / 9)
+    (d / "nan.txt").write_text("2:0.9 1:0.5\n4:0.9 5:nan\n3:1 4:0.5\n")
+    assert tool.main(["--pred", str(d / "nan.txt"), "--labels", str(d / "test.txt")]) == 2
+    assert "nan.txt:2: a score is nan" in capsys.readouterr().err
     (d / "labels_bad.txt").write_text("0,2\n5,x\n1\n")
     assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "labels_bad.txt")]) == 2
     assert "labels_bad.txt:2" in capsys.readouterr().err
@@ -327,7 +330,7 @@ def test_eval_tool_micro_f1_tuned_on_dev_applied_to_test(tmp_path, capsys):
     assert tool.main(argv + ["--json"]) == 0
     captured = capsys.readouterr()
     got = json.loads(captured.out)["pred"]
-    assert "split being scored" not in captured.err
+    assert captured.err == ""  # tuned on dev, and at t = 0.9 no row passes all 3 predictions
     assert got["micro-F1 threshold"] == pytest.approx(0.9) and got["dev micro-F1"] == pytest.approx(2 / 3)
     # test at t = 0.9: {2, 1}, {4, 5}, {3} (the repeated 3 once) -> TP 3 of 5 predicted, 6 true
     assert got["micro-P"] == pytest.approx(3 / 5) and got["micro-R"] == pytest.approx(1 / 2)
@@ -350,6 +353,8 @@ def test_eval_tool_warns_when_micro_f1_is_tuned_on_the_scored_split(tmp_path, ca
     assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "test.txt"), "--micro-f1", "--json"]) == 0
     captured = capsys.readouterr()
     assert "warning" in captured.err and "split being scored" in captured.err and "--dev-pred" in captured.err
+    # at t = 0.8 rows 0 and 2 pass all 3 of their predictions (row 1 holds 2): K may cap recall
+    assert "in 67% of rows all 3 predictions pass" in captured.err
     # tuned on test itself: t = 1.0 -> F1 4/9, 0.9 -> 6/11, 0.8 -> all 7 distinct ids, TP 5 of 6 true: 10/13
     assert json.loads(captured.out)["pred"]["micro-F1"] == pytest.approx(10 / 13)
     assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "test.txt"),
@@ -387,9 +392,14 @@ def test_eval_tool_array_files_and_their_refusals(tmp_path, capsys):
     np.savez(d / "objects.npz", ids=np.array([[1, None]], dtype=object))
     (d / "truncated.safetensors").write_bytes((d / "scored.safetensors").read_bytes()[:60])
     (d / "noise.npz").write_bytes(bytes(range(7, 107)))
+    nan_scores = scores.copy()
+    nan_scores[0, 1] = np.nan
+    np.savez(d / "nan.npz", ids=HAND_PRED.numpy(), scores=nan_scores)
+    np.savez(d / "noids.npz", labels=HAND_PRED.numpy())
     for name, says in [("truncated.npz", "cannot read it as npz"), ("objects.npz", "never loaded"),
                        ("truncated.safetensors", "cannot read it as safetensors"),
-                       ("noise.npz", "neither an .npz (zip) nor a safetensors file")]:
+                       ("noise.npz", "neither an .npz (zip) nor a safetensors file"),
+                       ("nan.npz", "row 0 (0-based) has a NaN score"), ("noids.npz", "no array 'ids'")]:
         assert tool.main(["--pred", str(d / name), "--labels", str(d / "test.txt")]) == 2, name
         err = capsys.readouterr().err
         assert err.startswith(f"eval_xmc: error: {d / name}: ") and says in err, err

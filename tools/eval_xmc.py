@@ -62,7 +62,11 @@ def load_predictions(path: Path) -> tuple[Tensor, Tensor | None]:
     """-> (predicted ids [N, K], best first, -1 = none; scores [N, K] or None when the file has none)."""
     if array_format(path) is not None:
         return read_prediction_arrays(path)
-    return read_predictions(path)
+    ids, scores = read_predictions(path)
+    if scores is not None and bool(torch.isnan(scores).any()):
+        raise ValueError(f"{path}:{int(torch.isnan(scores).any(1).nonzero()[0]) + 1}: a score is nan; the ranking "
+                         f"and any threshold need numbers (did the model diverge?)")
+    return ids, scores
 
 
 def check_rows(pred: Tensor, path: Path, num_points: int, num_labels: int, labels_path: Path) -> None:
