@@ -11,7 +11,7 @@ a raw-text corpus, the ids of the run's label_map.json):
         along a line); bare ids without scores are accepted too; an empty line = no prediction.
   .npz or .safetensors (told by content)  array `ids` [N, K] of integer label ids (-1 = none),
         best first, and optionally `scores` [N, K] (then checked to be non-increasing along each row).
-Label files (--labels, --train-labels): Extreme Classification Repository format (header 'N F L',
+Label files (--labels, --train-labels, --dev-labels): Extreme Classification Repository format (header 'N F L',
 then 'l1,l2 f:v ...'), or plain text with one line of comma-separated label ids per point.
 Propensity-scored metrics (PSP@k, PSnDCG@k) need --train-labels; values print in percent.
 micro-F1 (with micro-P, micro-R) needs scores: the threshold on them is tuned on --dev-pred (one
