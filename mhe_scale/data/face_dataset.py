@@ -211,6 +211,7 @@ class RecordIOFaceDataset(Dataset):
             raise ValueError(f"layout must be one of {LAYOUTS} and labels_from one of auto/lst/records; "
                              f"got layout={layout!r}, labels_from={labels_from!r}")
         self.reader = RecordIOReader(rec_path, idx_path)
+        self.reader.check_last_record()  # a truncated .rec fails here, not minutes into a run
         self.transform = transform
         if layout == "auto":
             layout = "insightface" if _is_insightface_header(self.reader) else "im2rec"
