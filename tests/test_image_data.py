@@ -430,3 +430,15 @@ def test_truncated_rec_fails_at_start_naming_the_last_record(tmp_path):
     with pytest.raises(RecordIOError, match=r"v\.idx, key 1: offset \d+ leaves no room .* 3 of 4 entries point "
                                             r"outside the \.rec .*\(also key 2, key 3\)"):
         RecordIOImageRecords(rec, idx)
+
+
+def test_training_on_a_list_that_leaves_its_root_is_one_line_rc_2(image_root, tmp_path, capsys):
+    from mhe_scale.train import main as train_main
+
+    listing = tmp_path / "train.txt"
+    listing.write_text("cat/1.jpg 0\n../../../../../../../../etc/hostname 1\n")  # read and trained on, rc 0, before
+    rc = train_main(["configs/classify/base_cifar.yaml", "data.format=list", f"data.path={listing}",
+                     f"data.test_path={listing}", f"data.root={image_root}", f"train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert f"error: {listing}:2: path '../../../../../../../../etc/hostname' resolves outside its root" in err

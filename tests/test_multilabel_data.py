@@ -116,3 +116,22 @@ def test_binary_json_and_missing_images_are_one_line(tmp_path):
     assert "\n" not in message and message.startswith(f"{path}: images[1]: image {tmp_path / 'gone1.jpg'} does not exist")
     assert "4 of 5 images are missing or empty" in message and "empty.jpg (listed at" in message
     assert "is empty (0 bytes)" in message and "gone2.jpg" in message and "gone3.jpg" not in message
+
+
+def test_task_data_section_image_root_and_check_images(tmp_path):
+    from mhe_scale.tasks.multilabel import MultilabelDataConfig, load_multilabel_data
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8)).save(images / name)
+    for split in ("train", "test"):  # written without image_root: paths relative to data.image_root
+        write_multilabel_json(tmp_path / "json" / f"{split}.json", ["ant", "bee"], [("a.jpg", ["ant"]), ("b.jpg", ["bee"])])
+    cfg = MultilabelDataConfig(train_path=str(tmp_path / "json" / "train.json"),
+                               test_path=str(tmp_path / "json" / "test.json"))
+    with pytest.raises(FileNotFoundError, match=r"train\.json: images\[0\]: image .*json/a\.jpg does not exist.*"
+                                                r"2 of 2 images are missing"):
+        load_multilabel_data(cfg)  # checked at start-up, before any training
+    cfg.image_root = str(images)
+    data = load_multilabel_data(cfg)
+    assert data.test.annotations.paths == [str(images / "a.jpg"), str(images / "b.jpg")]
