@@ -191,9 +191,12 @@ def list_file_records(list_path: str | os.PathLike, root: str | os.PathLike,
     paths: list[str] = []
     labels: list[int] = []
     origins: list[str] = []
+    base = os.path.normpath(os.path.abspath(root))
     for number, relative, label in read_list_lines(list_path):
         where = f"{list_path}:{number}"
-        paths.append(str(resolve_under(root, relative, where)))
+        # read_list_lines refused absolute and ~ paths, so only a `..` component can leave the root: the
+        # full check (resolve_under) for those, a plain string join for the rest (no pathlib per line)
+        paths.append(str(resolve_under(base, relative, where)) if ".." in relative else os.path.join(base, relative))
         labels.append(label)
         origins.append(where)
     if not paths:
