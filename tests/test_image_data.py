@@ -22,9 +22,10 @@ from mhe_scale.data.decoded_cache import decode_in_memory
 from mhe_scale.data.image_archive import archive_records, build_archive_cache
 from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_preset
 from mhe_scale.data.image_folder import RecordIOImageRecords, folder_records, list_file_records
+from mhe_scale.data.image_source import ImageDataConfig, image_records
 from mhe_scale.data.image_transforms import (Compose, Normalize, RandomCropPad, RandomHorizontalFlip,
                                              RandomResizedCrop, ToTensor, UndecodableImageError)
-from mhe_scale.data.recordio import IRHeader, RecordIOWriter, pack_image_record
+from mhe_scale.data.recordio import IRHeader, RecordIOError, RecordIOWriter, pack_image_record
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali cannot be imported")
 CLASSES = ["dog", "cat", "bird"]  # deliberately unsorted: labels must follow sorted names
@@ -338,3 +339,106 @@ def test_decoded_cache_gives_the_decoded_path_samples_and_reads_each_image_once(
     assert torch.equal(loader_images(cached, 2), torch.stack([cached[i][0] for i in range(len(cached))]))
     with pytest.raises(ValueError, match="read-only"):  # a transform writing into the cache fails loudly
         cached.records.decoded(0)[0, 0, 0] = 1
+
+
+# ---- issue 22: paths stay under their root, binary lists, start-up checks, limit_per_class note ---------
+def test_list_paths_that_leave_the_root_are_refused(image_root, tmp_path):
+    (tmp_path / "secret.jpg").write_bytes(jpeg(1))
+    listing = tmp_path / "train.txt"
+    for line, shown in ((f"../secret.jpg 0", "'../secret.jpg'"), ("cat/../../secret.jpg 1", "'cat/../../secret.jpg'")):
+        listing.write_text(f"cat/1.jpg 7\n{line}\n")
+        with pytest.raises(ValueError, match=f"{listing}:2: path {shown} resolves outside its root {image_root}"):
+            list_file_records(listing, image_root)
+        with pytest.raises(ValueError, match=f"{listing}:2: path {shown} resolves outside"):
+            list_file_records(listing, image_root, check_exists=False)  # refused without touching the file
+    listing.write_text("cat/../bird/0.jpg 2\n")  # `..` that stays inside is fine
+    assert list_file_records(listing, image_root).path(0) == str(image_root / "bird" / "0.jpg")
+
+
+def test_binary_list_file_is_one_line_naming_file_and_line(image_root, tmp_path):
+    listing = tmp_path / "train.txt"
+    listing.write_bytes(b"cat/1.jpg 7\nbird/\xff.jpg 3\n")
+    with pytest.raises(ValueError, match=rf"{listing}:2: not UTF-8 text \(byte 0xff at column 6\)"):
+        list_file_records(listing, image_root)
+    listing.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")  # an image given as the list
+    with pytest.raises(ValueError, match=rf"{listing}:1: not UTF-8 text \(byte 0x89 at column 1\)"):
+        list_file_records(listing, image_root)
+    listing.write_bytes(b"cat/1.jpg 7\nca\x00t/0.jpg 1\n")
+    with pytest.raises(ValueError, match=f"{listing}:2: expected 'relative/path label'"):
+        list_file_records(listing, image_root)
+
+
+def test_missing_and_empty_images_are_counted_at_start(image_root, tmp_path):
+    listing = tmp_path / "train.txt"
+    (image_root / "cat" / "0.jpg").write_bytes(b"")
+    listing.write_text("".join(f"{p} 0\n" for p in ["cat/1.jpg", "cat/9.jpg", "cat/0.jpg", "cat", "x/1.jpg",
+                                                     "x/2.jpg", "bird/0.jpg"]))
+    with pytest.raises(FileNotFoundError) as err:
+        list_file_records(listing, image_root)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{listing}:2: image {image_root / 'cat' / '9.jpg'} does not exist")
+    assert "5 of 7 images are missing or empty" in message
+    assert f"cat/0.jpg (listed at {listing}:3) is empty (0 bytes); " in message
+    assert f"(listed at {listing}:4) is not a regular file; ..." in message and "x/1.jpg" not in message
+    cfg = ImageDataConfig(format="folder", path=str(image_root), test_path=str(image_root))
+    with pytest.raises(FileNotFoundError, match=r"image .*cat/0.jpg is empty \(0 bytes\); 1 of 9 images"):
+        image_records(cfg)
+    cfg.check_images = False
+    assert len(image_records(cfg)[0]) == 9
+
+
+def test_list_test_root(image_root, tmp_path):
+    val = tmp_path / "val"
+    (val / "cat").mkdir(parents=True)
+    (val / "cat" / "v.jpg").write_bytes(jpeg(3))
+    (tmp_path / "train.txt").write_text("cat/1.jpg 1\n")
+    (tmp_path / "test.txt").write_text("cat/v.jpg 1\n")
+    cfg = ImageDataConfig(format="list", path=str(tmp_path / "train.txt"), test_path=str(tmp_path / "test.txt"),
+                          root=str(image_root))
+    with pytest.raises(FileNotFoundError, match=r"test.txt:1: image .*images/cat/v.jpg does not exist"):
+        image_records(cfg)
+    cfg.test_root = str(val)
+    train, test = image_records(cfg)
+    assert train.path(0) == str(image_root / "cat" / "1.jpg") and test.path(0) == str(val / "cat" / "v.jpg")
+
+
+def test_limit_per_class_says_it_shrinks_the_test_split(tmp_path, capsys):
+    archive = tmp_path / "tiny.tar.gz"
+    make_archive(archive)  # 3 train and 1 test image per class
+    cfg = ImageDataConfig(path=str(archive), cache_dir=str(tmp_path / "cache"), limit_per_class=2)
+    image_records(cfg, progress=False)
+    assert capsys.readouterr().err == ""
+    image_records(cfg)  # test split untouched (1 per class <= 2): no note
+    assert "note:" not in capsys.readouterr().err
+    cfg.limit_per_class, cfg.test_split, cfg.train_split = 1, "train", "test"  # the 'train' split loses 6 of 9
+    image_records(cfg)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "data.limit_per_class=1 applies to the test split too: it keeps 3 of 9 'train'" in notes[0]
+
+
+def test_truncated_rec_fails_at_start_naming_the_last_record(tmp_path):
+    rec, idx = tmp_path / "v.rec", tmp_path / "v.idx"
+    with RecordIOWriter(rec, idx) as writer:
+        for key in range(4):
+            writer.write(key, pack_image_record(IRHeader(0, float(key), key, 0), jpeg(key)))
+    size = rec.stat().st_size
+    os.truncate(rec, size - 40)  # an interrupted copy: the last record is cut
+    with pytest.raises(RecordIOError, match=r"v\.rec, byte offset \d+, key 3: part length .* past the end of the file"
+                                            r".*the last record indexed by .*v\.idx does not fit"):
+        RecordIOImageRecords(rec, idx)
+    os.truncate(rec, 16)  # most .idx offsets now point past the end: counted
+    with pytest.raises(RecordIOError, match=r"v\.idx, key 1: offset \d+ leaves no room .* 3 of 4 entries point "
+                                            r"outside the \.rec .*\(also key 2, key 3\)"):
+        RecordIOImageRecords(rec, idx)
+
+
+def test_training_on_a_list_that_leaves_its_root_is_one_line_rc_2(image_root, tmp_path, capsys):
+    from mhe_scale.train import main as train_main
+
+    listing = tmp_path / "train.txt"
+    listing.write_text("cat/1.jpg 0\n../../../../../../../../etc/hostname 1\n")  # read and trained on, rc 0, before
+    rc = train_main(["configs/classify/base_cifar.yaml", "data.format=list", f"data.path={listing}",
+                     f"data.test_path={listing}", f"data.root={image_root}", f"train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert f"error: {listing}:2: path '../../../../../../../../etc/hostname' resolves outside its root" in err

@@ -5,6 +5,7 @@ the OOD class halves, and tools/make_longtail.py on a tiny archive and folder.""
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,70 @@ def test_make_longtail_imagenet_folder_with_reference_counts(tmp_path, capsys):
     lt0, lt = ({flat.path(i) for i in range(len(flat))}, {full.path(i) for i in range(len(full))})
     head = int(np.bincount(full.labels).argmax())
     assert {p for p in lt0 if f"/n{head}/" in p} <= {p for p in lt if f"/n{head}/" in p}
+
+
+def test_make_longtail_imagenet_test_list_is_relative_to_the_test_folder(tmp_path):
+    tool = load_tool("make_longtail")
+    root, val = tmp_path / "train", tmp_path / "val"
+    for c in range(4):
+        (root / f"n{c}").mkdir(parents=True)
+        (val / f"n{c}").mkdir(parents=True)
+        for i in range(30):
+            (root / f"n{c}" / f"{i}.jpg").write_bytes(b"x")
+        for i in range(2):
+            (val / f"n{c}" / f"v{i}.jpg").write_bytes(b"v")
+    ref = tmp_path / "ref.txt"
+    ref.write_text("".join(f"../../n{c}/{i}.jpg {c}\n" for c, n in enumerate([25, 9, 4, 1]) for i in range(n)))
+    out = tmp_path / "lists"  # the reference's paths are only counted, never opened: ../ is fine there
+    assert tool.main(["imagenet", "--folder", str(root), "--test-folder", str(val), "--out", str(out),
+                      "--reference-counts", str(ref), "--val-per-class", "5"]) == 0
+    test = list_file_records(out / "test.txt", val)
+    assert test.path(0) == str(val / "n0" / "v0.jpg") and np.bincount(test.labels).tolist() == [2] * 4
+    assert all(not line.startswith("..") for line in (out / "test.txt").read_text().splitlines())
+    probe = list_file_records(out / "ood_probe_test.txt", val)
+    assert len(probe) == 4
+    roots = json.loads((out / "summary.json").read_text())["roots"]
+    assert roots == {"data.root": str(root), "data.test_root": str(val)}
+
+
+def test_make_longtail_binary_reference_counts_is_one_line(tmp_path, capsys):
+    tool = load_tool("make_longtail")
+    root = tmp_path / "train"
+    for c in range(2):
+        (root / f"n{c}").mkdir(parents=True)
+        (root / f"n{c}" / "0.jpg").write_bytes(b"x")
+    ref = tmp_path / "ref.bin"
+    ref.write_bytes(b"n0/0.jpg 0\n\x1f\x8b\x08\x00\xff\n")  # e.g. a gzipped list given as it is
+    assert tool.main(["imagenet", "--folder", str(root), "--out", str(tmp_path / "o"), "--reference-counts",
+                      str(ref), "--val-per-class", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{ref}:2: not UTF-8 text (byte 0x8b at column 2)" in err
+
+
+def test_make_longtail_cifar_keeps_absolute_member_names_under_images(tmp_path, monkeypatch):
+    tool = load_tool("make_longtail")
+    write_bytes, mkdir = Path.write_bytes, Path.mkdir
+
+    def inside(path: Path) -> None:  # the old code wrote /train/a/0.jpg: fail instead of writing outside tmp_path
+        assert str(path.resolve()).startswith(str(tmp_path.resolve())), f"write outside the output: {path}"
+
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: (inside(self), write_bytes(self, data))[1])
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (inside(self), mkdir(self, *a, **k))[1])
+    rng = np.random.default_rng(0)
+    archive = tmp_path / "abs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split, n in (("train", 6), ("test", 1)):
+            for c in "ab":
+                for i in range(n):
+                    buf = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                    info = tarfile.TarInfo(f"/{split}/{c}/{i}.jpg")
+                    info.size = len(buf.getvalue())
+                    tar.addfile(info, io.BytesIO(buf.getvalue()))
+    with tarfile.open(archive) as tar:
+        assert tar.getnames()[0] == "/train/a/0.jpg"  # the archive really holds absolute names
+    out = tmp_path / "lt"
+    assert tool.main(["cifar10", "--archive", str(archive), "--out", str(out), "--ratios", "2"]) == 0
+    records = list_file_records(out / "r2.txt", out / "images")
+    assert len(records) == 6 + 3 and all(records.path(i).startswith(str(out / "images")) for i in range(len(records)))
+    assert not (tmp_path / "train").exists() and "/train/a/0.jpg" not in (out / "r2.txt").read_text()

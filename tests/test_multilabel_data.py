@@ -72,3 +72,66 @@ def test_voc_import(tmp_path):
     assert tool.main([str(root), "--out", str(out)]) == 0
     ann = read_multilabel_json(out)
     assert [[ann.classes[j] for j in np.flatnonzero(t)] for t in ann.targets] == [["dog", "person"], ["car"]]
+
+
+def test_image_root_holds_every_path_and_escapes_are_refused(tmp_path):
+    images = tmp_path / "photos"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.jpg")
+    (tmp_path / "secret.jpg").write_bytes(b"outside")
+    folder = tmp_path / "json"
+    path = write_multilabel_json(folder / "s.json", ["ant"], [("a.jpg", ["ant"])], image_root="../photos")
+    ann = read_multilabel_json(path, check_exists=True)
+    assert ann.paths == [str(images / "a.jpg")] and ann.image_root == str(images)
+    for escape in ("../secret.jpg", "sub/../../secret.jpg", str(tmp_path / "secret.jpg")):
+        path.write_text(json.dumps({"classes": ["ant"], "image_root": "../photos", "images": [["a.jpg", ["ant"]],
+                                                                                           [escape, ["ant"]]]}))
+        with pytest.raises(ValueError, match=r"s\.json: images\[1\]: path .* (resolves outside its root|is absolute)"):
+            read_multilabel_json(path)
+    # no image_root: the JSON's folder is the root, so ../photos/a.jpg leaves it (it was read before)
+    path.write_text(json.dumps({"classes": ["ant"], "images": [["../photos/a.jpg", ["ant"]]]}))
+    with pytest.raises(ValueError, match=r"images\[0\]: path '../photos/a.jpg' resolves outside its root .*json"):
+        read_multilabel_json(path)
+    path.write_text(json.dumps({"classes": ["ant"], "image_root": "nowhere", "images": [["a.jpg", ["ant"]]]}))
+    ann = read_multilabel_json(path, image_root=images)  # data.image_root overrides the file's root
+    assert ann.paths == [str(images / "a.jpg")]
+    path.write_text(json.dumps({"classes": ["ant"], "image_root": "nowhere", "images": []}))
+    with pytest.raises(ValueError, match=r"s\.json: image_root 'nowhere': .*nowhere is not a folder"):
+        read_multilabel_json(path)
+
+
+def test_binary_json_and_missing_images_are_one_line(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_bytes(b'{"classes": ["\xff\xfe"]}')
+    with pytest.raises(ValueError, match=r"s\.json: byte 14: not UTF-8 text"):
+        read_multilabel_json(path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    names = ["a.jpg", "gone1.jpg", "empty.jpg", "gone2.jpg", "gone3.jpg"]
+    write_multilabel_json(path, ["ant"], [(n, ["ant"]) for n in names])
+    assert len(read_multilabel_json(path)) == 5  # not checked unless asked
+    with pytest.raises(FileNotFoundError) as err:
+        read_multilabel_json(path, check_exists=True)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: images[1]: image {tmp_path / 'gone1.jpg'} does not exist")
+    assert "4 of 5 images are missing or empty" in message and "empty.jpg (listed at" in message
+    assert "is empty (0 bytes)" in message and "gone2.jpg" in message and "gone3.jpg" not in message
+
+
+def test_task_data_section_image_root_and_check_images(tmp_path):
+    from mhe_scale.tasks.multilabel import MultilabelDataConfig, load_multilabel_data
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (8, 8)).save(images / name)
+    for split in ("train", "test"):  # written without image_root: paths relative to data.image_root
+        write_multilabel_json(tmp_path / "json" / f"{split}.json", ["ant", "bee"], [("a.jpg", ["ant"]), ("b.jpg", ["bee"])])
+    cfg = MultilabelDataConfig(train_path=str(tmp_path / "json" / "train.json"),
+                               test_path=str(tmp_path / "json" / "test.json"))
+    with pytest.raises(FileNotFoundError, match=r"train\.json: images\[0\]: image .*json/a\.jpg does not exist.*"
+                                                r"2 of 2 images are missing"):
+        load_multilabel_data(cfg)  # checked at start-up, before any training
+    cfg.image_root = str(images)
+    data = load_multilabel_data(cfg)
+    assert data.test.annotations.paths == [str(images / "a.jpg"), str(images / "b.jpg")]

@@ -33,8 +33,9 @@ def coco_splits(coco_mini, tmp_path_factory) -> Path:
         assert tool.main([str(coco_mini / "annotations" / f"instances_{split}2017.json"), "--images",
                           str(coco_mini / f"{split}2017"), "--out", str(root / out)]) == 0
     raw = json.loads((root / "val_all.json").read_text())
-    write_multilabel_json(root / "val.json", raw["classes"], raw["images"][:40])
-    write_multilabel_json(root / "test.json", raw["classes"], raw["images"][40:])
+    # the importer's image_root (when it writes one) holds the images of both halves
+    write_multilabel_json(root / "val.json", raw["classes"], raw["images"][:40], image_root=raw.get("image_root"))
+    write_multilabel_json(root / "test.json", raw["classes"], raw["images"][40:], image_root=raw.get("image_root"))
     return root
 
 

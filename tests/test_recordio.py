@@ -483,3 +483,35 @@ def test_dataset_pickles_for_worker_processes(image_folder, tmp_path):
     assert torch.equal(clone[0][0], first[0]) and clone[0][1] == first[1]
     err = pickle.loads(pickle.dumps(RecordIOError("f.rec", "bad", 8, 3)))
     assert str(err) == "f.rec, byte offset 8, key 3: bad"
+
+
+# ---- issue 22: the pack tool's output folder, start-up checks -------------------------------------------
+def test_pack_cli_creates_the_output_folder_and_refuses_in_one_line(image_folder, tmp_path, capsys):
+    root, expected = image_folder
+    tool = load_tool("pack_recordio")
+    out = tmp_path / "new" / "deeper" / "faces"
+    assert tool.main([str(root), str(out), "--no-progress"]) == 0
+    assert f"created output folder {out.parent}" in capsys.readouterr().out
+    assert len(RecordIOFaceDataset(out.with_suffix(".rec"), out.with_suffix(".idx"))) == len(expected)
+    (tmp_path / "afile").write_text("x")
+    assert tool.main([str(root), str(tmp_path / "afile" / "faces"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"output folder {tmp_path / 'afile'} is a file" in err
+    (root / "bob" / "0.png").write_bytes(b"")  # found before packing starts, with the count
+    (root / "alice" / "1.jpg").write_bytes(b"")
+    assert tool.main([str(root), str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "alice/1.jpg is empty (0 bytes); 2 of 6 images are missing or empty" in err
+    assert not (tmp_path / "o2.rec").exists()
+
+
+def test_face_dataset_refuses_a_truncated_rec_at_start(image_folder, tmp_path):
+    root, _ = image_folder
+    packed = pack_image_folder(root, tmp_path / "out", header=True, progress=False)
+    data = packed.rec_path.read_bytes()
+    last = max(int(line.split("\t")[1]) for line in packed.idx_path.read_text().splitlines())
+    packed.rec_path.write_bytes(data[:last + 10])  # the last (identity) record cut after its part header
+    with pytest.raises(RecordIOError, match=r"out\.rec, byte offset \d+, key 9: .*the last record indexed by"):
+        RecordIOFaceDataset(packed.rec_path, packed.idx_path)
+    reader = RecordIOReader(packed.rec_path, packed.idx_path)  # the reader alone still opens (reads fail per record)
+    assert reader.read(1)

@@ -7,14 +7,18 @@
     python tools/make_longtail.py cifar10 --archive ../shared/data/cifar10-jpeg/cifar10-jpeg.tar.gz \
         --out lists/cifar10_lt [--ratios 10 100] [--val-per-class 0]
 
-imagenet: lists LT0.txt, LT2.txt, ..., LT8.txt, LT.txt (paths relative to --folder; use
-data.root=--folder), val.txt, and test.txt from --test-folder. cifar10: the images the subsets use
-are copied out of the archive into OUT/images/{train,test}/<class>/<file> (data.root = OUT/images),
-lists r10.txt, r100.txt, test.txt (+ val.txt with --val-per-class). Both also write the
+imagenet: lists LT0.txt, LT2.txt, ..., LT8.txt, LT.txt, val.txt (paths relative to --folder; use
+data.root=--folder), and test.txt, ood_probe_test.txt from --test-folder (paths relative to it; use
+data.test_root=--test-folder: a reader refuses paths that leave their root). cifar10: the images the
+subsets use are copied out of the archive into OUT/images/{train,test}/<class>/<file> (data.root =
+OUT/images; a member name that would land outside it is refused), lists r10.txt, r100.txt, test.txt
+(+ val.txt with --val-per-class). Both also write the
 out-of-distribution split (Kang et al. Sec. 4.3): half the classes for pre-training
 (ood_<subset>_pretrain.txt, labels renumbered 0..), the other half for the probe
 (ood_probe_train.txt: that half's balanced training images, ood_probe_test.txt), and summary.json
-(counts per class of every list, the classes of each half). Everything is a function of --seed.
+(counts per class of every list, the classes of each half, the root of each list). Everything is a
+function of --seed. --reference-counts reads only the labels of its list (its paths are not opened).
+Refusals (a bad folder, list or archive) are one line on stderr, exit 2; the output folder is created.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mhe_scale.data.longtail import (KANG_TABLE, balanced_holdout, counts_from_labels, exponential_counts,  # noqa: E402
-                                     imagenet_lt_reference, kang_counts, nested_subsets, ood_class_split, power_counts)
+                                     imagenet_lt_reference, kang_counts, nested_subsets, ood_class_split, power_counts,
+                                     reference_labels)
+from mhe_scale.data.safe_paths import resolve_under  # noqa: E402
 
 
 def write_list(path: Path, names: list[str], labels: np.ndarray, indices: np.ndarray,
@@ -110,10 +116,7 @@ def make_imagenet(args: argparse.Namespace) -> dict:
     val_idx, pool = balanced_holdout(labels, args.val_per_class, args.seed) if args.val_per_class else \
         (np.zeros(0, np.int64), np.arange(len(labels)))
     if args.reference_counts:
-        from mhe_scale.data.image_folder import list_file_records
-
-        ref_labels = np.asarray(list_file_records(args.reference_counts, Path(args.reference_counts).parent,
-                                                  check_exists=False).labels)
+        ref_labels = reference_labels(args.reference_counts)
         if len(ref_labels) and ref_labels.max() >= len(classes):
             record = int(np.flatnonzero(ref_labels >= len(classes))[0])
             raise ValueError(f"{args.reference_counts}: record {record + 1} (blank lines not counted) has label "
@@ -144,8 +147,13 @@ def make_imagenet(args: argparse.Namespace) -> dict:
         tn, test_labels, test_classes = folder_index(Path(args.test_folder))
         if test_classes != classes:
             raise ValueError(f"--test-folder {args.test_folder} has other class folders than --folder {args.folder}")
-        test_names = [os.path.relpath(os.path.join(args.test_folder, n), args.folder) for n in tn]
-    return write_all(Path(args.out), names, labels, subsets, val_idx, pool, test_names, test_labels, args.seed, "LT")
+        test_names = tn  # relative to --test-folder (data.test_root), not ../ from --folder
+    summary = write_all(Path(args.out), names, labels, subsets, val_idx, pool, test_names, test_labels, args.seed, "LT")
+    summary["roots"] = {"data.root": os.path.abspath(args.folder)}
+    if args.test_folder:
+        summary["roots"]["data.test_root"] = os.path.abspath(args.test_folder)
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def read_archive(path: Path, keep) -> tuple[dict[str, list[tuple[str, str]]], list[str]]:
@@ -157,8 +165,12 @@ def read_archive(path: Path, keep) -> tuple[dict[str, list[tuple[str, str]]], li
             parts = [p for p in member.name.split("/") if p not in ("", ".")]
             if not member.isfile() or len(parts) != 3:
                 continue
-            per_split.setdefault(parts[0], []).append((parts[1], member.name))
-            keep(parts[0], parts[1], member.name, tar.extractfile(member).read())
+            name = "/".join(parts)  # "./train/a/x.jpg" and "/train/a/x.jpg" both -> train/a/x.jpg
+            if ".." in parts:
+                raise ValueError(f"{path}: member {member.name!r} has a '..' component; expected "
+                                 "<split>/<class>/<file> names")
+            per_split.setdefault(parts[0], []).append((parts[1], name))
+            keep(parts[0], parts[1], name, tar.extractfile(member).read())
     classes = sorted({c for items in per_split.values() for c, _ in items})
     return per_split, classes
 
@@ -181,22 +193,23 @@ def make_cifar(args: argparse.Namespace) -> dict:
     test_labels = np.array([ids[c] for c, _ in per_split["test"]], dtype=np.int64)
     used = set(np.concatenate([*subsets.values(), val_idx]).tolist())
     for i in sorted(used):
-        dest = images / names[i]
+        dest = resolve_under(images, names[i], f"{args.archive}: member {names[i]}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(blobs[names[i]])
     for n in test_names:
-        dest = images / n
+        dest = resolve_under(images, n, f"{args.archive}: member {n}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(blobs[n])
     probe_extra = np.flatnonzero(np.isin(labels, ood_class_split(len(classes), args.seed)[1]))
     for i in probe_extra:  # the probe's balanced training images of the unseen half
-        dest = images / names[i]
+        dest = resolve_under(images, names[i], f"{args.archive}: member {names[i]}")
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(blobs[names[i]])
     summary = write_all(out, names, labels, subsets, val_idx, pool, test_names, test_labels, args.seed,
                         f"r{max(args.ratios):g}")
     summary["classes"] = classes
+    summary["roots"] = {"data.root": os.path.abspath(images)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -220,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = make_imagenet(args) if args.preset == "imagenet" else make_cifar(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, tarfile.TarError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, info in summary["lists"].items():
         per = [n for n in info["per_class"] if n > 0]
         print(f"{name:28s} {info['images']:>8,} images  max {max(per):>5}  min {min(per):>5}")
+    print(" ".join(f"{key}={root}" for key, root in summary["roots"].items()) + " (the lists' roots)")
     return 0
 
 

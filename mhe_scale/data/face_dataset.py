@@ -211,6 +211,7 @@ class RecordIOFaceDataset(Dataset):
             raise ValueError(f"layout must be one of {LAYOUTS} and labels_from one of auto/lst/records; "
                              f"got layout={layout!r}, labels_from={labels_from!r}")
         self.reader = RecordIOReader(rec_path, idx_path)
+        self.reader.check_last_record()  # a truncated .rec fails here, not minutes into a run
         self.transform = transform
         if layout == "auto":
             layout = "insightface" if _is_insightface_header(self.reader) else "im2rec"
@@ -344,17 +345,25 @@ def pack_image_folder(image_root: str | os.PathLike, out_prefix: str | os.PathLi
 
     header=False: im2rec layout, image keys 0..N-1. header=True: insightface layout (module
     docstring): header record at key 0, images at 1..N, identity records at N+1..N+C.
-    Images are re-encoded as JPEG at `quality` unless pass_through keeps the file bytes.
+    Images are re-encoded as JPEG at `quality` unless pass_through keeps the file bytes. Every file is
+    stat-ed first (FileImageRecords.check_files), so an empty or unreadable one fails before packing starts;
+    the output folder is created when missing.
     """
+    from mhe_scale.data.image_folder import FileImageRecords  # image_folder imports this module
+
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100 (JPEG), got {quality}")
     paths, labels, names = list_image_folder(image_root)
+    FileImageRecords([str(p) for p in paths], labels).check_files()
     num, num_ids = len(paths), len(names)
     if header and num + num_ids + 1 > 1 << 24:
         raise ValueError(f"{num} images + {num_ids} identities: the insightface header stores keys as float32, "
                          "exact only up to 2**24; pack without header=True (im2rec layout) instead")
     prefix = str(out_prefix)
     rec, idx, lst = Path(prefix + ".rec"), Path(prefix + ".idx"), Path(prefix + ".lst")
+    if rec.parent.exists() and not rec.parent.is_dir():
+        raise NotADirectoryError(f"output folder {rec.parent} is a file; give OUT_PREFIX inside a folder")
+    rec.parent.mkdir(parents=True, exist_ok=True)
     first = 1 if header else 0
     lst_file, lst_tmp = open_temp_beside(lst, "x")
     try:

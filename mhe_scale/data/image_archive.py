@@ -4,7 +4,8 @@ A gzip stream is not seekable, and unpacking CIFAR-10's 60,000 JPEGs into files 
 clutters file systems. So `build_archive_cache` reads the archive ONCE, sequentially, and writes
 per split `<split>.rec` + `<split>.idx` (im2rec layout: key = position in the split, IRHeader label
 = class index) plus one `classes.json` (class names of all splits, sorted; label = position) and
-`manifest.json` (the archive's path, size, mtime_ns, options, record counts). Reads are then
+`manifest.json` (the archive's path, size, mtime_ns, options, record counts per split, and images
+per split that limit_per_class dropped). Reads are then
 random access through the .idx (`RecordIOImageRecords`); DALI reads the same files with
 `fn.readers.mxnet`.
 
@@ -61,7 +62,7 @@ def _stamp(archive: Path, limit_per_class: int | None, strip_components: int) ->
             "mtime_ns": stat.st_mtime_ns, "limit_per_class": limit_per_class, "strip_components": strip_components}
 
 
-def _read_manifest(folder: Path) -> dict | None:
+def read_manifest(folder: Path) -> dict | None:
     try:
         return json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -73,8 +74,9 @@ def _matches(manifest: dict | None, stamp: dict) -> bool:
 
 
 def _convert(archive: Path, out: Path, limit_per_class: int | None, strip_components: int,
-             progress: bool) -> dict[str, int]:
-    """Stream the archive once into out/<split>.rec/.idx (provisional labels) -> records per split."""
+             progress: bool, dropped: dict[str, int]) -> dict[str, int]:
+    """Stream the archive once into out/<split>.rec/.idx (provisional labels) -> records per split;
+    `dropped` gets the images per split that limit_per_class left out."""
     writers: dict[str, RecordIOWriter] = {}
     counts: dict[tuple[str, str], int] = {}
     per_split: dict[str, int] = {}
@@ -94,6 +96,7 @@ def _convert(archive: Path, out: Path, limit_per_class: int | None, strip_compon
                 split, name = parts[0], parts[1]
                 seen = counts.get((split, name), 0)
                 if limit_per_class is not None and seen >= limit_per_class:
+                    dropped[split] = dropped.get(split, 0) + 1
                     continue
                 counts[(split, name)] = seen + 1
                 label = class_ids.setdefault(name, len(class_ids))
@@ -148,16 +151,18 @@ def build_archive_cache(archive: str | os.PathLike, cache_dir: str | os.PathLike
         raise ValueError(f"limit_per_class must be >= 1 or None, got {limit_per_class}")
     folder = cache_folder(archive, cache_dir, limit_per_class)
     stamp = _stamp(archive, limit_per_class, strip_components)
-    if _matches(_read_manifest(folder), stamp):
+    if _matches(read_manifest(folder), stamp):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
-        splits = _convert(archive, tmp, limit_per_class, strip_components, progress)
-        (tmp / "manifest.json").write_text(json.dumps({**stamp, "splits": splits}, indent=1))
+        dropped: dict[str, int] = {}
+        splits = _convert(archive, tmp, limit_per_class, strip_components, progress, dropped)
+        dropped = {split: dropped.get(split, 0) for split in splits}
+        (tmp / "manifest.json").write_text(json.dumps({**stamp, "splits": splits, "dropped": dropped}, indent=1))
         if folder.exists():  # stale (archive changed) or half-deleted: move aside, then replace
-            if _matches(_read_manifest(folder), stamp):
+            if _matches(read_manifest(folder), stamp):
                 return folder  # another process finished first
             stale = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.stale")
             os.replace(folder, stale)
@@ -165,7 +170,7 @@ def build_archive_cache(archive: str | os.PathLike, cache_dir: str | os.PathLike
         try:
             os.replace(tmp, folder)
         except OSError:
-            if not _matches(_read_manifest(folder), stamp):
+            if not _matches(read_manifest(folder), stamp):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,7 +183,7 @@ def archive_records(archive: str | os.PathLike, cache_dir: str | os.PathLike, sp
     """The records of `split` (e.g. "train", "test") of `archive`, building its cache if needed."""
     folder = build_archive_cache(archive, cache_dir, limit_per_class=limit_per_class,
                                  strip_components=strip_components, progress=progress)
-    splits = _read_manifest(folder)["splits"]
+    splits = read_manifest(folder)["splits"]
     if split not in splits:
         raise KeyError(f"{archive} has no split {split!r}; it holds {sorted(splits)}")
     return RecordIOImageRecords(folder / f"{split}.rec", folder / f"{split}.idx", folder / "classes.json")

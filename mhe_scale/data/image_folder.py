@@ -3,11 +3,14 @@
 Implementations (all random access, picklable into DataLoader workers, nothing decoded here):
 - `folder_records(root)`: ROOT/<class>/<image>; classes = sorted subfolder names, label = position.
 - `list_file_records(list_path, root)`: lines `relative/path label` (ImageNet-LT-style subsets);
-  paths are relative to `root`; errors name LIST:line.
+  paths are relative to `root` and must stay inside it (safe_paths.resolve_under); errors name LIST:line.
+  `read_list_lines` parses such a file without touching the images (e.g. reference counts).
 - `RecordIOImageRecords(rec, idx)`: an im2rec-packed .rec/.idx (e.g. ImageNet): one image per
   record, label = the IRHeader's float label (its first value when the header holds several).
 - the archive cache: `mhe_scale.data.image_archive.archive_records` converts a .tar(.gz) once into
   one RecordIO pair per split and returns a `RecordIOImageRecords` with class names.
+`FileImageRecords.check_files()` stats every file at start-up (missing, not a file, or empty) and
+refuses with one line counting the bad ones and naming the first few.
 File-based records keep their paths in one byte buffer + offsets, not N Python strings, so forked
 workers do not copy them page by page through reference counts.
 """
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
 from mhe_scale.data.face_dataset import IMAGE_EXTENSIONS, RecordIOFaceDataset
+from mhe_scale.data.safe_paths import resolve_under
 
 
 class ImageRecords:
@@ -96,6 +101,34 @@ class FileImageRecords(ImageRecords):
             raise FileNotFoundError(f"{self.describe(index)}: cannot read the image ({err.strerror}); "
                                     "restore the file or remove it from the dataset") from None
 
+    def file_problem(self, index: int) -> str | None:
+        """Why record `index`'s file cannot hold an image ("does not exist", "is empty", ...), or None (one stat)."""
+        try:
+            info = os.stat(self.path(index))
+        except OSError as err:
+            return "does not exist" if isinstance(err, (FileNotFoundError, NotADirectoryError)) else \
+                f"cannot be read ({err.strerror})"
+        if not stat.S_ISREG(info.st_mode):
+            return "is not a regular file"
+        return "is empty (0 bytes)" if info.st_size == 0 else None
+
+    def check_files(self, hint: str = "", shown: int = 3) -> None:
+        """Stat every file now (missing, not a file, empty) so a bad one fails at start-up, not when first read:
+        FileNotFoundError, one line, counting the bad files and naming the first `shown`; `hint` follows the first."""
+        bad: list[tuple[int, str]] = []
+        for i in range(len(self)):
+            problem = self.file_problem(i)
+            if problem is not None:
+                bad.append((i, problem))
+        if not bad:
+            return
+        first, problem = bad[0]
+        origin = "" if self._origins is None else f"{self._get(*self._origins, first).decode()}: "
+        more = "; ".join(f"{self.describe(i)} {p}" for i, p in bad[1:shown]) + ("; ..." if len(bad) > shown else "")
+        raise FileNotFoundError(f"{origin}image {self.path(first)} {problem}{hint}; {len(bad):,} of {len(self):,} "
+                                f"images are missing or empty" + (f" (also {more})" if more else "")
+                                + "; restore them or remove them from the dataset")
+
 
 def folder_records(root: str | os.PathLike) -> FileImageRecords:
     """ROOT/<class>/<image> -> FileImageRecords; classes sorted, label = position in them.
@@ -120,35 +153,58 @@ def folder_records(root: str | os.PathLike) -> FileImageRecords:
     return FileImageRecords(paths, np.asarray(labels, dtype=np.int64), classes)
 
 
+def read_list_lines(list_path: str | os.PathLike) -> list[tuple[int, str, int]]:
+    """Lines `relative/path label` (label a non-negative integer; the path may hold spaces, the label is
+    the last field; blank lines skipped) -> [(line number, relative path, label)]; the images are not touched.
+
+    Errors (ValueError) name LIST:line: a line of another shape, an absolute path, bytes that are not
+    UTF-8 text (a binary file given as a list).
+    """
+    out: list[tuple[int, str, int]] = []
+    with open(list_path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{list_path}:{number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                 f"{err.start + 1}); is this a list file of 'relative/path label' lines?") from None
+            if not line.strip():
+                continue
+            fields = line.strip().rsplit(maxsplit=1)
+            if (len(fields) != 2 or not fields[1].isdigit() or "\0" in line or os.path.isabs(fields[0])
+                    or fields[0].startswith("~")):
+                raise ValueError(f"{list_path}:{number}: expected 'relative/path label' (label a non-negative "
+                                 f"integer, path relative to the list's root), got {line.rstrip()[:100]!r}")
+            out.append((number, fields[0], int(fields[1])))
+    return out
+
+
 def list_file_records(list_path: str | os.PathLike, root: str | os.PathLike,
                       check_exists: bool = True) -> FileImageRecords:
-    """Lines `relative/path label` (label a non-negative integer; the path may hold spaces, the label
-    is the last field; blank lines skipped) -> FileImageRecords over ROOT/relative/path.
+    """Lines of `read_list_lines` -> FileImageRecords over ROOT/relative/path.
 
-    check_exists: stat every file now, so a missing one fails at start-up naming LIST:line.
+    Every path must stay inside ROOT (`..` that leaves it: PathEscapeError naming LIST:line).
+    check_exists: stat every file now (FileImageRecords.check_files), so missing or empty images fail at
+    start-up, counted, the first named with its LIST:line.
     """
     list_path, root = Path(list_path), Path(root)
     paths: list[str] = []
     labels: list[int] = []
     origins: list[str] = []
-    with open(list_path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            fields = line.strip().rsplit(maxsplit=1)
-            if len(fields) != 2 or not fields[1].isdigit() or os.path.isabs(fields[0]):
-                raise ValueError(f"{list_path}:{number}: expected 'relative/path label' (label a non-negative "
-                                 f"integer, path relative to {root}), got {line.rstrip()[:100]!r}")
-            path = root / fields[0]
-            if check_exists and not path.is_file():
-                raise FileNotFoundError(f"{list_path}:{number}: image {path} does not exist (is root={root} "
-                                        "the folder the list's paths are relative to?)")
-            paths.append(str(path))
-            labels.append(int(fields[1]))
-            origins.append(f"{list_path}:{number}")
+    base = os.path.normpath(os.path.abspath(root))
+    for number, relative, label in read_list_lines(list_path):
+        where = f"{list_path}:{number}"
+        # read_list_lines refused absolute and ~ paths, so only a `..` component can leave the root: the
+        # full check (resolve_under) for those, a plain string join for the rest (no pathlib per line)
+        paths.append(str(resolve_under(base, relative, where)) if ".." in relative else os.path.join(base, relative))
+        labels.append(label)
+        origins.append(where)
     if not paths:
         raise ValueError(f"{list_path}: no 'relative/path label' lines")
-    return FileImageRecords(paths, np.asarray(labels, dtype=np.int64), None, origins)
+    records = FileImageRecords(paths, np.asarray(labels, dtype=np.int64), None, origins)
+    if check_exists:
+        records.check_files(f" (is root={root} the folder the list's paths are relative to?)")
+    return records
 
 
 class RecordIOImageRecords(ImageRecords):

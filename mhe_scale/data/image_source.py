@@ -5,12 +5,18 @@
                             converted once into an indexed RecordIO cache (data/image_archive.py)
                   folder    data.path / data.test_path = folder-per-class roots
                   list      data.path / data.test_path = 'relative/path label' list files under data.root
+                            (data.test_root for the test list); a path leaving its root is refused
                   recordio  data.path / data.test_path = im2rec .rec files (.idx beside them)
+
+At start-up every image file (folder, list) is stat-ed and missing or empty ones refused in one line
+(data.check_images); a .rec must hold every record its .idx points at (data/recordio.py). The archive
+cache lives in data.cache_dir (default ~/.cache/mhe_scale/images).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -34,7 +40,10 @@ class ImageDataConfig:
     test_path: Optional[str] = None
     """Test images (folder / list / recordio); unused by archive, which holds both splits."""
     root: Optional[str] = None
-    """list: folder the list's relative paths start from (default: the list file's folder)."""
+    """list: folder the list's relative paths start from (default: the list file's folder); a path that
+    leaves it is refused."""
+    test_root: Optional[str] = None
+    """list: folder the test list's paths start from (default: data.root, else the train list's folder)."""
     train_split: str = "train"
     """archive: the split used for training."""
     test_split: str = "test"
@@ -42,7 +51,12 @@ class ImageDataConfig:
     cache_dir: Optional[str] = None
     """archive: where the converted RecordIO cache goes (default ~/.cache/mhe_scale/images)."""
     limit_per_class: Optional[int] = None
-    """archive: keep only the first N images of each class and split (smoke runs and tests)."""
+    """archive: keep only the first N images of each class and split (smoke runs and tests); the test split
+    shrinks too (a note says by how much: test metrics are then on that subset)."""
+    check_images: bool = True
+    """folder / list: stat every image file at start-up and refuse missing or empty ones (one line: how many,
+    the first few named); false: a bad image fails only when first read (e.g. millions of files on a slow
+    network file system)."""
     num_classes: Optional[int] = None
     """Classes the head is built for (default: the number of classes found in the training records)."""
     preset: str = "cifar"
@@ -81,18 +95,42 @@ def image_records(cfg: ImageDataConfig, progress: bool = True) -> tuple[ImageRec
 
         cache = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "mhe_scale", "images")
         try:
-            return tuple(archive_records(path, cache, split, limit_per_class=cfg.limit_per_class,  # type: ignore[return-value]
+            pair = tuple(archive_records(path, cache, split, limit_per_class=cfg.limit_per_class,
                                          progress=progress) for split in (cfg.train_split, cfg.test_split))
         except KeyError as exc:  # a missing split: say which key picks it
             raise ValueError(f"data.train_split / data.test_split: {exc.args[0]}") from None
+        if progress and cfg.limit_per_class is not None:
+            note = limit_note(path, cache, cfg.limit_per_class, cfg.test_split)
+            if note:
+                print(note, file=sys.stderr)
+        return pair  # type: ignore[return-value]
     test = _resolve(cfg.test_path, "data.test_path")
     if cfg.format == "folder":
-        return folder_records(path), folder_records(test)
+        pair = folder_records(path), folder_records(test)
+        if cfg.check_images:
+            for records in pair:
+                records.check_files()
+        return pair
     if cfg.format == "list":
         root = Path(cfg.root) if cfg.root else path.parent
-        return list_file_records(path, root), list_file_records(test, root)
+        test_root = Path(cfg.test_root) if cfg.test_root else root
+        return (list_file_records(path, root, check_exists=cfg.check_images),
+                list_file_records(test, test_root, check_exists=cfg.check_images))
     return (RecordIOImageRecords(path, path.with_suffix(".idx")),
             RecordIOImageRecords(test, test.with_suffix(".idx")))
+
+
+def limit_note(archive: Path, cache_dir: str | os.PathLike, limit: int, split: str) -> str | None:
+    """One line when data.limit_per_class dropped images of the test `split` (None when it dropped none)."""
+    from mhe_scale.data.image_archive import cache_folder, read_manifest
+
+    manifest = read_manifest(cache_folder(archive, cache_dir, limit)) or {}
+    kept, dropped = manifest.get("splits", {}).get(split), manifest.get("dropped", {}).get(split)
+    if kept is None or dropped == 0:
+        return None
+    total = f"{kept:,} of {kept + dropped:,}" if dropped is not None else f"{kept:,}"
+    return (f"note: data.limit_per_class={limit} applies to the test split too: it keeps {total} "
+            f"{split!r} images ({limit} per class), and every test metric is computed on them")
 
 
 def task_records(cfg: ImageDataConfig, accelerator: Any = None) -> tuple[ImageRecords, ImageRecords]:

@@ -25,6 +25,7 @@ in the larger: a more skewed subset reuses the previous subset's images wherever
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -95,6 +96,19 @@ def exponential_counts(n_max: int, ratio: float, num_classes: int) -> np.ndarray
         raise ValueError(f"imbalance ratio must be >= 1 and num_classes >= 2, got {ratio} and {num_classes}")
     c = np.arange(num_classes, dtype=np.float64)
     return np.floor(n_max * ratio ** (-c / (num_classes - 1)) + 1e-9).astype(np.int64)
+
+
+def reference_labels(list_path: str | os.PathLike) -> np.ndarray:
+    """Labels int64 [N] of a `relative/path label` list (e.g. ImageNet_LT_train.txt) for reference counts; only
+    the labels are read, the paths are neither opened nor resolved. Errors name LIST:line (binary files too)."""
+    from mhe_scale.data.image_folder import read_list_lines
+
+    if not os.path.isfile(list_path):
+        raise FileNotFoundError(f"reference counts {list_path} do not exist")
+    lines = read_list_lines(list_path)
+    if not lines:
+        raise ValueError(f"{list_path}: no 'relative/path label' lines")
+    return np.asarray([label for _, _, label in lines], dtype=np.int64)
 
 
 def counts_from_labels(labels: Sequence[int] | np.ndarray, num_classes: int | None = None) -> np.ndarray:

@@ -1,8 +1,12 @@
 """Multi-label image annotations: one JSON per split, and the dataset that serves them.
 
-    {"classes": ["cat", "dog", ...], "images": [["relative/path.jpg", ["dog", "cat"]], ...]}
+    {"classes": ["cat", "dog", ...], "images": [["relative/path.jpg", ["dog", "cat"]], ...],
+     "image_root": "../images"}
 
-Paths are relative to the JSON's folder. Class index = position in sorted(classes), so logits,
+Image paths are relative to the image root: the optional top-level "image_root" (a folder, relative
+to the JSON's folder or absolute; absent: the JSON's folder), or the `image_root` argument
+(data.image_root), which overrides it. Every path must stay inside the root: an absolute path or one
+whose `..` leaves it is refused naming the file and the entry (safe_paths.resolve_under). Class index = position in sorted(classes), so logits,
 `thresholds.npy` and every per-class metric follow that order whatever order the file lists them
 in. A label repeated in one image counts once; an image with no label is kept (all negative); a
 label that `classes` does not name is an error naming the file and the image, unless
@@ -26,17 +30,20 @@ from torch import Tensor
 from mhe_scale.data.image_dataset import ImageClassificationDataset
 from mhe_scale.data.image_folder import FileImageRecords
 from mhe_scale.data.image_transforms import Transform
+from mhe_scale.data.safe_paths import resolve_under
 
 
 @dataclass(frozen=True)
 class MultilabelAnnotations:
-    """One split: `paths` [N] image files (absolute), `targets` bool [N, C] in sorted-class order."""
+    """One split: `paths` [N] image files (absolute), `targets` bool [N, C] in sorted-class order;
+    `image_root` the folder every path lies in."""
 
     source: str
     classes: list[str]
     paths: list[str]
     targets: np.ndarray
     dropped_labels: int = 0
+    image_root: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -56,14 +63,38 @@ def _fail(path: Path, where: str, message: str) -> ValueError:
     return ValueError(f"{path}: {where}: {message}")
 
 
-def read_multilabel_json(path: str | os.PathLike, drop_unknown: bool = False,
-                         check_exists: bool = False) -> MultilabelAnnotations:
-    """Read one split's JSON (module docstring). Errors name the file and the image entry."""
+def _image_root(path: Path, raw: dict, override: str | os.PathLike | None) -> Path:
+    """The folder the image paths start from: override, else the JSON's "image_root" (relative to its folder)."""
+    if override is not None:
+        root = Path(override)
+        where = f"image_root {root} (data.image_root)"
+    else:
+        given = raw.get("image_root")
+        if given is None:
+            return path.parent
+        if not isinstance(given, str) or not given:
+            raise _fail(path, "image_root", f"must be a folder name (a non-empty string), got {str(given)[:60]}")
+        root = path.parent / os.path.expanduser(given)
+        where = f"image_root {given!r}"
+    if not root.is_dir():
+        raise _fail(path, where, f"{root} is not a folder; point image_root at the folder the image paths start from")
+    return Path(os.path.normpath(os.path.abspath(root)))
+
+
+def read_multilabel_json(path: str | os.PathLike, drop_unknown: bool = False, check_exists: bool = False,
+                         image_root: str | os.PathLike | None = None) -> MultilabelAnnotations:
+    """Read one split's JSON (module docstring). Errors name the file and the image entry.
+
+    image_root: overrides the file's "image_root". check_exists: stat every image now
+    (FileImageRecords.check_files: the bad ones counted, the first few named).
+    """
     path = Path(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"multi-label annotations {path} do not exist") from None
+    except UnicodeDecodeError as err:
+        raise _fail(path, f"byte {err.start}", "not UTF-8 text; is this a multi-label JSON?") from None
     except json.JSONDecodeError as err:
         raise _fail(path, f"line {err.lineno}", f"not valid JSON ({err.msg})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("classes"), list) or not isinstance(raw.get("images"), list):
@@ -73,7 +104,7 @@ def read_multilabel_json(path: str | os.PathLike, drop_unknown: bool = False,
         raise _fail(path, "classes", "must be a non-empty list of distinct strings")
     classes = sorted(names)
     index = {c: i for i, c in enumerate(classes)}
-    root = path.parent
+    root = _image_root(path, raw, image_root)
     paths: list[str] = []
     targets = np.zeros((len(raw["images"]), len(classes)), dtype=bool)
     dropped = 0
@@ -82,8 +113,7 @@ def read_multilabel_json(path: str | os.PathLike, drop_unknown: bool = False,
                 or not isinstance(entry[1], list) or not all(isinstance(x, str) for x in entry[1])):
             raise _fail(path, f"images[{i}]", f"expected [relative_path, [label, ...]], got {str(entry)[:100]}")
         rel, labels = entry
-        if os.path.isabs(rel):
-            raise _fail(path, f"images[{i}] ({rel})", "the path must be relative to the JSON's folder")
+        full = resolve_under(root, rel, f"{path}: images[{i}]")
         for label in labels:
             if label in index:
                 targets[i, index[label]] = True
@@ -92,18 +122,22 @@ def read_multilabel_json(path: str | os.PathLike, drop_unknown: bool = False,
             else:
                 raise _fail(path, f"images[{i}] ({rel})", f"label {label!r} is not in classes; add it to "
                             "classes or pass drop_unknown (data.drop_unknown_labels=true) to drop such labels")
-        full = root / rel
-        if check_exists and not full.is_file():
-            raise _fail(path, f"images[{i}]", f"image {full} does not exist")
         paths.append(str(full))
-    return MultilabelAnnotations(str(path), classes, paths, targets, dropped)
+    annotations = MultilabelAnnotations(str(path), classes, paths, targets, dropped, str(root))
+    if check_exists:
+        annotations.records().check_files(f" (image_root {root})")
+    return annotations
 
 
-def write_multilabel_json(path: str | os.PathLike, classes: list[str], images: list[tuple[str, list[str]]]) -> Path:
-    """Write one split; image paths must already be relative to path's folder."""
+def write_multilabel_json(path: str | os.PathLike, classes: list[str], images: list[tuple[str, list[str]]],
+                          image_root: str | None = None) -> Path:
+    """Write one split; image paths must already be relative to the image root: `image_root` (written as the
+    top-level key: relative to path's folder, or absolute) or, when None, path's folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"classes": list(classes), "images": [[p, list(labels)] for p, labels in images]}
+    body: dict = {"classes": list(classes), "images": [[p, list(labels)] for p, labels in images]}
+    if image_root is not None:
+        body["image_root"] = str(image_root)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(body, indent=None, separators=(",", ":")) + "\n", encoding="utf-8")
     tmp.replace(path)

@@ -143,6 +143,20 @@ class RecordIOReader:
         nxt = np.searchsorted(by_offset, self._sorted_offsets, side="right")
         self._sorted_limits = np.append(by_offset, self.file_size)[nxt]
 
+    def check_last_record(self) -> None:
+        """A .rec cut short (an interrupted copy) loses its last records: validate the record at the highest
+        indexed offset (its part headers and length; a few small reads), so datasets can fail at start-up,
+        not at that record's first read. RecordIOError naming the key otherwise."""
+        if self.idx_path is None or not len(self):
+            return  # a scanned file was validated record by record
+        i = int(np.argmax(self._sorted_offsets))
+        offset, key = int(self._sorted_offsets[i]), int(self._sorted_keys[i])
+        try:
+            self._parts(offset, self.file_size, key)
+        except RecordIOError as err:
+            raise RecordIOError(self.rec_path, f"{err.problem}; the last record indexed by {self.idx_path} does not "
+                                "fit the file (a truncated .rec, or an .idx of another file?)", err.offset, key) from None
+
     # ---- index --------------------------------------------------------------------------------
     def _load_idx(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -161,7 +175,9 @@ class RecordIOReader:
             k, o = int(keys[bad[0]]), int(offsets[bad[0]])
             why = "is not a multiple of 4" if o % 4 else f"leaves no room for a record in {self.rec_path} " \
                 f"({self.file_size} bytes; truncated .rec or .idx of another file?)"
-            raise RecordIOError(path, f"offset {o} {why}", key=k)
+            more = ", ".join(f"key {int(keys[i])}" for i in bad[1:3]) + (", ..." if bad.size > 3 else "")
+            raise RecordIOError(path, f"offset {o} {why}; {bad.size:,} of {len(keys):,} entries point outside "
+                                f"the .rec or off the 4-byte grid" + (f" (also {more})" if more else ""), key=k)
         return keys, offsets
 
     @staticmethod

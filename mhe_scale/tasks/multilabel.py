@@ -63,6 +63,12 @@ class MultilabelDataConfig:
     """Test split JSON: every reported metric."""
     drop_unknown_labels: bool = False
     """Drop (and count) labels a split's classes do not name, instead of refusing the file."""
+    image_root: Optional[str] = None
+    """Folder every split's image paths start from, overriding each JSON's "image_root" (default: the JSON's
+    own "image_root", else its folder); paths that leave it are refused."""
+    check_images: bool = True
+    """Stat every image at start-up and refuse (one line: how many are missing or empty, the first few named);
+    false: a bad image fails only when first read."""
     preset: str = "imagenet"
     """Augmentation family (data/image_dataset.py transform_preset): imagenet | cifar."""
     image_size: Optional[int] = None
@@ -255,13 +261,19 @@ class MultilabelData:
     description: str
 
 
-def _split(path: Optional[str], key: str, drop: bool) -> MultilabelAnnotations:
-    if not path:
-        raise ValueError(f"{key} is not set; point it at a multi-label JSON (mhe_scale/data/multilabel_json.py)")
+def _find(path: str, key: str) -> Path:
     found = next((p for p in config_path_candidates(path) if p.exists()), None)
     if found is None:
         raise FileNotFoundError(f"{key}={path!r} does not exist")
-    return read_multilabel_json(found, drop_unknown=drop)
+    return found
+
+
+def _split(path: Optional[str], key: str, cfg: MultilabelDataConfig) -> MultilabelAnnotations:
+    if not path:
+        raise ValueError(f"{key} is not set; point it at a multi-label JSON (mhe_scale/data/multilabel_json.py)")
+    root = _find(cfg.image_root, "data.image_root") if cfg.image_root else None
+    return read_multilabel_json(_find(path, key), drop_unknown=cfg.drop_unknown_labels, check_exists=cfg.check_images,
+                                image_root=root)
 
 
 def train_transform(cfg: MultilabelDataConfig):
@@ -281,8 +293,8 @@ def train_transform(cfg: MultilabelDataConfig):
 def load_multilabel_data(cfg: MultilabelDataConfig) -> MultilabelData:
     """Train (augmented), val (held-out, eval transform; optional) and test datasets; every split must
     name the training split's classes."""
-    train = _split(cfg.train_path, "data.train_path", cfg.drop_unknown_labels)
-    others = {key: _split(path, key, cfg.drop_unknown_labels) if path else None
+    train = _split(cfg.train_path, "data.train_path", cfg)
+    others = {key: _split(path, key, cfg) if path else None
               for key, path in (("data.val_path", cfg.val_path), ("data.test_path", cfg.test_path))}
     if others["data.test_path"] is None:
         raise ValueError("data.test_path is not set; every metric is computed on the test split")
