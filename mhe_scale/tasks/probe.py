@@ -31,7 +31,6 @@ from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_p
 from mhe_scale.data.image_folder import list_file_records
 from mhe_scale.data.image_source import ImageDataConfig, task_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
-from mhe_scale.engine.checkpoint import MANIFEST, list_checkpoints, verify_checkpoint
 from mhe_scale.engine.loop import fit, named_sampler
 from mhe_scale.engine.model import make_optimizer
 from mhe_scale.engine.run_identity import run_config
@@ -40,6 +39,7 @@ from mhe_scale.eval.longtail import TAUS, extract_features, shot_accuracy, shot_
 from mhe_scale.models.image import ImageModelConfig, build_image_model
 from mhe_scale.tasks.paths import config_path_candidates
 from mhe_scale.tasks.registry import register_task
+from mhe_scale.tasks.run_checkpoints import check_step_folder, run_step_folder
 from mhe_scale.tasks.report import write_results
 
 
@@ -67,16 +67,6 @@ class ProbeConfig(ExperimentConfig):
     probe: ProbeSection = field(default_factory=ProbeSection)
 
 
-def _verified_step(folder: Path) -> Path:
-    """folder/model.safetensors of a step folder named directly; refused when its manifest fails."""
-    if (folder / MANIFEST).is_file():
-        problem = verify_checkpoint(folder)
-        if problem is not None:
-            raise ValueError(f"probe.checkpoint={str(folder)!r} fails verification against its manifest: {problem}; "
-                             "name the run folder (its newest verified step is taken) or another step")
-    return folder / "model.safetensors"
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """The model.safetensors a probe.checkpoint names (module docstring); errors say what was found.
 
@@ -86,24 +76,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_file():
         return p
     if (p / "model.safetensors").is_file():
-        return _verified_step(p)
-    for root in (p / "checkpoints", p):
-        skipped = []
-        for _, step in list_checkpoints(root):
-            problem = verify_checkpoint(step)
-            if problem is None and not (step / "model.safetensors").is_file():
-                problem = "no model.safetensors"
-            if problem is None:
-                for older, why in skipped:
-                    warnings.warn(f"probe.checkpoint: {older} is newer than {step.name} but unusable ({why}); "
-                                  f"reading {step.name}", stacklevel=2)
-                return step / "model.safetensors"
-            skipped.append((step, problem))
-        if skipped:
-            raise ValueError(f"probe.checkpoint={str(path)!r}: none of its {len(skipped)} step folders verifies "
-                             f"(newest {skipped[0][0].name}: {skipped[0][1]}); point it at a finished run")
-    raise FileNotFoundError(f"probe.checkpoint={str(path)!r}: no model.safetensors there, in it, or in its "
-                            "checkpoints/step-* folders; point it at a pre-training run's folder")
+        return check_step_folder(p, "probe.checkpoint") / "model.safetensors"
+    step, skipped = run_step_folder(p, "probe.checkpoint")
+    for older, why in skipped:
+        warnings.warn(f"probe.checkpoint: {older} is newer than {step.name} but unusable ({why}); "
+                      f"reading {step.name}", stacklevel=2)
+    return step / "model.safetensors"
 
 
 def load_backbone(backbone: nn.Module, path: str | Path, prefix: str = "encoder.") -> dict[str, Tensor]:
