@@ -196,7 +196,8 @@ def preprocessing(preset: str, size: int) -> dict[str, Any]:
         mean, std, resize = CIFAR10_MEAN, CIFAR10_STD, f"none: the image must already be {size}x{size}"
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-        resize = f"resize the shorter side to {round(size * 256 / 224)} (PIL bilinear, aspect kept), centre crop {size}x{size}"
+        resize = (f"resize the shorter side to {round(size * 256 / 224)} (PIL bilinear, aspect kept), "
+                  f"centre crop {size}x{size}")
     return {"channel_order": "RGB", "layout": "NCHW", "pixel_scale": "uint8 / 255", "mean": list(mean),
             "std": list(std), "normalise": "(x / 255 - mean[c]) / std[c] per channel c", "resize": resize}
 
@@ -217,11 +218,12 @@ def sidecar(classes: list[str], weights: Weights, out: Path, size: int, preset: 
     same_step = None
     if run is not None and (run / "thresholds.npy").is_file():
         thresholds = [float(t) for t in load_thresholds(run / "thresholds.npy", len(classes))]
+        step = weights.step_folder
         newest, _ = newest_verified_step(run / "checkpoints")
-        same_step = newest is not None and newest.resolve() == weights.step_folder.resolve()  # type: ignore[union-attr]
+        same_step = newest is not None and step is not None and newest.resolve() == step.resolve()
         if not same_step:
             notes.append(f"warning: {run / 'thresholds.npy'} was tuned on the run's final weights "
-                         f"({newest.name if newest else 'unknown step'}), not on {weights.step_folder.name}")  # type: ignore[union-attr]
+                         f"({newest.name if newest else 'unknown step'}), not on {step.name if step else '?'}")
     elif run is not None:
         notes.append(f"note: {run} has no thresholds.npy (no data.val_path): the sidecar's thresholds are null")
     body: dict[str, Any] = {

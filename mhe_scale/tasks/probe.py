@@ -10,8 +10,9 @@ checkpoints/step-* folder whose manifest verifies (engine/checkpoint.py; a newer
 verification is skipped with a warning naming it and why; a step folder named directly must verify).
 A relative path is looked for from the working directory, then from the repository root, like the
 other config paths (tasks/paths.py). The run prints which file it read. The backbone is read from its
-"encoder.*" weights (contrastive and classify checkpoints name it so). The backbone stays in eval mode (BN statistics frozen) with no gradient;
-after training every backbone tensor is compared with the loaded one and a change is an error.
+"encoder.*" weights (contrastive and classify checkpoints name it so). The backbone stays in eval mode
+(BN statistics frozen) with no gradient; after training every backbone tensor is compared with the
+loaded one and a change is an error.
 """
 
 from __future__ import annotations
