@@ -81,3 +81,36 @@ def test_per_class_subset():
     assert torch.equal(torch.bincount(labels[idx]), torch.tensor([2, 2, 2]))
     assert len(set(idx.tolist())) == 6 and torch.equal(idx, idx.sort().values)
     assert torch.equal(per_class_subset(labels, 10), torch.arange(10))
+
+
+def test_pstar_tool_refuses_bad_input_with_one_line(tmp_path, capsys):
+    """Issue 22 item 7: a missing or truncated checkpoint, one that does not fit the config, and
+    --largest-side -3 print one line naming the file / flag and exit 2 (tracebacks before)."""
+    import pytest
+    from safetensors.torch import save_file
+
+    from conftest import load_tool
+    from mhe_scale.config import load_config
+    from mhe_scale.tasks.multigrain import build_model
+
+    tool = load_tool("pstar")
+    config = "configs/multigrain/cifar10_r18_joint_p3.yaml"
+    net = build_model(load_config(config).model, 10)
+    good = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(good))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"classifier.weight": torch.zeros(10, 4), "other": torch.zeros(1)}, str(wrong))
+    cases = [(["--largest-side", "-3"], str(good), "--largest-side -3: must be >= 1"),
+             (["--largest-side", "40", "--grid"], str(good), "--grid []"),
+             (["--largest-side", "40"], str(tmp_path / "missing.safetensors"), "missing.safetensors does not exist"),
+             (["--largest-side", "40"], str(truncated), "truncated.safetensors: not a readable safetensors file"),
+             (["--largest-side", "40"], str(wrong), "wrong.safetensors does not fit")]
+    for flags, checkpoint, named in cases:
+        capsys.readouterr()
+        assert tool.main(["crossval", config, checkpoint, *flags]) == 2, named
+        err = capsys.readouterr().err.strip()
+        assert named in err and "\n" not in err and err.startswith("error: "), err
+    with pytest.raises(SystemExit):  # argparse's own refusal of a non-number stays as it was
+        tool.main(["crossval", config, str(good), "--largest-side", "x"])

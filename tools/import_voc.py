@@ -1,45 +1,64 @@
 """Pascal VOC folder layout -> the multi-label annotation format (mhe_scale/data/multilabel_json.py).
 
-    python tools/import_voc.py VOCdevkit/VOC2007 --split trainval --out voc/trainval.json
+    python tools/import_voc.py VOCdevkit/VOC2007 --split trainval --out voc/trainval.json [--val-fraction 0.1]
 
 Reads ROOT/ImageSets/Main/SPLIT.txt (one image id per line), ROOT/Annotations/ID.xml (each
-<object><name>) and points at ROOT/JPEGImages/ID.jpg. classes = the 20 VOC classes (or --classes
-a,b,...); label set = the object names of the image (difficult objects too unless --skip-difficult).
-Image paths are written relative to --out's folder.
+<object><name>) and checks that ROOT/JPEGImages/ID.jpg exists. classes = the 20 VOC classes (or
+--classes a,b,...); label set = the object names of the image (difficult objects too unless
+--skip-difficult).
+
+Writes --out (its folder is created if missing): "image_root" = ROOT/JPEGImages (relative to --out's
+folder when possible) and "ID.jpg" entries under it; with --val-fraction F (0 < F < 1) a seeded draw
+(--seed) of round(F x N) images goes to OUT's sibling `<stem>_val.json` and the rest to --out
+(disjoint by image). Refuses with one line on stderr and exit 2: a missing split file, an unreadable
+or malformed XML (file, line and column named), an <object> without <name>, an id that resolves
+outside ROOT, object names outside the classes, missing images (how many, the first named;
+--skip-missing drops them and says how many) and an import with 0 images (nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from mhe_scale.data.multilabel_json import write_multilabel_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mhe_scale.data.multilabel_import import Record, check_images, write_splits  # noqa: E402
+from mhe_scale.data.safe_paths import resolve_under  # noqa: E402
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 
 
-def voc_to_multilabel(root: str | os.PathLike, split: str, out_dir: str | os.PathLike,
-                      skip_difficult: bool = False) -> list[tuple[str, list[str]]]:
-    """[(ROOT/JPEGImages/ID.jpg relative to out_dir, sorted object names)] of one VOC split."""
+def voc_to_multilabel(root: str | os.PathLike, split: str,
+                      skip_difficult: bool = False) -> tuple[list[Record], list[str]]:
+    """([("ID.jpg" under ROOT/JPEGImages, sorted object names)], where each came from) of one VOC split."""
     root = Path(root)
     ids_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not ids_file.is_file():
         raise FileNotFoundError(f"{ids_file} does not exist; is {root} a VOC year folder (Annotations/, "
                                 "ImageSets/Main/, JPEGImages/)?")
-    rel = os.path.relpath(root / "JPEGImages", Path(out_dir))
-    images: list[tuple[str, list[str]]] = []
-    for number, line in enumerate(ids_file.read_text().splitlines(), start=1):
+    try:
+        lines = ids_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{ids_file}: not UTF-8 text ({err.reason} at byte {err.start}); one image id per line") from None
+    images: list[Record] = []
+    wheres: list[str] = []
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         image_id = line.split()[0]
-        xml = root / "Annotations" / f"{image_id}.xml"
+        where = f"{ids_file}:{number}"
+        xml = resolve_under(root / "Annotations", f"{image_id}.xml", where)
         try:
             tree = ET.parse(xml)
-        except (OSError, ET.ParseError) as err:
-            raise ValueError(f"{ids_file}:{number}: cannot read {xml} ({err})") from None
+        except ET.ParseError as err:  # its text names the line and column
+            raise ValueError(f"{xml}: malformed XML ({err}); listed at {where}") from None
+        except OSError as err:
+            raise ValueError(f"{where}: cannot read {xml} ({err.strerror or err})") from None
         names = set()
         for obj in tree.getroot().iter("object"):
             name = (obj.findtext("name") or "").strip()
@@ -48,8 +67,9 @@ def voc_to_multilabel(root: str | os.PathLike, split: str, out_dir: str | os.Pat
             if skip_difficult and (obj.findtext("difficult") or "0").strip() == "1":
                 continue
             names.add(name)
-        images.append((os.path.join(rel, f"{image_id}.jpg"), sorted(names)))
-    return images
+        images.append((f"{image_id}.jpg", sorted(names)))
+        wheres.append(where)
+    return images, wheres
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,16 +79,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--classes", default=None, help="comma-separated class names (default: the 20 VOC classes)")
     parser.add_argument("--skip-difficult", action="store_true")
+    parser.add_argument("--skip-missing", action="store_true", help="drop images that do not exist (and count them)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="hold out this fraction of the images in OUT's sibling <stem>_val.json")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction draw")
     args = parser.parse_args(argv)
-    out = Path(args.out)
     classes = args.classes.split(",") if args.classes else VOC_CLASSES
-    images = voc_to_multilabel(args.root, args.split, out.parent, args.skip_difficult)
-    unknown = sorted({n for _, names in images for n in names} - set(classes))
-    if unknown:
-        raise SystemExit(f"error: {args.root} split {args.split} has object names {unknown[:5]} not in the classes; "
-                         "pass --classes with them")
-    write_multilabel_json(out, classes, images)
-    print(f"{out}: {len(images)} images, {len(classes)} classes")
+    jpegs = Path(args.root) / "JPEGImages"
+    try:
+        images, wheres = voc_to_multilabel(args.root, args.split, args.skip_difficult)
+        unknown = sorted({n for _, names in images for n in names} - set(classes))
+        if unknown:
+            raise ValueError(f"{args.root} split {args.split} has object names {unknown[:5]} not in the classes; "
+                             "pass --classes with them")
+        images, missing = check_images(jpegs, images, wheres, args.skip_missing)
+        if missing:
+            print(f"warning: {missing} of {len(images) + missing} images of split {args.split} do not exist in "
+                  f"{jpegs}; dropped (--skip-missing)", file=sys.stderr)
+        written = write_splits(args.out, classes, jpegs, images, args.val_fraction, args.seed)
+    except (ValueError, FileNotFoundError) as err:  # PathEscapeError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path, count in written.values():
+        print(f"{path}: {count} images, {len(classes)} classes")
     return 0
 
 

@@ -9,6 +9,12 @@
 
 CONFIG is the run's multigrain YAML (data + model sections). Images are resized so their largest
 side is s* (no crop) and batched by size. Prints one JSON line.
+
+Reads CONFIG, CHECKPOINT (a model.safetensors, or a step folder holding one; safetensors only, nothing
+unpickled) and the config's image lists. Writes only --out (finetune). Refuses with one line on stderr
+and exit 2: a missing or unreadable (truncated) checkpoint, one that does not fit CONFIG's model or has
+no classifier.weight, a bad CONFIG, --largest-side / --per-class / --batch-size / --limit below 1, an
+empty --grid or a p <= 0 in it, a missing image list.
 """
 
 from __future__ import annotations
@@ -53,9 +59,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="finetune: where to write the checkpoint with p*")
     args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, IsADirectoryError) as err:  # ConfigError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
+
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for values that cannot work."""
+    for flag in ("largest_side", "per_class", "batch_size", "limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: must be >= 1")
+    if args.mode == "crossval" and (not args.grid or min(args.grid) <= 0):
+        raise ValueError(f"--grid {args.grid}: give one or more GeM exponents p > 0")
+
+
+def load_checkpoint_state(path: str) -> dict:
+    """The tensors of a multigrain model.safetensors (or of a step folder's); errors name the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {file} does not exist; pass a run's checkpoints/step-*/model.safetensors")
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: not a readable safetensors file ({err}); truncated? pass a finished step's "
+                         "model.safetensors") from None
+    if "classifier.weight" not in state:
+        raise ValueError(f"{file} has no classifier.weight; is it a multigrain checkpoint?")
+    return state
+
+
+def run(args: argparse.Namespace) -> int:
+    """The mode's work; bad input raises ValueError / FileNotFoundError naming the flag or file."""
+    check_args(args)
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from mhe_scale.config import load_config
     from mhe_scale.data.image_dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, \
@@ -67,9 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     from mhe_scale.tasks.multigrain import build_model, cross_validate_p, finetune_p, per_class_subset
 
     cfg = load_config(args.config)
-    state = load_file(args.checkpoint)
+    state = load_checkpoint_state(args.checkpoint)
     model = build_model(cfg.model, int(state["classifier.weight"].shape[0]))
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{args.checkpoint} does not fit {args.config}'s model section ("
+                         f"{' '.join(str(err).split())[:300]}); pass the run's own config") from None
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if cfg.data.preset == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
     transform = Compose([ResizeLargestSide(args.largest_side), ToTensor(), Normalize(mean, std)])
     train_records, test_records = image_records(cfg.data)

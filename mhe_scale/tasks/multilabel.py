@@ -16,6 +16,7 @@ cosine with warmup and EMA.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +345,29 @@ def predict_probabilities(model: MultilabelClassifier, dataset: MultilabelImageD
     return p.cpu().numpy(), y.cpu().numpy() > 0.5
 
 
+def threshold_source(data: MultilabelData) -> dict[str, Any] | None:
+    """Where the thresholds are tuned: {"tuned_on": val JSON, "test_images_shared": images also in the
+    scored test split, "same_file": val JSON is the test JSON}; None without a val split (nothing tuned)."""
+    if data.val is None:
+        return None
+    val, test = data.val.annotations, data.test.annotations
+    return {"tuned_on": val.source, "test_images_shared": len(set(val.paths) & set(test.paths)),
+            "same_file": Path(val.source).resolve() == Path(test.source).resolve()}
+
+
+def threshold_split_warning(data: MultilabelData) -> str | None:
+    """One line when the thresholds would be tuned on images of the split being scored (data.val_path is
+    the test file, or shares images with it): every @tuned metric is then optimistic. None otherwise."""
+    source = threshold_source(data)
+    if source is None or not (source["same_file"] or source["test_images_shared"]):
+        return None
+    what = ("is the scored test split" if source["same_file"] else
+            f"shares {source['test_images_shared']} of its {len(data.val)} images with the scored test split")
+    return (f"warning: thresholds are tuned on data.val_path={source['tuned_on']}, which {what} (data.test_path="
+            f"{data.test.annotations.source}): every @tuned metric is optimistic; hold out a validation split "
+            "(tools/import_coco.py / import_voc.py --val-fraction) and set data.val_path to it")
+
+
 def evaluate(model: MultilabelClassifier, data: MultilabelData, batch_size: int, accelerator=None, ema=None,
              run_dir: Path | None = None) -> dict[str, float]:
     """Test metrics at 0.5 and, with a val split, at thresholds tuned on it (saved to run_dir/thresholds.npy
@@ -415,6 +439,13 @@ def run_multilabel(cfg: MultilabelConfig, accelerator) -> dict[str, dict[str, An
     start = time.perf_counter()
     data = load_multilabel_data(cfg.data)
     accelerator.print(f"{data.description} ({time.perf_counter() - start:.1f}s)")
+    warning = threshold_split_warning(data)
+    if warning and accelerator.is_main_process:
+        print(warning, file=sys.stderr)
     results = {run_folder(cfg): train_multilabel(cfg, data, accelerator)}
+    source = threshold_source(data)
+    if source is not None:  # results.json says where the thresholds came from
+        for result in results.values():
+            result["thresholds"] = source
     write_results(cfg, results, accelerator)
     return results

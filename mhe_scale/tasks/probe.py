@@ -5,15 +5,20 @@ classifier for every tau of probe.taus, all from one pass over the test set.
 
     mhe-scale train configs/longtail/cifar10_lt100_probe.yaml probe.checkpoint=runs/.../kcl [data.sampler=class_balanced]
 
-probe.checkpoint: a model.safetensors, a step folder holding one, or a run folder (its latest
-checkpoints/step-*): the backbone is read from its "encoder.*" weights (contrastive and classify
-checkpoints name it so). The backbone stays in eval mode (BN statistics frozen) with no gradient;
-after training every backbone tensor is compared with the loaded one and a change is an error.
+probe.checkpoint: a model.safetensors, a step folder holding one, or a run folder: its NEWEST
+checkpoints/step-* folder whose manifest verifies (engine/checkpoint.py; a newer folder that fails
+verification is skipped with a warning naming it and why; a step folder named directly must verify).
+A relative path is looked for from the working directory, then from the repository root, like the
+other config paths (tasks/paths.py). The run prints which file it read. The backbone is read from its
+"encoder.*" weights (contrastive and classify checkpoints name it so). The backbone stays in eval mode
+(BN statistics frozen) with no gradient; after training every backbone tensor is compared with the
+loaded one and a change is an error.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -27,14 +32,15 @@ from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_p
 from mhe_scale.data.image_folder import list_file_records
 from mhe_scale.data.image_source import ImageDataConfig, task_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
-from mhe_scale.engine.checkpoint import list_checkpoints
 from mhe_scale.engine.loop import fit, named_sampler
 from mhe_scale.engine.model import make_optimizer
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.module import Metrics, TrainingModule
 from mhe_scale.eval.longtail import TAUS, extract_features, shot_accuracy, shot_counts, tau_predictions
 from mhe_scale.models.image import ImageModelConfig, build_image_model
+from mhe_scale.tasks.paths import config_path_candidates
 from mhe_scale.tasks.registry import register_task
+from mhe_scale.tasks.run_checkpoints import check_step_folder, run_step_folder
 from mhe_scale.tasks.report import write_results
 
 
@@ -43,7 +49,7 @@ class ProbeSection:
     """probe section: which pre-trained backbone, and the tau grid."""
 
     checkpoint: Optional[str] = None
-    """model.safetensors, a checkpoints/step-* folder, or a run folder (its latest step)."""
+    """model.safetensors, a checkpoints/step-* folder, or a run folder (its newest verified step)."""
     taus: list[float] = field(default_factory=lambda: list(TAUS))
     """tau-normalisation grid: w_c / ||w_c||^tau, bias dropped (0 = the raw weights)."""
     bias: bool = True
@@ -63,26 +69,34 @@ class ProbeConfig(ExperimentConfig):
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The model.safetensors a probe.checkpoint names (module docstring); errors say what was found."""
-    p = Path(path)
+    """The model.safetensors a probe.checkpoint names (module docstring); errors say what was found.
+
+    A run folder gives its newest step folder that verifies and holds model.safetensors; each newer
+    one skipped is warned about (warnings.warn, naming it and why)."""
+    p = next((c for c in config_path_candidates(str(path)) if c.exists()), Path(path))
     if p.is_file():
         return p
     if (p / "model.safetensors").is_file():
-        return p / "model.safetensors"
-    for root in (p / "checkpoints", p):
-        steps = list_checkpoints(root) if root.is_dir() else []
-        if steps and (steps[-1][1] / "model.safetensors").is_file():
-            return steps[-1][1] / "model.safetensors"
-    raise FileNotFoundError(f"probe.checkpoint={str(path)!r}: no model.safetensors there, in it, or in its "
-                            "checkpoints/step-* folders; point it at a pre-training run's folder")
+        return check_step_folder(p, "probe.checkpoint") / "model.safetensors"
+    step, skipped = run_step_folder(p, "probe.checkpoint")
+    for older, why in skipped:
+        warnings.warn(f"probe.checkpoint: {older} is newer than {step.name} but unusable ({why}); "
+                      f"reading {step.name}", stacklevel=2)
+    return step / "model.safetensors"
 
 
 def load_backbone(backbone: nn.Module, path: str | Path, prefix: str = "encoder.") -> dict[str, Tensor]:
     """Load the `prefix`* weights of the checkpoint into backbone (all of them, strictly); returns them."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = resolve_checkpoint(path)
-    tensors = {k[len(prefix):]: v for k, v in load_file(str(file)).items() if k.startswith(prefix)}
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file}: not a readable safetensors file ({err}); point probe.checkpoint at a "
+                         "finished run folder") from None
+    tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not tensors:
         raise ValueError(f"{file}: no '{prefix}*' weights (is it a contrastive / classify checkpoint?)")
     missing, unexpected = backbone.load_state_dict(tensors, strict=False)
@@ -149,7 +163,8 @@ def run_probe(cfg: ProbeConfig, accelerator) -> dict[str, dict[str, Any]]:
     test = ImageClassificationDataset(test_records, transform_preset(cfg.data.preset, False, size=size))
     torch.manual_seed(cfg.train.seed)
     backbone = build_image_model(cfg.model)
-    loaded = load_backbone(backbone, cfg.probe.checkpoint)
+    checkpoint = resolve_checkpoint(cfg.probe.checkpoint)
+    loaded = load_backbone(backbone, checkpoint)
     module = LinearProbe(backbone, num_classes, cfg.probe.bias)
     optimizer = make_optimizer(cfg.optim, [{"params": list(module.fc.parameters()), "lr": cfg.optim.lr, "name": "fc"}])
     group_labels = train_records.labels
@@ -162,7 +177,7 @@ def run_probe(cfg: ProbeConfig, accelerator) -> dict[str, dict[str, Any]]:
     sampler = None if cfg.data.sampler == "epoch" else named_sampler(cfg.data.sampler, torch.as_tensor(train.labels))
     folder = "crt" if cfg.data.sampler == "class_balanced" else f"probe-{cfg.data.sampler}"
     accelerator.print(f"{cfg.data.name}: {len(train):,} train / {len(test):,} test images, {num_classes} classes; "
-                      f"backbone from {resolve_checkpoint(cfg.probe.checkpoint)}")
+                      f"backbone from {checkpoint}")
 
     def evaluate(ema=None) -> dict[str, float]:
         return probe_metrics(module, test, groups, list(cfg.probe.taus), cfg.train.eval_batch_size, accelerator)
