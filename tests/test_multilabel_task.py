@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT, load_tool
 from mhe_scale.config import load_config
-from mhe_scale.data.multilabel_json import read_multilabel_json
+from mhe_scale.data.multilabel_json import read_multilabel_json, write_multilabel_json
 from mhe_scale.eval.multilabel import mean_average_precision
 from mhe_scale.tasks.multilabel import (MultilabelClassifier, build_criterion, build_net, load_multilabel_data,
                                         predict_probabilities)
