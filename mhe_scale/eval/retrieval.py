@@ -20,11 +20,23 @@ Protocols (what each reads; layouts as released):
   (crops/NN, jpegqual/NN, strong); group = id // 100 (the original is id // 100 * 100). Queries:
   the variants (optionally of some transforms only); database: the originals + distractor images
   (a folder searched recursively, the first N in sorted order); the one positive is the original.
+- A labelled folder (`labelled_folder`): `root/<class or instance>/<image>` (the image folder
+  layout of data/image_folder.py); every image is a query, the other images of its class are its
+  positives, the query itself is left out of its own ranking. Reported: mAP (plain average
+  precision: the mean over positives of the precision at each one's rank) and recall@k (the
+  percentage of queries with a positive among their k nearest), over the queries that have a
+  positive (a class of one image has none; counted in queries_without_positives).
 
 Average precision is the interpolation of these benchmarks' own scripts (Holidays' holidays_map,
 revisitop's compute_ap): with positives at ranks r_0 < r_1 < … (0-based, junk removed),
 AP = Σ_j ((j / r_j, or 1 if r_j = 0) + (j + 1) / (r_j + 1)) / 2 / n_positives.
 mP@k (revisitop): k' = min(k, rank of the last positive + 1); precision at k'.
+
+Images are decoded, embedded and dropped in chunks of a few batches (memory: one chunk of images,
+not the benchmark), with a progress bar; queries are ranked in blocks of at most 4M query x database
+entries for the labelled-folder protocol. `largest_side` resizes every image so its largest side is
+s*; `upsample_limit` caps how far a smaller image is enlarged (tools/eval_retrieval.py passes the
+run's training resolution, so 32-pixel images are not blown up 15x to s* = 500 unless asked).
 """
 
 from __future__ import annotations
@@ -39,8 +51,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm.auto import tqdm
 
 Protocol = tuple[list[list[int]], list[list[int]]]  # per query: positives, junk (database indices)
+RANK_BLOCK_ENTRIES = 1 << 22
+"""SameLabel protocols rank queries in blocks of at most this many query x database entries."""
 
 
 @dataclass(frozen=True)
@@ -52,14 +67,28 @@ class ImageRef:
     box: tuple[float, float, float, float] | None = None
 
 
+@dataclass(frozen=True)
+class SameLabel:
+    """Positives by label: query q's positives are the database images labelled query_labels[q],
+    except database image self_index[q] (the query itself; -1 for none), which is left out of its ranking."""
+
+    database_labels: Tensor
+    """int64 [N]"""
+    query_labels: Tensor
+    """int64 [Q]"""
+    self_index: Tensor
+    """int64 [Q]"""
+
+
 @dataclass
 class RetrievalSet:
-    """A benchmark: database and query images, and per protocol the positives / junk of each query."""
+    """A benchmark: database and query images, and per protocol the positives / junk of each query
+    (lists of database indices, or a SameLabel rule)."""
 
     name: str
     database: list[ImageRef]
     queries: list[ImageRef]
-    protocols: dict[str, Protocol] = field(default_factory=dict)
+    protocols: dict[str, Protocol | SameLabel] = field(default_factory=dict)
     ns_score: bool = False
     """UKBench: report the N-S score (mean positives among the 4 nearest)."""
 
@@ -67,8 +96,17 @@ class RetrievalSet:
 # ---------------------------------------------------------------- images and embeddings
 
 
-def load_image(ref: ImageRef, largest_side: int | None = None) -> np.ndarray:
-    """uint8 [H, W, 3]: decoded, rotated clockwise, cropped, largest side resized to `largest_side` (no crop)."""
+def target_side(side: int, largest_side: int, upsample_limit: int | None = None) -> int:
+    """The largest side an image whose largest side is `side` is resized to: largest_side, except that
+    an image smaller than largest_side is enlarged at most to upsample_limit (None: no cap), never shrunk."""
+    if side >= largest_side or upsample_limit is None:
+        return largest_side
+    return max(side, min(largest_side, upsample_limit))
+
+
+def load_image(ref: ImageRef, largest_side: int | None = None, upsample_limit: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3]: decoded, rotated clockwise, cropped, largest side resized to `largest_side` (no crop;
+    a smaller image is enlarged at most to `upsample_limit`, see target_side)."""
     try:
         with Image.open(ref.path) as im:
             im = im.convert("RGB")
@@ -78,8 +116,10 @@ def load_image(ref: ImageRef, largest_side: int | None = None) -> np.ndarray:
                 im = im.crop(tuple(int(round(v)) for v in ref.box))
             if largest_side is not None:
                 w, h = im.size
-                scale = largest_side / max(w, h)
-                im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+                scale = target_side(max(w, h), largest_side, upsample_limit) / max(w, h)
+                size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                if size != (w, h):
+                    im = im.resize(size, Image.BILINEAR)
             return np.asarray(im)
     except (OSError, ValueError) as err:
         raise ValueError(f"{ref.path}: cannot read image ({err})") from None
@@ -202,34 +242,104 @@ def ns_score(ranking: Tensor, positives: Tensor) -> float:
     return float(positives.gather(1, ranking[:, :4]).sum(1).double().mean())
 
 
+def same_label_metrics(ranking: Tensor, rule: SameLabel, queries: Tensor, ks: Sequence[int] = (1, 5, 10)
+                       ) -> tuple[Tensor, dict[int, Tensor]]:
+    """ranking [B, N] database ids best first (whole database) of the queries `queries` [B] (indices into
+    rule's query arrays) -> (AP [B] float64, nan without positives; {k: bool [B] a positive in the top k}).
+
+    The query's own image (rule.self_index) is removed from its ranking; AP = mean over positives of
+    (positives up to it) / (its 1-based rank)."""
+    pos = rule.database_labels[ranking] == rule.query_labels[queries, None]
+    kept = ranking != rule.self_index[queries, None]
+    hit = pos & kept
+    rank = (kept.cumsum(1) - 1).double()                 # 0-based rank without the query itself
+    nth = hit.cumsum(1).double()                          # positives up to and including each entry
+    npos = hit.sum(1)
+    ap = torch.where(hit, nth / (rank + 1), torch.zeros_like(rank)).sum(1) / npos.clamp_min(1)
+    ap = torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
+    first = torch.where(hit, rank, torch.full_like(rank, math.inf)).amin(1)  # 0-based rank of the first positive
+    return ap, {k: first < k for k in ks}
+
+
+def _score_same_label(rule: SameLabel, query_emb: Tensor, database_emb: Tensor, ks: Sequence[int],
+                      use_faiss: bool | None, progress: bool, desc: str) -> dict[str, float]:
+    """mAP / recall@k of a SameLabel rule, ranking blocks of queries (block x N <= 4M entries)."""
+    n = database_emb.shape[0]
+    block = max(1, RANK_BLOCK_ENTRIES // max(n, 1))
+    aps, recalls = [], {k: [] for k in ks}
+    with tqdm(total=query_emb.shape[0], desc=desc, unit="query", mininterval=1.0, disable=not progress) as bar:
+        for lo in range(0, query_emb.shape[0], block):
+            queries = torch.arange(lo, min(lo + block, query_emb.shape[0]))
+            _, ranking = search(query_emb[queries], database_emb, use_faiss=use_faiss)
+            ap, hits = same_label_metrics(ranking.cpu(), rule, queries, ks)
+            aps.append(ap)
+            for k in ks:
+                recalls[k].append(hits[k])
+            bar.update(len(queries))
+    ap = torch.cat(aps)
+    valid = ~ap.isnan()
+    if not bool(valid.any()):
+        raise ValueError("no query has a positive (every class holds one image): mAP and recall@k are undefined")
+    out = {"mAP": 100 * float(ap[valid].mean())}
+    out.update({f"recall@{k}": 100 * float(torch.cat(recalls[k])[valid].double().mean()) for k in ks})
+    out.update(queries=int(len(ap)), queries_without_positives=int((~valid).sum()))
+    return out
+
+
 def score(rset: RetrievalSet, query_emb: Tensor, database_emb: Tensor, ks: Sequence[int] = (1, 5, 10),
-          use_faiss: bool | None = None) -> dict[str, float]:
+          use_faiss: bool | None = None, progress: bool = False) -> dict[str, float]:
     """Metrics of every protocol of rset from L2-normalised embeddings ([Q, D], [N, D])."""
-    _, ranking = search(query_emb, database_emb, use_faiss=use_faiss)
-    ranking = ranking.cpu()
     out: dict[str, float] = {}
+    ranking: Tensor | None = None
     for name, protocol in rset.protocols.items():
+        prefix = "" if len(rset.protocols) == 1 else f"{name}/"
+        if isinstance(protocol, SameLabel):
+            metrics = _score_same_label(protocol, query_emb, database_emb, ks, use_faiss, progress, f"rank {name}")
+            out.update({f"{prefix}{k}": v for k, v in metrics.items()})
+            continue
+        if ranking is None:
+            ranking = search(query_emb, database_emb, use_faiss=use_faiss)[1].cpu()
         pos, junk = _masks(protocol, len(rset.database))
         metrics = ranking_metrics(ranking, pos, junk, ks)
-        prefix = "" if len(rset.protocols) == 1 else f"{name}/"
         out.update({f"{prefix}{k}": v for k, v in metrics.items() if k != "ap"})  # type: ignore[misc]
         if rset.ns_score:
             out[f"{prefix}N-S"] = ns_score(ranking, pos)
     return out
 
 
+def embed_images(refs: Sequence[ImageRef], embed: Callable[[Tensor], Tensor], largest_side: int | None = None,
+                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                 batch_size: int = 32, device: torch.device | str = "cpu", upsample_limit: int | None = None,
+                 progress: bool = False, desc: str = "embed") -> Tensor:
+    """L2-normalised embeddings [len(refs), D] in order; images are loaded (load_image), embedded by size
+    (embed_by_size) and dropped in chunks of 4 batches, so memory holds one chunk of images."""
+    if not refs:
+        raise ValueError("embed_images: no images")
+    chunk = 4 * batch_size
+    parts = []
+    with tqdm(total=len(refs), desc=desc, unit="img", mininterval=1.0, disable=not progress) as bar:
+        for lo in range(0, len(refs), chunk):
+            images = [to_tensor(load_image(ref, largest_side, upsample_limit), mean, std)
+                      for ref in refs[lo:lo + chunk]]
+            parts.append(embed_by_size(embed, images, batch_size, device).cpu())
+            bar.update(len(images))
+    return torch.cat(parts)
+
+
 def evaluate(rset: RetrievalSet, embed: Callable[[Tensor], Tensor], largest_side: int | None = None,
              mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
              batch_size: int = 32, device: torch.device | str = "cpu", ks: Sequence[int] = (1, 5, 10),
-             use_faiss: bool | None = None) -> dict[str, float]:
-    """Embed every distinct image of rset once (largest side resized to largest_side, no crop) and score."""
+             use_faiss: bool | None = None, upsample_limit: int | None = None, progress: bool = False
+             ) -> dict[str, float]:
+    """Embed every distinct image of rset once (largest side resized to largest_side, no crop; smaller
+    images enlarged at most to upsample_limit) and score; progress: bars on stderr (tqdm)."""
     refs = list(dict.fromkeys(rset.database + rset.queries))
     where = {ref: i for i, ref in enumerate(refs)}
-    images = [to_tensor(load_image(ref, largest_side), mean, std) for ref in refs]
-    emb = embed_by_size(embed, images, batch_size, device).cpu()
+    emb = embed_images(refs, embed, largest_side, mean, std, batch_size, device, upsample_limit, progress,
+                       f"embed {rset.name}")
     db = emb[torch.tensor([where[r] for r in rset.database])]
     qs = emb[torch.tensor([where[r] for r in rset.queries])]
-    return score(rset, qs, db, ks, use_faiss)
+    return score(rset, qs, db, ks, use_faiss, progress)
 
 
 # ---------------------------------------------------------------- protocols
@@ -365,4 +475,18 @@ def copydays(root: str | Path, distractors: str | Path | None = None, max_distra
     return RetrievalSet("copydays", database, queries, {"copydays": (positives, [[] for _ in queries])})
 
 
-PROTOCOLS = ("holidays", "ukbench", "roxford5k", "rparis6k", "copydays")
+def labelled_folder(root: str | Path) -> RetrievalSet:
+    """root/<class>/<image> (data/image_folder.folder_records): every image a query, the other images of
+    its class its positives, the query itself left out; ValueError if no class holds two images."""
+    from mhe_scale.data.image_folder import folder_records
+
+    records = folder_records(root)
+    labels = torch.from_numpy(records.labels)
+    if int(torch.bincount(labels).max()) < 2:
+        raise ValueError(f"{root}: every class folder holds one image; a query needs another image of its class")
+    refs = [ImageRef(records.path(i)) for i in range(len(records))]
+    rule = SameLabel(labels, labels, torch.arange(len(refs)))
+    return RetrievalSet(f"folder:{Path(root).name}", refs, list(refs), {"folder": rule})
+
+
+PROTOCOLS = ("holidays", "ukbench", "roxford5k", "rparis6k", "copydays", "folder")
