@@ -28,7 +28,7 @@ from test_task_classify import write_archive  # noqa: E402
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """A finished 6-step run with step folders 2, 4, 6 (copied per test: some tests corrupt one)."""
+    """A finished 6-step run with step folders 2, 4, 6 (tests that corrupt one work on a copy)."""
     base = tmp_path_factory.mktemp("evalret")
     archive = write_archive(base / "images.tar.gz", per_class=6)
     out = base / "run"

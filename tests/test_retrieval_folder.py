@@ -96,6 +96,24 @@ def test_plain_ap_agrees_with_sklearn_and_blocks_do_not_change_it(monkeypatch):
     assert whole["mAP"] == pytest.approx(100 * np.mean(aps), abs=1e-9)
 
 
+def test_ranking_in_query_blocks_changes_no_protocol_metric(monkeypatch):
+    """Lists of positives / junk (Holidays-like, with N-S) and a SameLabel rule in one set, scored whole
+    and in blocks of 3 queries: every metric equal."""
+    g = torch.Generator().manual_seed(2)
+    db = torch.nn.functional.normalize(torch.randn(24, 4, generator=g, dtype=torch.float64), dim=1)
+    qs = torch.nn.functional.normalize(torch.randn(10, 4, generator=g, dtype=torch.float64), dim=1)
+    positives = [torch.randperm(24, generator=g)[:4].tolist() for _ in range(10)]
+    junk = [torch.randperm(24, generator=g)[:2].tolist() for _ in range(10)]
+    labels = torch.randint(0, 3, (24,), generator=g)
+    rule = SameLabel(labels, labels[:10], torch.arange(10))
+    refs = [ImageRef(f"{i}") for i in range(24)]
+    rset = RetrievalSet("toy", refs, refs[:10], {"lists": (positives, junk), "labels": rule}, ns_score=True)
+    whole = score(rset, qs, db, ks=(1, 4), use_faiss=False)
+    assert {"lists/mAP", "lists/mP@4", "lists/N-S", "labels/mAP", "labels/recall@4"} <= set(whole)
+    monkeypatch.setattr(R, "RANK_BLOCK_ENTRIES", 3 * 24)
+    assert score(rset, qs, db, ks=(1, 4), use_faiss=False) == whole
+
+
 def test_folder_without_any_pair_is_refused(tmp_path):
     write_folder(tmp_path, [[(8, 8)], [(8, 8)]])
     with pytest.raises(ValueError, match="every class folder holds one image"):

@@ -94,6 +94,9 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Path, Path, Path | None, s
             raise ValueError("a CONFIG path and --config were both given; keep one")
         config = args.paths[0]
     target = Path(args.paths[-1])
+    if not target.exists():
+        raise ValueError(f"{target}: no such file or folder (give a run folder, an output_dir, a step-* checkpoint "
+                         "folder or a .safetensors file)")
     if target.is_file():
         step = target.parent if target.name == "model.safetensors" and STEP_DIR.match(target.parent.name) else None
         if step is not None:
@@ -165,10 +168,11 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     limit = None if args.upsample else train_side
     ema_note = "" if args.ema or step is None or not (step / "ema.safetensors").is_file() else \
         " (the run also saved EMA weights: --ema uses them)"
+    enlarged = "up to it (--upsample)" if limit is None else \
+        f"at most to {min(side, limit)} (training resolution {train_side}; --upsample to go further)"
     print(f"eval_retrieval: {'EMA' if args.ema else 'live'} weights of {where}{ema_note}; config {config_path}; "
           f"preset {cfg.data.preset} (mean {list(mean)}, std {list(std)}); largest side {side}, smaller images "
-          f"enlarged {'up to it (--upsample)' if limit is None else f'at most to {min(side, limit)} (training resolution {train_side})'}; "
-          f"{len(rset.queries)} queries, {len(rset.database)} database images", file=sys.stderr)
+          f"enlarged {enlarged}; {len(rset.queries)} queries, {len(rset.database)} database images", file=sys.stderr)
     metrics = R.evaluate(rset, embed, side, mean, std, batch_size=args.batch_size, device=args.device,
                          ks=args.ks, upsample_limit=limit, progress=True)
     return {"protocol": rset.name, "checkpoint": str(weights), "ema": args.ema, "preset": cfg.data.preset,

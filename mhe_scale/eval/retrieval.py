@@ -34,7 +34,8 @@ mP@k (revisitop): k' = min(k, rank of the last positive + 1); precision at k'.
 
 Images are decoded, embedded and dropped in chunks of a few batches (memory: one chunk of images,
 not the benchmark), with a progress bar; queries are ranked in blocks of at most 4M query x database
-entries for the labelled-folder protocol. `largest_side` resizes every image so its largest side is
+entries (RANK_BLOCK_ENTRIES; UKBench's 10,200 x 10,200 ranking and its masks are never whole), with
+a progress bar. `largest_side` resizes every image so its largest side is
 s*; `upsample_limit` caps how far a smaller image is enlarged (tools/eval_retrieval.py passes the
 run's training resolution, so 32-pixel images are not blown up 15x to s* = 500 unless asked).
 """
@@ -209,12 +210,11 @@ def _masks(protocol: Protocol, num_database: int) -> tuple[Tensor, Tensor]:
     return pos, bad & ~pos
 
 
-def ranking_metrics(ranking: Tensor, positives: Tensor, junk: Tensor, ks: Sequence[int] = (1, 5, 10)
-                    ) -> dict[str, float | list[float]]:
-    """ranking [Q, N] database ids best first (whole database); positives, junk bool [Q, N] by id.
-
-    -> {"mAP", "mP@k" for k in ks, "ap": per-query AP (nan for queries without positives)}; means
-    over the queries that have positives, in percent."""
+def query_metrics(ranking: Tensor, positives: Tensor, junk: Tensor, ks: Sequence[int] = (1, 5, 10)
+                  ) -> tuple[Tensor, dict[int, Tensor]]:
+    """ranking [Q, N] database ids best first (whole database); positives, junk bool [Q, N] by id ->
+    (AP [Q] float64, nan for a query without positives; {k: P@k' [Q]}), the benchmarks' definitions
+    (module docstring)."""
     pos = positives.gather(1, ranking)
     kept = ~junk.gather(1, ranking)
     rank = kept.cumsum(1) - 1                            # 0-based rank among non-junk results
@@ -225,21 +225,41 @@ def ranking_metrics(ranking: Tensor, positives: Tensor, junk: Tensor, ks: Sequen
     prec0 = torch.where(r > 0, jj / r.clamp_min(1), torch.ones_like(r))
     terms = torch.where(hit, (prec0 + (jj + 1) / (r + 1)) / 2, torch.zeros_like(r))
     ap = terms.sum(1) / npos.clamp_min(1)
-    valid = npos > 0
-    ap = torch.where(valid, ap, torch.full_like(ap, math.nan))
-    out: dict[str, float | list[float]] = {"mAP": 100 * float(ap[valid].mean()) if valid.any() else math.nan}
+    ap = torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
     last = torch.where(hit, rank + 1, torch.zeros_like(rank)).amax(1)   # 1-based rank of the last positive
+    within = {}
     for k in ks:
         kq = torch.minimum(last, torch.full_like(last, k)).clamp_min(1)
-        within = (hit & (rank + 1 <= kq[:, None])).sum(1).double() / kq.double()
-        out[f"mP@{k}"] = 100 * float(within[valid].mean()) if valid.any() else math.nan
+        within[k] = (hit & (rank + 1 <= kq[:, None])).sum(1).double() / kq.double()
+    return ap, within
+
+
+def _mean_percent(values: Tensor, valid: Tensor) -> float:
+    return 100 * float(values[valid].double().mean()) if bool(valid.any()) else math.nan
+
+
+def ranking_metrics(ranking: Tensor, positives: Tensor, junk: Tensor, ks: Sequence[int] = (1, 5, 10)
+                    ) -> dict[str, float | list[float]]:
+    """ranking [Q, N] database ids best first (whole database); positives, junk bool [Q, N] by id.
+
+    -> {"mAP", "mP@k" for k in ks, "ap": per-query AP (nan for queries without positives)}; means
+    over the queries that have positives, in percent."""
+    ap, within = query_metrics(ranking, positives, junk, ks)
+    valid = ~ap.isnan()
+    out: dict[str, float | list[float]] = {"mAP": _mean_percent(ap, valid)}
+    out.update({f"mP@{k}": _mean_percent(within[k], valid) for k in ks})
     out["ap"] = ap.tolist()
     return out
 
 
+def ns_rows(ranking: Tensor, positives: Tensor) -> Tensor:
+    """UKBench: positives among each query's 4 first results, int64 [Q]."""
+    return positives.gather(1, ranking[:, :4]).sum(1)
+
+
 def ns_score(ranking: Tensor, positives: Tensor) -> float:
     """UKBench N-S score: mean number of positives among the 4 first results (in [0, 4])."""
-    return float(positives.gather(1, ranking[:, :4]).sum(1).double().mean())
+    return float(ns_rows(ranking, positives).double().mean())
 
 
 def same_label_metrics(ranking: Tensor, rule: SameLabel, queries: Tensor, ks: Sequence[int] = (1, 5, 10)
@@ -261,49 +281,52 @@ def same_label_metrics(ranking: Tensor, rule: SameLabel, queries: Tensor, ks: Se
     return ap, {k: first < k for k in ks}
 
 
-def _score_same_label(rule: SameLabel, query_emb: Tensor, database_emb: Tensor, ks: Sequence[int],
-                      use_faiss: bool | None, progress: bool, desc: str) -> dict[str, float]:
-    """mAP / recall@k of a SameLabel rule, ranking blocks of queries (block x N <= 4M entries)."""
-    n = database_emb.shape[0]
-    block = max(1, RANK_BLOCK_ENTRIES // max(n, 1))
-    aps, recalls = [], {k: [] for k in ks}
-    with tqdm(total=query_emb.shape[0], desc=desc, unit="query", mininterval=1.0, disable=not progress) as bar:
-        for lo in range(0, query_emb.shape[0], block):
-            queries = torch.arange(lo, min(lo + block, query_emb.shape[0]))
-            _, ranking = search(query_emb[queries], database_emb, use_faiss=use_faiss)
-            ap, hits = same_label_metrics(ranking.cpu(), rule, queries, ks)
-            aps.append(ap)
-            for k in ks:
-                recalls[k].append(hits[k])
-            bar.update(len(queries))
-    ap = torch.cat(aps)
-    valid = ~ap.isnan()
-    if not bool(valid.any()):
-        raise ValueError("no query has a positive (every class holds one image): mAP and recall@k are undefined")
-    out = {"mAP": 100 * float(ap[valid].mean())}
-    out.update({f"recall@{k}": 100 * float(torch.cat(recalls[k])[valid].double().mean()) for k in ks})
-    out.update(queries=int(len(ap)), queries_without_positives=int((~valid).sum()))
-    return out
-
-
 def score(rset: RetrievalSet, query_emb: Tensor, database_emb: Tensor, ks: Sequence[int] = (1, 5, 10),
           use_faiss: bool | None = None, progress: bool = False) -> dict[str, float]:
-    """Metrics of every protocol of rset from L2-normalised embeddings ([Q, D], [N, D])."""
+    """Metrics of every protocol of rset from L2-normalised embeddings ([Q, D], [N, D]).
+
+    Queries are ranked in blocks of at most RANK_BLOCK_ENTRIES query x database entries (each block
+    searched once for all protocols); per-query values are gathered, then averaged. Protocol lists:
+    mAP, mP@k (and N-S for UKBench); SameLabel: mAP, recall@k, queries, queries_without_positives."""
+    n, q = database_emb.shape[0], query_emb.shape[0]
+    block = max(1, RANK_BLOCK_ENTRIES // max(n, 1))
+    rows: dict[str, tuple[list[Tensor], dict[int, list[Tensor]], list[Tensor]]] = {
+        name: ([], {k: [] for k in ks}, []) for name in rset.protocols}
+    with tqdm(total=q, desc=f"rank {rset.name}", unit="query", mininterval=1.0, disable=not progress) as bar:
+        for lo in range(0, q, block):
+            queries = torch.arange(lo, min(lo + block, q))
+            ranking = search(query_emb[queries], database_emb, use_faiss=use_faiss)[1].cpu()
+            for name, protocol in rset.protocols.items():
+                aps, per_k, ns = rows[name]
+                if isinstance(protocol, SameLabel):
+                    ap, values = same_label_metrics(ranking, protocol, queries, ks)
+                else:
+                    pos, junk = _masks((protocol[0][lo:lo + len(queries)], protocol[1][lo:lo + len(queries)]), n)
+                    ap, values = query_metrics(ranking, pos, junk, ks)
+                    if rset.ns_score:
+                        ns.append(ns_rows(ranking, pos))
+                aps.append(ap)
+                for k in ks:
+                    per_k[k].append(values[k])
+            bar.update(len(queries))
     out: dict[str, float] = {}
-    ranking: Tensor | None = None
     for name, protocol in rset.protocols.items():
         prefix = "" if len(rset.protocols) == 1 else f"{name}/"
+        aps, per_k, ns = rows[name]
+        ap = torch.cat(aps)
+        valid = ~ap.isnan()
         if isinstance(protocol, SameLabel):
-            metrics = _score_same_label(protocol, query_emb, database_emb, ks, use_faiss, progress, f"rank {name}")
-            out.update({f"{prefix}{k}": v for k, v in metrics.items()})
-            continue
-        if ranking is None:
-            ranking = search(query_emb, database_emb, use_faiss=use_faiss)[1].cpu()
-        pos, junk = _masks(protocol, len(rset.database))
-        metrics = ranking_metrics(ranking, pos, junk, ks)
-        out.update({f"{prefix}{k}": v for k, v in metrics.items() if k != "ap"})  # type: ignore[misc]
-        if rset.ns_score:
-            out[f"{prefix}N-S"] = ns_score(ranking, pos)
+            if not bool(valid.any()):
+                raise ValueError(f"{rset.name}: no query has a positive (every class holds one image): mAP and "
+                                 "recall@k are undefined")
+            out[f"{prefix}mAP"] = _mean_percent(ap, valid)
+            out.update({f"{prefix}recall@{k}": _mean_percent(torch.cat(per_k[k]), valid) for k in ks})
+            out.update({f"{prefix}queries": int(len(ap)), f"{prefix}queries_without_positives": int((~valid).sum())})
+        else:
+            out[f"{prefix}mAP"] = _mean_percent(ap, valid)
+            out.update({f"{prefix}mP@{k}": _mean_percent(torch.cat(per_k[k]), valid) for k in ks})
+            if rset.ns_score:
+                out[f"{prefix}N-S"] = float(torch.cat(ns).double().mean())
     return out
 
 
