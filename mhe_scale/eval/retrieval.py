@@ -33,11 +33,11 @@ AP = Σ_j ((j / r_j, or 1 if r_j = 0) + (j + 1) / (r_j + 1)) / 2 / n_positives.
 mP@k (revisitop): k' = min(k, rank of the last positive + 1); precision at k'.
 
 Images are decoded, embedded and dropped in chunks of a few batches (memory: one chunk of images,
-not the benchmark), with a progress bar; queries are ranked in blocks of at most 4M query x database
-entries (RANK_BLOCK_ENTRIES; UKBench's 10,200 x 10,200 ranking and its masks are never whole), with
-a progress bar. `largest_side` resizes every image so its largest side is
-s*; `upsample_limit` caps how far a smaller image is enlarged (tools/eval_retrieval.py passes the
-run's training resolution, so 32-pixel images are not blown up 15x to s* = 500 unless asked).
+not the benchmark); queries are ranked in blocks of at most RANK_BLOCK_ENTRIES query x database
+entries (UKBench's 10,200 x 10,200 ranking and its masks are never whole); each pass can show a
+progress bar. `largest_side` resizes every image so its largest side is s*; `upsample_limit` caps
+how far a smaller image is enlarged (tools/eval_retrieval.py passes the run's training resolution,
+so 32-pixel images are not blown up 15x to s* = 500 unless asked).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 Protocol = tuple[list[list[int]], list[list[int]]]  # per query: positives, junk (database indices)
 RANK_BLOCK_ENTRIES = 1 << 22
-"""SameLabel protocols rank queries in blocks of at most this many query x database entries."""
+"""score() ranks queries in blocks of at most this many query x database entries (4M)."""
 
 
 @dataclass(frozen=True)
