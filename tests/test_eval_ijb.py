@@ -430,3 +430,33 @@ def test_cli_reports_bad_metadata_with_file_and_line(mini, tmp_path) -> None:
     code, stderr = run_tool("--root", str(tmp_path / "copy"), "--features", str(root / "feats.npy"),
                             "--out", str(tmp_path / "o"), "--tasks", "verify")
     assert code == 2 and "ijbc_template_pair_label.txt:5: template [99999" in stderr
+
+
+def test_cli_prints_n_a_for_rates_its_negatives_cannot_reach(mini, tmp_path) -> None:
+    """A FAR (FPIR) below 1 / impostor pairs (non-mated probes) prints 'n/a', as eval_verification.py
+    does, not the ROC's TAR at FAR 0 ('0.00' before); reachable ones print results.json's value."""
+    root, info = mini
+    out = tmp_path / "out"
+    tool = load_tool("eval_ijb")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        assert tool.main(["--root", str(root), "--features", str(root / "feats.npy"), "--out", str(out)]) == 0
+    lines = {line.split(": ")[0]: line for line in printed.getvalue().splitlines()}
+    res = json.loads((out / "results.json").read_text())
+    impostors = sum(1 for _, _, same in info["pairs"] if not same)
+    assert res["verification"]["impostors"] == impostors
+    cells = dict(c.split(" ", 1) for c in lines["verification 1:1"].split(": ", 1)[1].split(", "))
+    unreachable = 0
+    for f in FARS:
+        cell = cells[f"TAR@FAR={f:g}"]
+        if impostors >= round(1 / f):
+            assert cell == f"{100 * res['verification'][f'TAR@FAR={f:g}']:.2f}", f
+        else:
+            unreachable += 1
+            assert cell == f"n/a (needs >= {round(1 / f)} impostor pairs; has {impostors})", f
+    assert 0 < unreachable < len(FARS)  # the miniature exercises both cases
+    g1 = res["identification"]["G1"]
+    cells = dict(c.split(" ", 1) for c in lines["identification G1"].split(": ", 1)[1].split(", "))
+    for f in (0.01, 0.1):
+        want = f"{100 * g1[f'TPIR@FPIR={f:g}']:.2f}" if g1["nonmated"] >= round(1 / f) else "n/a"
+        assert cells[f"TPIR@FPIR={f:g}"].startswith(want), f

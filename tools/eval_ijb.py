@@ -19,6 +19,10 @@ channels RGB, as this project's face readers feed them in training, or BGR with 
 --features skips extraction: a .npy [N, D] of per-face features (model(x) + model(flip x)) in the
 order of the face_tid_mid file; --save-features writes the extracted ones in that format.
 Writes to --out: results.json, scores.npy (one score per line of the pair file), roc.png.
+Prints TAR@FAR=f as "n/a (needs >= N impostor pairs; has M)" where the pair file holds fewer than
+1 / f impostor pairs, and TPIR@FPIR=f likewise for fewer than 1 / f non-mated probes (the rule of
+eval_verification.py, eval.verification.far_resolvable); results.json keeps the ROC's value with
+the counts ("impostors", "nonmated") beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,6 +43,7 @@ from mhe_scale.eval.align import AlignedFaces
 from mhe_scale.eval.ijb import (FARS, GALLERIES, extract_features, identification, lookup, match_rows, meta_paths,
                                 read_1n_csv, read_faces, read_landmarks, read_pairs, roc, score_pairs, tar_at_far,
                                 template_features)
+from mhe_scale.eval.verification import far_resolvable
 
 
 def load_model(spec: str, kwargs: dict) -> torch.nn.Module:
@@ -93,8 +99,29 @@ def verification(args: argparse.Namespace, paths: dict, tids: torch.Tensor, tfea
     save_roc_plot(far, tar, tars, args.out / "roc.png", f"{args.dataset} 1:1")
     res = {f"TAR@FAR={f:g}": float(t) for f, t in zip(FARS, tars)}
     res.update(AUC=float(torch.trapezoid(tar, far)), far_rule=args.far_rule, pairs=len(labels),
-               genuine=int(labels.sum()))
+               genuine=int(labels.sum()), impostors=int((~labels.bool()).sum()))
     return res
+
+
+def format_row(row: dict) -> str:
+    """One results row's floats in percent, 'key value, ...'. TAR@FAR=f (1:1; negatives: the row's
+    impostor pairs) and TPIR@FPIR=f (1:N; negatives: its non-mated probes) read 'n/a (needs >= N ...)'
+    where the negatives cannot resolve f: eval.verification.far_resolvable, eval_verification's rule
+    (results.json keeps the ROC's value)."""
+    negatives = {"TAR@FAR=": (row.get("impostors"), "impostor pairs"),
+                 "TPIR@FPIR=": (row.get("nonmated"), "non-mated probes")}
+    cells = []
+    for key, value in row.items():
+        if not isinstance(value, float):
+            continue
+        prefix = next((p for p in negatives if key.startswith(p)), None)
+        count, what = negatives.get(prefix, (None, ""))
+        target = float(key[len(prefix):]) if prefix else 0.0
+        if count is not None and not far_resolvable(count, target):
+            cells.append(f"{key} n/a (needs >= {math.ceil(1 / target)} {what}; has {count})")
+        else:
+            cells.append(f"{key} {100 * value:.2f}")
+    return ", ".join(cells)
 
 
 def save_roc_plot(far: torch.Tensor, tar: torch.Tensor, tars: torch.Tensor, path: Path, title: str) -> None:
@@ -133,6 +160,7 @@ def identify(args: argparse.Namespace, paths: dict, tids: torch.Tensor, tfeats: 
         res[gallery] = identification(probe @ gal.T, probe_subj, gal_subj)
     keys = [k for k in next(iter(res.values())) if k not in ("mated", "nonmated")]
     res["mean"] = {k: float(np.mean([r[k] for r in res.values()])) for k in keys}
+    res["mean"]["nonmated"] = min(r["nonmated"] for r in res.values() if "nonmated" in r)  # the fewest: n/a rule
     return res
 
 
@@ -192,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = results.get(section, {})
         rows = rows if section == "identification" else {"1:1": rows}
         for name, r in rows.items():
-            print(f"{section} {name}: " + ", ".join(f"{k} {100 * v:.2f}" for k, v in r.items() if isinstance(v, float)))
+            print(f"{section} {name}: {format_row(r)}")
     return 0
 
 

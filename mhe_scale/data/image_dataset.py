@@ -28,6 +28,9 @@ from mhe_scale.data.image_transforms import (Compose, Normalize, RandomCropPad, 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PRESETS = ("cifar", "imagenet")
+PRESET_DEFAULTS: dict[str, tuple[int, tuple[float, ...], tuple[float, ...]]] = {
+    "cifar": (32, CIFAR10_MEAN, CIFAR10_STD), "imagenet": (224, IMAGENET_MEAN, IMAGENET_STD)}
+"""Per preset: (training image side when data.image_size is unset, mean, std)."""
 
 
 def transform_preset(name: str, train: bool, *, size: int | None = None,
@@ -39,17 +42,15 @@ def transform_preset(name: str, train: bool, *, size: int | None = None,
         eval = resize shorter side to S * 256/224, centre crop S.
     mean/std default to the family's (CIFAR-10, ImageNet) statistics.
     """
+    if name not in PRESET_DEFAULTS:
+        raise ValueError(f"unknown transform preset {name!r}; choose one of {PRESETS}")
+    default_size, default_mean, default_std = PRESET_DEFAULTS[name]
+    size, mean, std = size or default_size, mean or default_mean, std or default_std
     if name == "cifar":
-        size = size or 32
         steps: list[Transform] = [RandomCropPad(size, 4), RandomHorizontalFlip(0.5)] if train else []
-        mean, std = mean or CIFAR10_MEAN, std or CIFAR10_STD
-    elif name == "imagenet":
-        size = size or 224
+    else:
         steps = ([RandomResizedCrop(size), RandomHorizontalFlip(0.5)] if train
                  else [ResizeCenterCrop(round(size * 256 / 224), size)])
-        mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
-    else:
-        raise ValueError(f"unknown transform preset {name!r}; choose one of {PRESETS}")
     return Compose([*steps, ToTensor(), Normalize(mean, std)])
 
 

@@ -20,11 +20,24 @@ Protocols (what each reads; layouts as released):
   (crops/NN, jpegqual/NN, strong); group = id // 100 (the original is id // 100 * 100). Queries:
   the variants (optionally of some transforms only); database: the originals + distractor images
   (a folder searched recursively, the first N in sorted order); the one positive is the original.
+- A labelled folder (`labelled_folder`): `root/<class or instance>/<image>` (the image folder
+  layout of data/image_folder.py); every image is a query, the other images of its class are its
+  positives, the query itself is left out of its own ranking. Reported: mAP (plain average
+  precision: the mean over positives of the precision at each one's rank) and recall@k (the
+  percentage of queries with a positive among their k nearest), over the queries that have a
+  positive (a class of one image has none; counted in queries_without_positives).
 
 Average precision is the interpolation of these benchmarks' own scripts (Holidays' holidays_map,
 revisitop's compute_ap): with positives at ranks r_0 < r_1 < … (0-based, junk removed),
 AP = Σ_j ((j / r_j, or 1 if r_j = 0) + (j + 1) / (r_j + 1)) / 2 / n_positives.
 mP@k (revisitop): k' = min(k, rank of the last positive + 1); precision at k'.
+
+Images are decoded, embedded and dropped in chunks of a few batches (memory: one chunk of images,
+not the benchmark); queries are ranked in blocks of at most RANK_BLOCK_ENTRIES query x database
+entries (UKBench's 10,200 x 10,200 ranking and its masks are never whole); each pass can show a
+progress bar. `largest_side` resizes every image so its largest side is s*; `upsample_limit` caps
+how far a smaller image is enlarged (tools/eval_retrieval.py passes the run's training resolution,
+so 32-pixel images are not blown up 15x to s* = 500 unless asked).
 """
 
 from __future__ import annotations
@@ -39,8 +52,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm.auto import tqdm
 
 Protocol = tuple[list[list[int]], list[list[int]]]  # per query: positives, junk (database indices)
+RANK_BLOCK_ENTRIES = 1 << 22
+"""score() ranks queries in blocks of at most this many query x database entries (4M)."""
 
 
 @dataclass(frozen=True)
@@ -52,14 +68,28 @@ class ImageRef:
     box: tuple[float, float, float, float] | None = None
 
 
+@dataclass(frozen=True)
+class SameLabel:
+    """Positives by label: query q's positives are the database images labelled query_labels[q],
+    except database image self_index[q] (the query itself; -1 for none), which is left out of its ranking."""
+
+    database_labels: Tensor
+    """int64 [N]"""
+    query_labels: Tensor
+    """int64 [Q]"""
+    self_index: Tensor
+    """int64 [Q]"""
+
+
 @dataclass
 class RetrievalSet:
-    """A benchmark: database and query images, and per protocol the positives / junk of each query."""
+    """A benchmark: database and query images, and per protocol the positives / junk of each query
+    (lists of database indices, or a SameLabel rule)."""
 
     name: str
     database: list[ImageRef]
     queries: list[ImageRef]
-    protocols: dict[str, Protocol] = field(default_factory=dict)
+    protocols: dict[str, Protocol | SameLabel] = field(default_factory=dict)
     ns_score: bool = False
     """UKBench: report the N-S score (mean positives among the 4 nearest)."""
 
@@ -67,8 +97,17 @@ class RetrievalSet:
 # ---------------------------------------------------------------- images and embeddings
 
 
-def load_image(ref: ImageRef, largest_side: int | None = None) -> np.ndarray:
-    """uint8 [H, W, 3]: decoded, rotated clockwise, cropped, largest side resized to `largest_side` (no crop)."""
+def target_side(side: int, largest_side: int, upsample_limit: int | None = None) -> int:
+    """The largest side an image whose largest side is `side` is resized to: largest_side, except that
+    an image smaller than largest_side is enlarged at most to upsample_limit (None: no cap), never shrunk."""
+    if side >= largest_side or upsample_limit is None:
+        return largest_side
+    return max(side, min(largest_side, upsample_limit))
+
+
+def load_image(ref: ImageRef, largest_side: int | None = None, upsample_limit: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3]: decoded, rotated clockwise, cropped, largest side resized to `largest_side` (no crop;
+    a smaller image is enlarged at most to `upsample_limit`, see target_side)."""
     try:
         with Image.open(ref.path) as im:
             im = im.convert("RGB")
@@ -78,8 +117,10 @@ def load_image(ref: ImageRef, largest_side: int | None = None) -> np.ndarray:
                 im = im.crop(tuple(int(round(v)) for v in ref.box))
             if largest_side is not None:
                 w, h = im.size
-                scale = largest_side / max(w, h)
-                im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+                scale = target_side(max(w, h), largest_side, upsample_limit) / max(w, h)
+                size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                if size != (w, h):
+                    im = im.resize(size, Image.BILINEAR)
             return np.asarray(im)
     except (OSError, ValueError) as err:
         raise ValueError(f"{ref.path}: cannot read image ({err})") from None
@@ -169,12 +210,11 @@ def _masks(protocol: Protocol, num_database: int) -> tuple[Tensor, Tensor]:
     return pos, bad & ~pos
 
 
-def ranking_metrics(ranking: Tensor, positives: Tensor, junk: Tensor, ks: Sequence[int] = (1, 5, 10)
-                    ) -> dict[str, float | list[float]]:
-    """ranking [Q, N] database ids best first (whole database); positives, junk bool [Q, N] by id.
-
-    -> {"mAP", "mP@k" for k in ks, "ap": per-query AP (nan for queries without positives)}; means
-    over the queries that have positives, in percent."""
+def query_metrics(ranking: Tensor, positives: Tensor, junk: Tensor, ks: Sequence[int] = (1, 5, 10)
+                  ) -> tuple[Tensor, dict[int, Tensor]]:
+    """ranking [Q, N] database ids best first (whole database); positives, junk bool [Q, N] by id ->
+    (AP [Q] float64, nan for a query without positives; {k: P@k' [Q]}), the benchmarks' definitions
+    (module docstring)."""
     pos = positives.gather(1, ranking)
     kept = ~junk.gather(1, ranking)
     rank = kept.cumsum(1) - 1                            # 0-based rank among non-junk results
@@ -185,51 +225,144 @@ def ranking_metrics(ranking: Tensor, positives: Tensor, junk: Tensor, ks: Sequen
     prec0 = torch.where(r > 0, jj / r.clamp_min(1), torch.ones_like(r))
     terms = torch.where(hit, (prec0 + (jj + 1) / (r + 1)) / 2, torch.zeros_like(r))
     ap = terms.sum(1) / npos.clamp_min(1)
-    valid = npos > 0
-    ap = torch.where(valid, ap, torch.full_like(ap, math.nan))
-    out: dict[str, float | list[float]] = {"mAP": 100 * float(ap[valid].mean()) if valid.any() else math.nan}
+    ap = torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
     last = torch.where(hit, rank + 1, torch.zeros_like(rank)).amax(1)   # 1-based rank of the last positive
+    within = {}
     for k in ks:
         kq = torch.minimum(last, torch.full_like(last, k)).clamp_min(1)
-        within = (hit & (rank + 1 <= kq[:, None])).sum(1).double() / kq.double()
-        out[f"mP@{k}"] = 100 * float(within[valid].mean()) if valid.any() else math.nan
+        within[k] = (hit & (rank + 1 <= kq[:, None])).sum(1).double() / kq.double()
+    return ap, within
+
+
+def _mean_percent(values: Tensor, valid: Tensor) -> float:
+    return 100 * float(values[valid].double().mean()) if bool(valid.any()) else math.nan
+
+
+def ranking_metrics(ranking: Tensor, positives: Tensor, junk: Tensor, ks: Sequence[int] = (1, 5, 10)
+                    ) -> dict[str, float | list[float]]:
+    """ranking [Q, N] database ids best first (whole database); positives, junk bool [Q, N] by id.
+
+    -> {"mAP", "mP@k" for k in ks, "ap": per-query AP (nan for queries without positives)}; means
+    over the queries that have positives, in percent."""
+    ap, within = query_metrics(ranking, positives, junk, ks)
+    valid = ~ap.isnan()
+    out: dict[str, float | list[float]] = {"mAP": _mean_percent(ap, valid)}
+    out.update({f"mP@{k}": _mean_percent(within[k], valid) for k in ks})
     out["ap"] = ap.tolist()
     return out
 
 
+def ns_rows(ranking: Tensor, positives: Tensor) -> Tensor:
+    """UKBench: positives among each query's 4 first results, int64 [Q]."""
+    return positives.gather(1, ranking[:, :4]).sum(1)
+
+
 def ns_score(ranking: Tensor, positives: Tensor) -> float:
     """UKBench N-S score: mean number of positives among the 4 first results (in [0, 4])."""
-    return float(positives.gather(1, ranking[:, :4]).sum(1).double().mean())
+    return float(ns_rows(ranking, positives).double().mean())
+
+
+def same_label_metrics(ranking: Tensor, rule: SameLabel, queries: Tensor, ks: Sequence[int] = (1, 5, 10)
+                       ) -> tuple[Tensor, dict[int, Tensor]]:
+    """ranking [B, N] database ids best first (whole database) of the queries `queries` [B] (indices into
+    rule's query arrays) -> (AP [B] float64, nan without positives; {k: bool [B] a positive in the top k}).
+
+    The query's own image (rule.self_index) is removed from its ranking; AP = mean over positives of
+    (positives up to it) / (its 1-based rank)."""
+    pos = rule.database_labels[ranking] == rule.query_labels[queries, None]
+    kept = ranking != rule.self_index[queries, None]
+    hit = pos & kept
+    rank = (kept.cumsum(1) - 1).double()                 # 0-based rank without the query itself
+    nth = hit.cumsum(1).double()                          # positives up to and including each entry
+    npos = hit.sum(1)
+    ap = torch.where(hit, nth / (rank + 1), torch.zeros_like(rank)).sum(1) / npos.clamp_min(1)
+    ap = torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
+    first = torch.where(hit, rank, torch.full_like(rank, math.inf)).amin(1)  # 0-based rank of the first positive
+    return ap, {k: first < k for k in ks}
 
 
 def score(rset: RetrievalSet, query_emb: Tensor, database_emb: Tensor, ks: Sequence[int] = (1, 5, 10),
-          use_faiss: bool | None = None) -> dict[str, float]:
-    """Metrics of every protocol of rset from L2-normalised embeddings ([Q, D], [N, D])."""
-    _, ranking = search(query_emb, database_emb, use_faiss=use_faiss)
-    ranking = ranking.cpu()
+          use_faiss: bool | None = None, progress: bool = False) -> dict[str, float]:
+    """Metrics of every protocol of rset from L2-normalised embeddings ([Q, D], [N, D]).
+
+    Queries are ranked in blocks of at most RANK_BLOCK_ENTRIES query x database entries (each block
+    searched once for all protocols); per-query values are gathered, then averaged. Protocol lists:
+    mAP, mP@k (and N-S for UKBench); SameLabel: mAP, recall@k, queries, queries_without_positives."""
+    n, q = database_emb.shape[0], query_emb.shape[0]
+    block = max(1, RANK_BLOCK_ENTRIES // max(n, 1))
+    rows: dict[str, tuple[list[Tensor], dict[int, list[Tensor]], list[Tensor]]] = {
+        name: ([], {k: [] for k in ks}, []) for name in rset.protocols}
+    with tqdm(total=q, desc=f"rank {rset.name}", unit="query", mininterval=1.0, disable=not progress) as bar:
+        for lo in range(0, q, block):
+            queries = torch.arange(lo, min(lo + block, q))
+            ranking = search(query_emb[queries], database_emb, use_faiss=use_faiss)[1].cpu()
+            for name, protocol in rset.protocols.items():
+                aps, per_k, ns = rows[name]
+                if isinstance(protocol, SameLabel):
+                    ap, values = same_label_metrics(ranking, protocol, queries, ks)
+                else:
+                    pos, junk = _masks((protocol[0][lo:lo + len(queries)], protocol[1][lo:lo + len(queries)]), n)
+                    ap, values = query_metrics(ranking, pos, junk, ks)
+                    if rset.ns_score:
+                        ns.append(ns_rows(ranking, pos))
+                aps.append(ap)
+                for k in ks:
+                    per_k[k].append(values[k])
+            bar.update(len(queries))
     out: dict[str, float] = {}
     for name, protocol in rset.protocols.items():
-        pos, junk = _masks(protocol, len(rset.database))
-        metrics = ranking_metrics(ranking, pos, junk, ks)
         prefix = "" if len(rset.protocols) == 1 else f"{name}/"
-        out.update({f"{prefix}{k}": v for k, v in metrics.items() if k != "ap"})  # type: ignore[misc]
-        if rset.ns_score:
-            out[f"{prefix}N-S"] = ns_score(ranking, pos)
+        aps, per_k, ns = rows[name]
+        ap = torch.cat(aps)
+        valid = ~ap.isnan()
+        if isinstance(protocol, SameLabel):
+            if not bool(valid.any()):
+                raise ValueError(f"{rset.name}: no query has a positive (every class holds one image): mAP and "
+                                 "recall@k are undefined")
+            out[f"{prefix}mAP"] = _mean_percent(ap, valid)
+            out.update({f"{prefix}recall@{k}": _mean_percent(torch.cat(per_k[k]), valid) for k in ks})
+            out.update({f"{prefix}queries": int(len(ap)), f"{prefix}queries_without_positives": int((~valid).sum())})
+        else:
+            out[f"{prefix}mAP"] = _mean_percent(ap, valid)
+            out.update({f"{prefix}mP@{k}": _mean_percent(torch.cat(per_k[k]), valid) for k in ks})
+            if rset.ns_score:
+                out[f"{prefix}N-S"] = float(torch.cat(ns).double().mean())
     return out
+
+
+def embed_images(refs: Sequence[ImageRef], embed: Callable[[Tensor], Tensor], largest_side: int | None = None,
+                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                 batch_size: int = 32, device: torch.device | str = "cpu", upsample_limit: int | None = None,
+                 progress: bool = False, desc: str = "embed") -> Tensor:
+    """L2-normalised embeddings [len(refs), D] in order; images are loaded (load_image), embedded by size
+    (embed_by_size) and dropped in chunks of 4 batches, so memory holds one chunk of images."""
+    if not refs:
+        raise ValueError("embed_images: no images")
+    chunk = 4 * batch_size
+    parts = []
+    with tqdm(total=len(refs), desc=desc, unit="img", mininterval=1.0, disable=not progress) as bar:
+        for lo in range(0, len(refs), chunk):
+            images = [to_tensor(load_image(ref, largest_side, upsample_limit), mean, std)
+                      for ref in refs[lo:lo + chunk]]
+            parts.append(embed_by_size(embed, images, batch_size, device).cpu())
+            bar.update(len(images))
+    return torch.cat(parts)
 
 
 def evaluate(rset: RetrievalSet, embed: Callable[[Tensor], Tensor], largest_side: int | None = None,
              mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
              batch_size: int = 32, device: torch.device | str = "cpu", ks: Sequence[int] = (1, 5, 10),
-             use_faiss: bool | None = None) -> dict[str, float]:
-    """Embed every distinct image of rset once (largest side resized to largest_side, no crop) and score."""
+             use_faiss: bool | None = None, upsample_limit: int | None = None, progress: bool = False
+             ) -> dict[str, float]:
+    """Embed every distinct image of rset once (largest side resized to largest_side, no crop; smaller
+    images enlarged at most to upsample_limit) and score; progress: bars on stderr (tqdm)."""
     refs = list(dict.fromkeys(rset.database + rset.queries))
     where = {ref: i for i, ref in enumerate(refs)}
-    images = [to_tensor(load_image(ref, largest_side), mean, std) for ref in refs]
-    emb = embed_by_size(embed, images, batch_size, device).cpu()
+    emb = embed_images(refs, embed, largest_side, mean, std, batch_size, device, upsample_limit, progress,
+                       f"embed {rset.name}")
     db = emb[torch.tensor([where[r] for r in rset.database])]
     qs = emb[torch.tensor([where[r] for r in rset.queries])]
-    return score(rset, qs, db, ks, use_faiss)
+    return score(rset, qs, db, ks, use_faiss, progress)
 
 
 # ---------------------------------------------------------------- protocols
@@ -365,4 +498,18 @@ def copydays(root: str | Path, distractors: str | Path | None = None, max_distra
     return RetrievalSet("copydays", database, queries, {"copydays": (positives, [[] for _ in queries])})
 
 
-PROTOCOLS = ("holidays", "ukbench", "roxford5k", "rparis6k", "copydays")
+def labelled_folder(root: str | Path) -> RetrievalSet:
+    """root/<class>/<image> (data/image_folder.folder_records): every image a query, the other images of
+    its class its positives, the query itself left out; ValueError if no class holds two images."""
+    from mhe_scale.data.image_folder import folder_records
+
+    records = folder_records(root)
+    labels = torch.from_numpy(records.labels)
+    if int(torch.bincount(labels).max()) < 2:
+        raise ValueError(f"{root}: every class folder holds one image; a query needs another image of its class")
+    refs = [ImageRef(records.path(i)) for i in range(len(records))]
+    rule = SameLabel(labels, labels, torch.arange(len(refs)))
+    return RetrievalSet(f"folder:{Path(root).name}", refs, list(refs), {"folder": rule})
+
+
+PROTOCOLS = ("holidays", "ukbench", "roxford5k", "rparis6k", "copydays", "folder")

@@ -47,6 +47,13 @@ ACC_THRESHOLDS = torch.arange(400, dtype=torch.float64) / 100  # 0.00 .. 3.99, i
 FAR_THRESHOLDS = torch.arange(4000, dtype=torch.float64) / 1000  # 0.000 .. 3.999
 
 
+def far_resolvable(impostors: float, far: float) -> bool:
+    """True when `impostors` negative pairs (those a threshold is chosen on; a fraction of the file's
+    under K folds) can measure a false accept rate of `far`: impostors * far >= 1. Below that the
+    threshold can only admit no impostor, and TAR@FAR is not a measurement (tools print n/a)."""
+    return impostors > 0 and impostors * far >= 1
+
+
 @dataclass(frozen=True)
 class VerificationResult:
     """Fold means (accuracy, tar, far) in [0, 1]; per-fold values in the tensors [K]
@@ -69,7 +76,7 @@ class VerificationResult:
     @property
     def far_resolved(self) -> bool:
         """True when the training folds hold enough impostor pairs (>= 1 / far_target) to measure far_target."""
-        return self.impostors > 0 and self.impostors * (1 - 1 / len(self.fold_accuracy)) * self.far_target >= 1
+        return far_resolvable(self.impostors * (1 - 1 / len(self.fold_accuracy)), self.far_target)
 
     def summary(self) -> str:
         acc = (f"accuracy {100 * self.accuracy:.2f} +- {100 * self.accuracy_std:.2f} % "
