@@ -92,7 +92,7 @@ def test_a_corrupt_newest_step_is_skipped_and_named(run, instances, tmp_path, ca
     assert code == 0 and got["checkpoint"].endswith("step-00000002/model.safetensors")  # a step folder named
     assert got["mAP"] == expected(copy, "step-00000002", instances, 32, CIFAR10_MEAN, CIFAR10_STD)["mAP"]
     code, _, err = tool_run(capsys, step6, "--protocol", "folder", "--root", instances)
-    assert code == 2 and "step-00000006: checkpoint is unusable: model.safetensors has 100 bytes" in err
+    assert code == 2 and "step-00000006: checkpoint is unusable (fails verification against its manifest: model.safetensors has 100 bytes" in err
     assert err.startswith("eval_retrieval: error: ") and err.count("\n") == 1
 
 
@@ -110,7 +110,7 @@ def test_larger_sides_only_when_asked(run, instances, capsys):
 def test_refusals_are_one_line(run, instances, tmp_path, capsys, case):
     weights = next(run.glob("*/checkpoints/step-00000006/model.safetensors"))
     if case == "empty":
-        args, named = [tmp_path, "--protocol", "folder", "--root", instances], "neither a checkpoint folder"
+        args, named = [tmp_path, "--protocol", "folder", "--root", instances], "no model.safetensors there and no run folder"
     elif case == "no_config":
         lone = tmp_path / "w.safetensors"
         shutil.copy(weights, lone)

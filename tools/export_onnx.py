@@ -52,7 +52,7 @@ from mhe_scale.eval.thresholds import load_thresholds  # noqa: E402
 from mhe_scale.models.ml_gcn import MLGCNHead  # noqa: E402
 from mhe_scale.tasks.multilabel import MultilabelNet, build_net  # noqa: E402
 from mhe_scale.tasks.paths import config_path_candidates  # noqa: E402
-from mhe_scale.tasks.run_checkpoints import check_step_folder, newest_verified_step, run_step_folder  # noqa: E402
+from mhe_scale.engine.run_folder import find_checkpoint, newest_verified  # noqa: E402
 
 OUTPUTS = ("probabilities", "logits")
 WEIGHTS = ("auto", "ema", "model")
@@ -106,13 +106,11 @@ def select_weights(checkpoint: str | os.PathLike, choice: str = "auto", config_u
     path, notes = Path(checkpoint), []
     if path.is_file():
         folder, file = path.parent, path
-    elif (path / "model.safetensors").is_file():
-        folder, file = check_step_folder(path, "checkpoint"), path / "model.safetensors"
     elif path.is_dir():
-        folder, skipped = run_step_folder(path, "checkpoint")
-        file = folder / "model.safetensors"
+        found = find_checkpoint(path)
+        folder, file = found.folder, found.folder / "model.safetensors"
         notes += [f"warning: {p} is newer than {folder.name} but unusable ({why}); exporting {folder.name}"
-                  for p, why in skipped]
+                  for p, why in found.skipped]
     else:
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a run folder, a checkpoints/step-* folder "
                                 "or its model.safetensors")
@@ -219,7 +217,10 @@ def sidecar(classes: list[str], weights: Weights, out: Path, size: int, preset: 
     if run is not None and (run / "thresholds.npy").is_file():
         thresholds = [float(t) for t in load_thresholds(run / "thresholds.npy", len(classes))]
         step = weights.step_folder
-        newest, _ = newest_verified_step(run / "checkpoints")
+        try:
+            newest = newest_verified(run / "checkpoints").folder
+        except ValueError:
+            newest = None
         same_step = newest is not None and step is not None and newest.resolve() == step.resolve()
         if not same_step:
             notes.append(f"warning: {run / 'thresholds.npy'} was tuned on the run's final weights "

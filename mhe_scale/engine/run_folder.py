@@ -1,4 +1,5 @@
-"""Which checkpoint a path names, for tools that read a saved run (eval_retrieval.py).
+"""Which checkpoint a path names, for whatever reads a saved run (eval_retrieval.py, export_onnx.py,
+pstar.py, the probe's probe.checkpoint): the one home of "newest verified step folder".
 
     found = find_checkpoint("runs/mg")       # an output_dir, a run folder, its checkpoints/, or a step folder
     found.folder   -> runs/mg/multigrain-lam0.5-p3/checkpoints/step-00000054   (newest that verifies)
@@ -16,7 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mhe_scale.engine.checkpoint import list_checkpoints, verify_checkpoint
+from mhe_scale.engine.checkpoint import MANIFEST, list_checkpoints, verify_checkpoint
+
+
+class NoCheckpointError(FileNotFoundError, ValueError):
+    """A path that names no checkpoint (no model.safetensors in it, no step folders under it)."""
 
 
 @dataclass(frozen=True)
@@ -45,20 +50,25 @@ def newest_verified(checkpoints: Path) -> FoundCheckpoint:
         skipped.append((folder, problem))
     if not steps:
         raise ValueError(f"{checkpoints}: no step-* checkpoint folder (train.save_every > 0 writes them)")
-    raise ValueError(f"{checkpoints}: none of its {len(steps)} step folders verifies against its manifest "
-                     f"(newest: {skipped[0][0].name}: {skipped[0][1]})")
+    raise ValueError(f"{checkpoints}: none of its {len(steps)} step folders verifies (newest {skipped[0][0].name}: "
+                     f"{skipped[0][1]}); point it at a finished run")
 
 
 def find_checkpoint(path: str | Path) -> FoundCheckpoint:
     """A step folder, a run folder (<run>/checkpoints/step-*), a checkpoints/ folder, or an output_dir
-    holding one run -> its newest verified step folder. A step folder named directly must verify."""
+    holding one run -> its newest verified step folder. A step folder named directly must verify against
+    its manifest when it has one (a folder holding only model.safetensors is taken as it is)."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"{path}: no such folder (give a run folder, an output_dir or a step-* checkpoint folder)")
+        raise NoCheckpointError(f"{path}: no such folder (give a run folder, an output_dir or a step-* checkpoint "
+                                "folder)")
     if (path / "model.safetensors").is_file():
+        if not (path / MANIFEST).is_file():  # weights put in a folder by hand: nothing to verify against
+            return FoundCheckpoint(path)
         problem = verify_checkpoint(path)
         if problem is not None:
-            raise ValueError(f"{path}: checkpoint is unusable: {problem}; name an older step folder or the run folder")
+            raise ValueError(f"{path}: checkpoint is unusable (fails verification against its manifest: {problem}); "
+                             "name an older step folder or the run folder")
         return FoundCheckpoint(path)
     if (path / "checkpoints").is_dir():
         return newest_verified(path / "checkpoints")
@@ -69,8 +79,8 @@ def find_checkpoint(path: str | Path) -> FoundCheckpoint:
         return find_checkpoint(runs[0])
     if runs:
         raise ValueError(f"{path} holds several runs ({', '.join(p.name for p in runs)}); name one of them")
-    raise ValueError(f"{path}: neither a checkpoint folder (model.safetensors) nor a run folder with checkpoints/ "
-                     "(train.save_every > 0 writes them)")
+    raise NoCheckpointError(f"{path}: no model.safetensors there and no run folder with checkpoints/ "
+                            "(train.save_every > 0 writes them)")
 
 
 def find_config(start: str | Path) -> Path:

@@ -36,11 +36,11 @@ from mhe_scale.engine.loop import fit, named_sampler
 from mhe_scale.engine.model import make_optimizer
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.module import Metrics, TrainingModule
+from mhe_scale.engine.run_folder import NoCheckpointError, find_checkpoint
 from mhe_scale.eval.longtail import TAUS, extract_features, shot_accuracy, shot_counts, tau_predictions
 from mhe_scale.models.image import ImageModelConfig, build_image_model
 from mhe_scale.tasks.paths import config_path_candidates
 from mhe_scale.tasks.registry import register_task
-from mhe_scale.tasks.run_checkpoints import check_step_folder, run_step_folder
 from mhe_scale.tasks.report import write_results
 
 
@@ -76,13 +76,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = next((c for c in config_path_candidates(str(path)) if c.exists()), Path(path))
     if p.is_file():
         return p
-    if (p / "model.safetensors").is_file():
-        return check_step_folder(p, "probe.checkpoint") / "model.safetensors"
-    step, skipped = run_step_folder(p, "probe.checkpoint")
-    for older, why in skipped:
-        warnings.warn(f"probe.checkpoint: {older} is newer than {step.name} but unusable ({why}); "
-                      f"reading {step.name}", stacklevel=2)
-    return step / "model.safetensors"
+    try:
+        found = find_checkpoint(p)
+    except NoCheckpointError as err:
+        raise NoCheckpointError(f"probe.checkpoint={str(path)!r}: {err}; point it at a pre-training run's folder") from None
+    except ValueError as err:
+        raise ValueError(f"probe.checkpoint={str(path)!r}: {err}") from None
+    for older, why in found.skipped:
+        warnings.warn(f"probe.checkpoint: {older} is newer than {found.folder.name} but unusable ({why}); "
+                      f"reading {found.folder.name}", stacklevel=2)
+    return found.folder / "model.safetensors"
 
 
 def load_backbone(backbone: nn.Module, path: str | Path, prefix: str = "encoder.") -> dict[str, Tensor]:
