@@ -97,6 +97,10 @@ class OptimConfig:
 class TrainConfig:
     epochs: float = 2.0
     """Passes over the training set (fractions allowed)."""
+    max_steps: Optional[int] = field(default=None, metadata={"min": 1})
+    """Train exactly this many optimizer steps, however many epochs that takes (it replaces train.epochs, as
+    HF Trainer's max_steps does; None: train.epochs decides). The lr schedule, warm-up (clamped) and the last
+    checkpoint span these steps; a resume continues to them (docs/engine.md, "Run length")."""
     batch_size: int = 256
     """Per-process micro-batch size."""
     eval_batch_size: int = 1024

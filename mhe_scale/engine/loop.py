@@ -74,7 +74,7 @@ class TrainPlan:
             raise ValueError(f"{num_train} training points cannot fill one optimizer step of {global_batch} "
                              f"(train.batch_size={cfg.batch_size} x {num_processes} processes x "
                              f"train.grad_accum_steps={cfg.grad_accum_steps}); lower them")
-        total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        total = max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.max_steps is None else int(cfg.max_steps)
         warmup = cfg.warmup_steps
         if cfg.warmup_epochs is not None:  # an epoch count holds for any number of processes
             if cfg.warmup_steps or cfg.warmup_epochs < 0:
@@ -126,6 +126,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     for key in ("save_every", "keep_last", "eval_every", "num_workers"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key}={getattr(cfg, key)} must be >= 0")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"train.max_steps={cfg.max_steps} must be >= 1 (or null: train.epochs decides)")
     if not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
         raise ValueError(f"train.epochs={cfg.epochs} must be > 0 (fractions such as 0.5 train part of an epoch)")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
