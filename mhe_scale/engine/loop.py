@@ -34,6 +34,7 @@ from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, fi
                                          list_checkpoints, load_checkpoint, save_checkpoint)
 from mhe_scale.engine.ema import (ExponentialMovingAverage, build_weight_average, refresh_fit_average_bn,
                                   uses_weight_average)
+from mhe_scale.engine.health import TrainingHealth, requested_warmup, warmup_warning
 from mhe_scale.engine.step_log import NonFiniteLossError, StepLog, trim_jsonl
 from mhe_scale.engine.module import TrainingModule
 from mhe_scale.engine.prepared import Schedulers, ShardedHeadTraining, check_optimizers
@@ -173,6 +174,16 @@ def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extr
     return progress, info
 
 
+def start_health(desc: str, chance: dict[str, float], cfg: TrainConfig, plan: TrainPlan, start_step: int,
+                 printer: Callable[[str], None]) -> TrainingHealth:
+    """The training-health watcher of one fit call (engine/health.py); prints the warm-up warning now."""
+    requested, given = requested_warmup(cfg.warmup_steps, cfg.warmup_epochs, plan.steps_per_epoch)
+    warning = warmup_warning(requested, given, plan.total_steps, plan.steps_per_epoch)
+    if warning is not None:
+        printer(f"warning: {desc}: {warning}")
+    return TrainingHealth(desc, chance, plan.total_steps, start_step, printer)
+
+
 def _refuse_unsupported(cfg: TrainConfig, accelerator, sharded: bool) -> None:
     stage = zero_stage(accelerator)
     if stage == 3 and uses_weight_average(cfg):
@@ -293,8 +304,9 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
                                         sampler)
     main = accelerator.is_main_process
     prefix = f"{run_name}/" if run_name else ""
+    health = start_health(desc, getattr(core, "chance_losses", dict)(), cfg, plan, progress.step, accelerator.print)
     log = StepLog(run_dir / "loss_log.jsonl" if cfg.loss_log and main else None, progress.step, accelerator, desc,
-                  prefix)
+                  prefix, observer=health.observe)
     eval_log = run_dir / "eval_log.jsonl"
     if main and eval_fn is not None and cfg.eval_every > 0:
         trim_jsonl(eval_log, progress.step)
