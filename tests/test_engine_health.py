@@ -49,10 +49,11 @@ def test_early_growth_is_named_once_with_both_losses_and_the_factor():
 def test_a_collapse_back_to_the_chance_level_is_named():
     ln = math.log(C)
     curve = [ln * 0.9 ** i for i in range(20)] + [ln * 0.99] * (CHANCE_WINDOW - 1)
-    assert watch(curve, {"loss": ln}) == []
-    said = watch(curve + [ln * 0.98], {"loss": ln})
-    assert len(said) == 1 and said[0].startswith(f"warning: train: the loss went back up to {ln * 0.98:.4g} at step "
-                                                 f"{len(curve) + 1}, the chance level {ln:.4g} of this task")
+    assert watch(curve, {"loss": ln}) == []  # one older, lower step still in the window: its mean is not at chance
+    said = watch(curve + [ln * 0.99], {"loss": ln})
+    assert len(said) == 1 and said[0].startswith(f"warning: train: the loss went back up to {ln * 0.99:.4g} over the "
+                                                 f"{CHANCE_WINDOW} steps to step {len(curve) + 1}, the chance level "
+                                                 f"{ln:.4g} of this task")
     assert "after reaching" in said[0] and "collapsed" in said[0]
     # the chance level of a logged metric (MultiGrain's "ce"), printed once however long it stays there
     said = watch(curve + [ln] * 50, {"ce": ln}, metric="ce")
@@ -63,11 +64,22 @@ def test_a_run_that_never_leaves_the_chance_level_is_named_after_a_tenth_of_it()
     ln = math.log(C)
     flat = [ln * 1.01] * 400
     said = watch(flat, {"loss": ln}, total=3000)
-    assert len(said) == 1 and said[0].startswith(f"warning: train: the loss is {ln * 1.01:.4g} at step 300, still at "
-                                                 "the chance level")
+    assert len(said) == 1 and said[0].startswith(f"warning: train: the loss is {ln * 1.01:.4g} over the "
+                                                 f"{CHANCE_WINDOW} steps to step 300, still at the chance level")
     assert watch(flat[:299], {"loss": ln}, total=3000) == []
     assert len(watch(flat[:STUCK_MIN_STEPS], {"loss": ln}, total=200)) == 1
-    assert watch([ln * 0.9] + flat, {"loss": ln}, total=200) == []  # it was below the level once: not stuck
+    said = watch([ln * 0.5] * CHANCE_WINDOW + flat, {"loss": ln}, total=200)  # it had learned: a collapse instead
+    assert len(said) == 1 and "went back up" in said[0]
+
+
+def test_a_loss_far_above_the_chance_level_is_named():
+    ln = math.log(C)
+    assert watch([ln * 2.1] * (CHANCE_WINDOW - 1), {"loss": ln}, total=10 ** 6) == []
+    said = watch([ln * 2.1] * CHANCE_WINDOW, {"loss": ln}, total=10 ** 6)
+    assert said == [f"warning: train: the loss is {ln * 2.1:.4g} over the {CHANCE_WINDOW} steps to step "
+                    f"{CHANCE_WINDOW}, above 2x the chance level {ln:.4g} of this task (what predicting uniformly "
+                    "scores): worse than guessing, the training diverged; try a lower optim.lr, a longer warm-up or "
+                    "train.clip_grad_norm, and check that the labels match the inputs"]
 
 
 def test_warmup_longer_than_the_run():
@@ -89,11 +101,11 @@ def test_dead_and_constant_embedding_dimensions():
     dead[:, 1:] = 0.0  # the issue's MultiGrain run: 127 of 128 exactly zero
     assert embedding_problem(dead) == "127 of 128 dimensions are exactly 0 over 64 inputs"
     same = healthy.clone()
-    same[:, :70] = healthy[0, :70]  # 70 dims identical for every input
-    assert embedding_problem(same).startswith("70 of 128 dimensions are the same for all 64 inputs")
-    half = healthy.clone()
-    half[:, :63] = 0.0
-    assert embedding_problem(half) is None  # below half: ReLU nets keep some dead units
+    same[:, :120] = healthy[0, :120]  # 120 dims identical for every input
+    assert embedding_problem(same).startswith("120 of 128 dimensions are the same for all 64 inputs")
+    many = healthy.clone()
+    many[:, :100] = 0.0
+    assert embedding_problem(many) is None  # below 90%: narrow ReLU nets keep many dead units
     said: list[str] = []
     check = EmbeddingCheck("multigrain embeddings at evaluation", said.append)
     assert check(dead, step=40) is not None and check(dead, step=80) is not None
@@ -164,11 +176,13 @@ def relu_classifier() -> Classifier:
     return Classifier(ReluEncoder(), create_head("fc", in_features=16, num_classes=C))
 
 
-def run(capsys, data, train: dict, lr: float = 1e-2, callback=None, eval_fn=None, model: Classifier | None = None):
+def run(capsys, out, data, train: dict, lr: float = 1e-2, callback=None, eval_fn=None,
+        model: Classifier | None = None) -> list[str]:
+    """fit a ReLU classifier (out: its run folder) -> the warning lines it printed."""
     model = model or relu_classifier()
-    cfg = TrainConfig(**(dict(epochs=1.0, batch_size=16, log_every=5, seed=0, output_dir="unused", resume=False,
+    cfg = TrainConfig(**(dict(epochs=1.0, batch_size=16, log_every=5, seed=0, output_dir=str(out), resume=False,
                               loss_log=False) | train))
-    fit(model, build_optimizer(OptimConfig(lr=lr), model), data, cfg, Accelerator(cpu=True), out_dir="unused",
+    fit(model, build_optimizer(OptimConfig(lr=lr), model), data, cfg, Accelerator(cpu=True), out_dir=out,
         step_callback=None if callback is None else (lambda step: callback(model, step)), eval_fn=eval_fn)
     return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
 
@@ -191,21 +205,45 @@ def test_fit_names_a_collapse_to_chance_and_the_dead_embeddings(capsys, tmp_path
             check(model.encoder.forward_features(test.inputs))
         return {}
 
-    said = run(capsys, data, {"eval_every": 50}, lr=3e-2, callback=kill, eval_fn=evaluate, model=model)
+    said = run(capsys, tmp_path / "killed", data, {"eval_every": 50}, lr=3e-2, callback=kill, eval_fn=evaluate,
+               model=model)
     assert len(said) == 2, said
     assert said[0].startswith("warning: train: the loss went back up to") and "after reaching" in said[0]
     assert said[1].startswith("warning: embeddings at evaluation: 16 of 16 dimensions are exactly 0 over 64 inputs")
-    assert run(capsys, data, {"eval_every": 50}, lr=3e-2) == []  # the same run, not killed: nothing
+    assert run(capsys, tmp_path / "healthy", data, {"eval_every": 50}, lr=3e-2) == []  # the same run, not killed: nothing
 
 
-def test_fit_names_early_growth_a_stuck_run_and_a_long_warmup(capsys):
+def test_fit_names_early_growth_a_stuck_run_and_a_long_warmup(capsys, tmp_path):
     data = planted(1600)
-    grown = run(capsys, data, {}, lr=30.0)  # diverges at once (and then sits at chance: a second warning)
-    assert grown[0].startswith("warning: train: the loss grew from") and len(grown) <= 2
+    grown = run(capsys, tmp_path, data, {}, lr=30.0)  # diverges at once (the chance-level checks may add their lines)
+    assert grown[0].startswith("warning: train: the loss grew from") and len(grown) == len(set(grown))
     noise = SyntheticSplit(torch.zeros(1600, DIM), torch.arange(1600) % C)  # inputs carry no label information
-    stuck = run(capsys, noise, {"max_steps": STUCK_MIN_STEPS})
+    stuck = run(capsys, tmp_path, noise, {"max_steps": STUCK_MIN_STEPS})
     assert len(stuck) == 1 and stuck[0].startswith(f"warning: train: the loss is ") and "still at the chance" in stuck[0]
-    warm = run(capsys, data, {"warmup_epochs": 4.0, "epochs": 2.0})
+    warm = run(capsys, tmp_path, data, {"warmup_epochs": 4.0, "epochs": 2.0})
     assert warm == ["warning: train: the warm-up (train.warmup_epochs=4: 400 optimizer steps) is not shorter than the "
                     "run (200 steps, 2 epochs): the lr rises until the last step and never reaches its peak or decay; "
                     "shorten it (e.g. train.warmup_steps=20, a tenth of the run) or train longer"]
+
+
+def test_multigrain_lambda_one_at_a_diverging_lr_warns_about_its_loss_and_its_embeddings(tmp_path, capsys):
+    """The issue's run in small (model.lam=1 model.num_repeats=1, CE only): at lr 3 the width-4 net diverges at
+    once and its GeM embeddings end constant; both are named (the CE is the module's chance-level metric)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_task_classify import write_archive
+
+    from mhe_scale.train import main
+
+    archive = write_archive(tmp_path / "images.tar.gz", per_class=6)
+    code = main(["configs/multigrain/cifar10_r18_joint_p3.yaml", f"data.path={archive}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.num_classes=6", "model.width=4", "model.lam=1.0",
+                 "model.num_repeats=1", "train.batch_size=6", "train.epochs=4", "train.eval_batch_size=16",
+                 "train.log_every=6", "train.save_every=0", "optim.lr=3.0", "train.seed=3", "train.threads=1",
+                 f"train.output_dir={tmp_path / 'run'}"])
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert code == 0
+    assert any(line.startswith("warning: train multigrain: the loss grew from") for line in said), said
+    assert any(line.startswith("warning: multigrain embeddings at evaluation: ") for line in said), said
