@@ -247,3 +247,33 @@ def test_multigrain_lambda_one_at_a_diverging_lr_warns_about_its_loss_and_its_em
     assert code == 0
     assert any(line.startswith("warning: train multigrain: the loss grew from") for line in said), said
     assert any(line.startswith("warning: multigrain embeddings at evaluation: ") for line in said), said
+
+
+def test_face_verification_names_embeddings_that_collapsed(tmp_path):
+    """tasks/face.verify hands each .bin file's embeddings to the check: 15 of 16 output dims dead are named."""
+    import torch.nn.functional as F
+
+    from mhe_scale.data.face_bin import write_face_bin
+    from mhe_scale.tasks.face import verify
+
+    gen = torch.Generator().manual_seed(0)
+    small = torch.rand(40, 3, 4, 4, generator=gen)
+    images = (F.interpolate(small, size=(16, 16), mode="bilinear", align_corners=False) * 255).to(torch.uint8)
+    write_face_bin(tmp_path / "pairs.bin", images, torch.arange(20) % 2 == 0)
+
+    class Net(nn.Module):
+        def __init__(self, dead: int) -> None:
+            super().__init__()
+            self.linear, self.dead = nn.Linear(3 * 16 * 16, 16), dead
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.linear(x.flatten(1))
+            return torch.cat([out[:, self.dead:], torch.zeros(len(x), self.dead)], dim=1)
+
+    for dead, warned in ((15, True), (8, False)):
+        said: list[str] = []
+        torch.manual_seed(0)
+        metrics = verify(Net(dead), [str(tmp_path / "pairs.bin")], 8, 16, check=EmbeddingCheck("face", said.append))
+        assert "pairs acc" in metrics
+        assert bool(said) == warned and (not said or said[0].startswith("warning: face: 15 of 16 dimensions are "
+                                                                         "exactly 0 over 40 inputs"))
