@@ -216,6 +216,7 @@ def test_max_steps_resumes_to_the_same_curve_and_a_changed_length_follows_the_ep
     assert read(tmp_path / "cut") == read(whole)
     with pytest.raises(ValueError, match=r"train.max_steps: 13 -> 20 \(the lr schedule spans train.max_steps"):
         train(whole, cfg(max_steps=20, schedule="cosine"))
+    assert train(whole, cfg(max_steps=13, schedule="cosine", epochs=7.0)).resumed_from == 13  # epochs: unused
     train(tmp_path / "const", cfg(max_steps=5))
     longer = train(tmp_path / "const", cfg(max_steps=8))
     assert longer.resumed_from == 5 and longer.steps == 3 and longer.config_changes == ("train.max_steps: 5 -> 8",)

@@ -31,9 +31,12 @@ LENGTH_KEYS = (EPOCHS, "train.max_steps")
 
 def run_identity(run_config: Mapping[str, Any] | None, cfg: Any) -> dict[str, Any]:
     """What fit records: the given run config with its train section replaced by the TrainConfig
-    fit really uses (plain nested dicts, NOT_TRAINING keys removed)."""
+    fit really uses (plain nested dicts, NOT_TRAINING keys removed; train.epochs left out when
+    train.max_steps sets the run's length)."""
     tree = plain(dict(run_config or {}))
     tree["train"] = plain(cfg)
+    if tree["train"].get("max_steps") is not None:  # train.max_steps sets the length: epochs change nothing
+        tree["train"].pop("epochs", None)
     return _strip(tree)
 
 
