@@ -22,7 +22,7 @@ C, DIM = 10, 8
 def watch(losses: list[float], chance: dict[str, float] | None = None, total: int = 1000, metric: str = "loss",
           start: int = 0) -> list[str]:
     said: list[str] = []
-    health = TrainingHealth("train", chance or {}, total, start, said.append)
+    health = TrainingHealth("train", chance or {}, total, said.append)
     rows = [{"step": start + i + 1, "lr": 0.1, "loss": v} | ({metric: v} if metric != "loss" else {})
             for i, v in enumerate(losses)]
     for i in range(0, len(rows), 7):  # several flushes of 7 steps
@@ -210,7 +210,7 @@ def test_fit_names_a_collapse_to_chance_and_the_dead_embeddings(capsys, tmp_path
     assert len(said) == 2, said
     assert said[0].startswith("warning: train: the loss went back up to") and "after reaching" in said[0]
     assert said[1].startswith("warning: embeddings at evaluation: 16 of 16 dimensions are exactly 0 over 64 inputs")
-    assert run(capsys, tmp_path / "healthy", data, {"eval_every": 50}, lr=3e-2) == []  # the same run, not killed: nothing
+    assert run(capsys, tmp_path / "healthy", data, {"eval_every": 50}, lr=3e-2) == []  # the same run, not killed
 
 
 def test_fit_names_early_growth_a_stuck_run_and_a_long_warmup(capsys, tmp_path):
@@ -219,7 +219,7 @@ def test_fit_names_early_growth_a_stuck_run_and_a_long_warmup(capsys, tmp_path):
     assert grown[0].startswith("warning: train: the loss grew from") and len(grown) == len(set(grown))
     noise = SyntheticSplit(torch.zeros(1600, DIM), torch.arange(1600) % C)  # inputs carry no label information
     stuck = run(capsys, tmp_path, noise, {"max_steps": STUCK_MIN_STEPS})
-    assert len(stuck) == 1 and stuck[0].startswith(f"warning: train: the loss is ") and "still at the chance" in stuck[0]
+    assert len(stuck) == 1 and stuck[0].startswith("warning: train: the loss is ") and "still at the chance" in stuck[0]
     warm = run(capsys, tmp_path, data, {"warmup_epochs": 4.0, "epochs": 2.0})
     assert warm == ["warning: train: the warm-up (train.warmup_epochs=4: 400 optimizer steps) is not shorter than the "
                     "run (200 steps, 2 epochs): the lr rises until the last step and never reaches its peak or decay; "

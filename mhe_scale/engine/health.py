@@ -23,7 +23,6 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 EARLY_STEPS = 100
@@ -59,21 +58,20 @@ def warmup_warning(requested: int, given: str, total_steps: int, steps_per_epoch
     if requested <= 0 or requested < total_steps:
         return None
     suggestion = max(1, total_steps // 10)
+    epochs = f"{total_steps / steps_per_epoch:.3g} epoch{'' if total_steps == steps_per_epoch else 's'}"
     return (f"the warm-up ({given}: {requested} optimizer steps) is not shorter than the run ({total_steps} "
-            f"steps, {total_steps / steps_per_epoch:.3g} epoch{'' if total_steps == steps_per_epoch else 's'}): the lr rises until the last step and never "
-            f"reaches its peak or decay; shorten it (e.g. train.warmup_steps={suggestion}, a tenth of the run) or "
-            "train longer")
+            f"steps, {epochs}): the lr rises until the last step and never reaches its peak or decay; shorten it "
+            f"(e.g. train.warmup_steps={suggestion}, a tenth of the run) or train longer")
 
 
 class TrainingHealth:
     """Watches the logged per-step values of one fit call and prints each kind of warning once.
 
-    chance: {"loss" or a logged metric name: its chance-level value}; start_step: the step fit starts
-    from (a resumed run skips the early-growth check past EARLY_STEPS)."""
+    chance: {"loss" or a logged metric name: its chance-level value}. Steps are the run's optimizer steps,
+    so a run resumed past EARLY_STEPS skips the early-growth check."""
 
-    def __init__(self, desc: str, chance: Mapping[str, float], total_steps: int, start_step: int,
-                 printer: Printer) -> None:
-        self.desc, self.total_steps, self.start_step, self.printer = desc, total_steps, start_step, printer
+    def __init__(self, desc: str, chance: Mapping[str, float], total_steps: int, printer: Printer) -> None:
+        self.desc, self.total_steps, self.printer = desc, total_steps, printer
         self.chance = {k: float(v) for k, v in chance.items() if v is not None and math.isfinite(v) and v > 0}
         self.said: set[str] = set()
         self.first: tuple[int, float] | None = None
@@ -102,8 +100,8 @@ class TrainingHealth:
         first_step, first = self.first
         if not (first > 0) or step > EARLY_STEPS or loss <= GROWTH * first:
             return
-        self.say("growth", f"warning: {self.desc}: the loss grew from {first:.4g} at step {first_step} to {loss:.4g} at "
-                           f"step {step} ({loss / first:.1f}x) within the first {EARLY_STEPS} steps: the updates are "
+        self.say("growth", f"warning: {self.desc}: the loss grew from {first:.4g} at step {first_step} to {loss:.4g} "
+                           f"at step {step} ({loss / first:.1f}x) within the first {EARLY_STEPS} steps: the updates are "
                            f"too large for this batch (lr {float(row.get('lr', math.nan)):.3g} at that step); try a "
                            "lower optim.lr, a warm-up (train.warmup_steps / warmup_epochs) or train.clip_grad_norm")
 

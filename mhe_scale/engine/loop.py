@@ -174,14 +174,14 @@ def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extr
     return progress, info
 
 
-def start_health(desc: str, chance: dict[str, float], cfg: TrainConfig, plan: TrainPlan, start_step: int,
+def start_health(desc: str, chance: dict[str, float], cfg: TrainConfig, plan: TrainPlan,
                  printer: Callable[[str], None]) -> TrainingHealth:
     """The training-health watcher of one fit call (engine/health.py); prints the warm-up warning now."""
     requested, given = requested_warmup(cfg.warmup_steps, cfg.warmup_epochs, plan.steps_per_epoch)
     warning = warmup_warning(requested, given, plan.total_steps, plan.steps_per_epoch)
     if warning is not None:
         printer(f"warning: {desc}: {warning}")
-    return TrainingHealth(desc, chance, plan.total_steps, start_step, printer)
+    return TrainingHealth(desc, chance, plan.total_steps, printer)
 
 
 def _refuse_unsupported(cfg: TrainConfig, accelerator, sharded: bool) -> None:
@@ -304,7 +304,7 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
                                         sampler)
     main = accelerator.is_main_process
     prefix = f"{run_name}/" if run_name else ""
-    health = start_health(desc, getattr(core, "chance_losses", dict)(), cfg, plan, progress.step, accelerator.print)
+    health = start_health(desc, getattr(core, "chance_losses", dict)(), cfg, plan, accelerator.print)
     log = StepLog(run_dir / "loss_log.jsonl" if cfg.loss_log and main else None, progress.step, accelerator, desc,
                   prefix, observer=health.observe)
     eval_log = run_dir / "eval_log.jsonl"
