@@ -17,6 +17,8 @@ from typing import Any, Optional, Union
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mhe_scale.config_checks import bound_errors, merge_conflict, section_shape_errors
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the fix."""
@@ -95,6 +97,10 @@ class OptimConfig:
 class TrainConfig:
     epochs: float = 2.0
     """Passes over the training set (fractions allowed)."""
+    max_steps: Optional[int] = field(default=None, metadata={"min": 1})
+    """Train exactly this many optimizer steps, however many epochs that takes (it replaces train.epochs, as
+    HF Trainer's max_steps does; None: train.epochs decides). The lr schedule, warm-up (clamped) and the last
+    checkpoint span these steps; a resume continues to them (docs/engine.md, "Run length")."""
     batch_size: int = 256
     """Per-process micro-batch size."""
     eval_batch_size: int = 1024
@@ -236,7 +242,19 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if base is None:
         return raw
     parent = _read_yaml((path.parent / str(base)), seen + (path.resolve(),))
-    return OmegaConf.merge(parent, raw)  # type: ignore[return-value]
+    return _merge(parent, raw, f"{path} (over its _base_ {base})")
+
+
+def _merge(base: DictConfig, delta: DictConfig, source: str) -> DictConfig:
+    """OmegaConf.merge, with a section given as a list or a value over a mapping named (OmegaConf raises
+    a bare TypeError there)."""
+    conflict = merge_conflict(base, delta)
+    if conflict:
+        raise ConfigError(f"{source}: {conflict}")
+    try:
+        return OmegaConf.merge(base, delta)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from exc
 
 
 def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
@@ -291,7 +309,7 @@ def _apply_override(raw: DictConfig, item: str) -> DictConfig:
         raw = raw.copy()
         raw[key] = parsed[key]
         return raw
-    return OmegaConf.merge(raw, parsed)  # type: ignore[return-value]
+    return _merge(raw, parsed, f"override {item!r}")
 
 
 _PATH_LIST_KEYS = (("eval", "verification"),)
@@ -326,6 +344,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         schema = task.schema
         if "task" not in raw:
             raw.task = task.name
+    shapes = section_shape_errors(raw, schema)
+    if shapes:
+        raise ConfigError(f"{source}: {shapes[0]}")
     unknown = _unknown_keys(raw, schema)
     if unknown:
         where = f"task {raw.get('task')!r}" if "task" in raw else schema.__name__
@@ -342,6 +363,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config keys without a value: {missing}; set them in the YAML or as key=value")
+    low = bound_errors(cfg, schema)
+    if low:
+        raise ConfigError(f"{source}: {'; '.join(low)}")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

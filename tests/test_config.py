@@ -1,4 +1,5 @@
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,34 @@ def test_tasks_schema_lists_every_section_of_a_task():
     assert not any(line.startswith(("loss:", "recipe:")) for line in lines)
     replaced = load_config(REPO / "configs/multilabel/coco_r50_mldecoder_aam.yaml", ["loss={name:bce}"])
     assert replaced.loss.name == "bce" and replaced.loss.s is None  # a task's own section replaces whole too
+
+
+# ---------------------------------------------------------------- sections given a list or a value; lower bounds
+@pytest.mark.parametrize("text,key,got", [("head: [1, 2]\n", "head", "a list [1, 2]"),
+                                          ("train: 5\n", "train", "a value 5")])
+def test_a_section_given_a_list_or_a_value_names_the_key(tmp_path, text, key, got):
+    (tmp_path / "alone.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=rf"alone\.yaml: '{key}' is a section of keys .*; got {re.escape(got)}"):
+        load_config(tmp_path / "alone.yaml")
+    (tmp_path / "base.yaml").write_text("head:\n  name: fc\ntrain:\n  epochs: 1\n")
+    (tmp_path / "delta.yaml").write_text("_base_: base.yaml\n" + text)
+    kind, value = got.rsplit(" ", 1) if key == "train" else ("a list", "[1, 2]")
+    with pytest.raises(ConfigError, match=rf"delta\.yaml .*'{key}' is a mapping .* given {kind} \({re.escape(value)}\)"):
+        load_config(tmp_path / "delta.yaml")
+
+
+@pytest.mark.parametrize("override,key", [("head=[1,2]", "head"), ("train=5", "train")])
+def test_a_section_overridden_by_a_list_or_a_value_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"'{key}' is a (mapping|section)"):
+        load_config(REPO / "configs/demo/mhp_synthetic.yaml", [override])
+    with pytest.raises(ConfigError, match=rf"'{key}' is a section"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override,message", [("data.num_train=-5", "data.num_train=-5 must be >= 1"),
+                                              ("data.num_test=0", "data.num_test=0 must be >= 1"),
+                                              ("data.num_classes=1", "data.num_classes=1 must be >= 2")])
+def test_counts_below_their_bound_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=rf"overrides: {re.escape(message)}"):
+        load_config(REPO / "configs/demo/mhp_synthetic.yaml", [override])
+    assert load_config(REPO / "configs/demo/mhp_synthetic.yaml", ["data.num_train=1"]).data.num_train == 1

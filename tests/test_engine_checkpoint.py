@@ -280,3 +280,34 @@ def test_two_processes_to_one_keeps_the_global_batch_or_is_refused(ddp_run, tmp_
     two = [json.loads(line) for line in (ddp_run / "a" / "loss_log.jsonl").read_text().splitlines()]
     one = [json.loads(line) for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["epoch"], r["lr"]) for r in one] == [(r["step"], r["epoch"], r["lr"]) for r in two[4:]]
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "ema.safetensors",
+                                  "rng-rank00000.safetensors"])
+@pytest.mark.parametrize("damage", ["pickle", "truncated"])
+def test_an_unreadable_safetensors_file_is_named(tmp_path, accelerator, name, damage):
+    """safetensors said only 'Error while deserializing header: ...' (no file); the error names it."""
+    _save_steps(tmp_path, [3], accelerator)
+    folder = tmp_path / "step-00000003"
+    if damage == "pickle":
+        (folder / name).write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+    else:
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(folder / name))}: not a readable safetensors file "
+                                         r"\(Error while deserializing header: .*\): the checkpoint is truncated"):
+        load_checkpoint(folder, make_state(seed=1), accelerator)
+
+
+def test_an_extra_state_reading_a_damaged_file_names_the_folder_and_the_part(tmp_path, accelerator):
+    from safetensors.torch import load_file as read
+
+    def load(folder: Path) -> None:
+        read(str(folder / "part.safetensors"))
+
+    extra = ExtraState("queue", lambda folder: (folder / "part.safetensors").write_bytes(b"\x00" * 7), load)
+    state = make_state(steps=1)
+    folder = save_checkpoint(tmp_path, Progress(1, 0, 1, 0), state, accelerator, extras=[extra])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(folder))} \(the files of its 'queue' state\): not a "
+                                         "readable safetensors file"):
+        load_checkpoint(folder, make_state(seed=1), accelerator, [extra])

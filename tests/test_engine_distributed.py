@@ -313,6 +313,58 @@ def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
     assert json.loads((tmp_path / "timeouts-0.json").read_text()) == {"default": TIMEOUT_S, "new": TIMEOUT_S}
 
 
+# ---------------------------------------------------------------- a killed rank: named, not gloo's raw reset
+def child_killed_peer(out: str) -> None:
+    """mhe_scale.train.main with a task that all-reduces twice; rank 1 SIGKILLs itself in between."""
+    import dataclasses
+    import signal
+    import time
+
+    import torch.distributed as dist
+
+    from mhe_scale.tasks import registry
+    from mhe_scale.train import main
+
+    def task(cfg, accelerator) -> None:
+        x = torch.ones(3)
+        dist.all_reduce(x)
+        if accelerator.process_index == 1:
+            Path(f"{out}/killed").write_text(str(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        dist.all_reduce(x)
+
+    registry._TASKS["synthetic"] = dataclasses.replace(registry.get_task("synthetic"), run=task)
+    sys.exit(main(["configs/demo/mhp_synthetic.yaml", f"train.output_dir={out}", "dist.timeout_s=60"]))
+
+
+def test_a_killed_rank_is_named_instead_of_a_raw_connection_reset(tmp_path):
+    """The survivor printed gloo's 'Read error ...: Connection reset by peer' traceback; now one line naming
+    rank 1, long before dist.timeout_s (60 s)."""
+    import time
+
+    script = tmp_path / "child.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+                      f"from test_engine_distributed import child_killed_peer; child_killed_peer({str(tmp_path)!r})\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env |= {"OMP_NUM_THREADS": "1", "WORLD_SIZE": str(PROCS), "LOCAL_WORLD_SIZE": str(PROCS),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port(11)}
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(PROCS)]
+    try:
+        _, err = procs[0].communicate(timeout=120)
+        ended = time.time()
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert procs[1].returncode == -9
+    assert procs[0].returncode == 3, err[-3000:]
+    errors = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert errors[0].startswith("error: rank 1 stopped (its connection to rank 0 was reset in a collective): killed, "
+                                "crashed or out of memory?"), errors[0]
+    assert ended - float((tmp_path / "killed").read_text()) < 30.0  # RESET_WAIT_S (3 s) + exit, not the 60 s timeout
+
+
 # ---------------------------------------------------------------- bf16: fp32 logits in the head
 @pytest.fixture
 def fresh_accelerate_state():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from mhe_scale.config import OptimConfig, TrainConfig, load_config
+from mhe_scale.config import ConfigError, OptimConfig, TrainConfig, load_config
 from mhe_scale.data.synthetic import SyntheticSplit
 from mhe_scale.engine import Classifier, TrainPlan, build_optimizer, fit
 from mhe_scale.engine.step_log import trim_jsonl
@@ -185,3 +185,46 @@ def test_a_checkpoint_from_before_an_added_key_resumes_at_its_as_before_value():
     changed = differences(old, {"optim": {"lr": 0.1, "momentum": 0.9, "head_momentum": 0.0, "head_update": "auto"}})
     assert [(k, new) for k, _, new in changed] == [("optim.head_momentum", 0.0), ("optim.head_update", "auto")]
     assert differences(old, {"optim": {"lr": 0.1, "momentum": 0.9, "nesterov": False}})[0][0] == "optim.nesterov"
+
+
+# ---------------------------------------------------------------- train.max_steps
+def test_max_steps_sets_the_run_length_and_the_schedule_spans_it(tmp_path):
+    """160 points / batch 16 = 10 steps per epoch; max_steps=13 trains 13 (into the second epoch) whatever
+    train.epochs says, and the cosine lr of step s is lr * lr_factor(s, 13, warmup 3)."""
+    from mhe_scale.engine import lr_factor
+
+    plan = TrainPlan.build(cfg(max_steps=13, warmup_steps=20), 160, 1)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (10, 13, 13)
+    assert TrainPlan.build(cfg(epochs=5.0, max_steps=3), 160, 1).total_steps == 3
+    result = train(tmp_path, cfg(max_steps=13, schedule="cosine", warmup_steps=3, save_every=0))
+    assert result.steps == 13
+    logged = lrs(tmp_path)
+    assert sorted(logged) == list(range(1, 14))
+    assert [logged[s + 1] for s in range(13)] == pytest.approx([2e-3 * lr_factor(s, 13, 3, "cosine") for s in range(13)])
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "loss_log.jsonl").read_text().splitlines()]
+    assert epochs == [0] * 10 + [1] * 3
+
+
+def test_max_steps_resumes_to_the_same_curve_and_a_changed_length_follows_the_epochs_rule(tmp_path):
+    whole = tmp_path / "whole"
+    train(whole, cfg(max_steps=13, schedule="cosine"))
+    with pytest.raises(Crash):
+        train(tmp_path / "cut", cfg(max_steps=13, schedule="cosine"), crash_at=6)
+    again = train(tmp_path / "cut", cfg(max_steps=13, schedule="cosine"))
+    assert again.resumed_from == 4 and again.steps == 9
+    read = lambda out: [(r["step"], r["loss"]) for r in map(json.loads, (out / "loss_log.jsonl").read_text().splitlines())]
+    assert read(tmp_path / "cut") == read(whole)
+    with pytest.raises(ValueError, match=r"train.max_steps: 13 -> 20 \(the lr schedule spans train.max_steps"):
+        train(whole, cfg(max_steps=20, schedule="cosine"))
+    assert train(whole, cfg(max_steps=13, schedule="cosine", epochs=7.0)).resumed_from == 13  # epochs: unused
+    train(tmp_path / "const", cfg(max_steps=5))
+    longer = train(tmp_path / "const", cfg(max_steps=8))
+    assert longer.resumed_from == 5 and longer.steps == 3 and longer.config_changes == ("train.max_steps: 5 -> 8",)
+
+
+def test_max_steps_below_one_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"train\.max_steps=0 must be >= 1"):
+        load_config(None, ["train.max_steps=0"])
+    with pytest.raises(ValueError, match=r"train\.max_steps=-2 must be >= 1"):
+        fit(tiny_model(), build_optimizer(OptimConfig(), tiny_model()), tiny_data(), cfg(max_steps=-2),
+            Accelerator(cpu=True), out_dir="unused")

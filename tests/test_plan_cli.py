@@ -242,3 +242,32 @@ def test_probe_peak_starts_at_fit(monkeypatch):
     seen = {}
     probe_run._mark_fit(lambda: seen.setdefault("fit", probe_run.vm_hwm()))()
     assert probe_run._SETUP_PEAK[0] - seen["fit"] > 200 * 2 ** 20
+
+
+def test_out_naming_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+    from mhe_scale.cli import main
+
+    taken = tmp_path / "taken"
+    taken.write_text("mine\n")
+    for out in (taken, taken / "sub"):
+        rc = main(["plan", DEMO, *SMALL, "--device", "cpu", "--out", str(out)])
+        captured = capsys.readouterr()
+        assert rc == 2 and captured.out == ""
+        assert captured.err.splitlines() == [f"error: --out {out}: {taken} is a file, not a folder; give a folder for "
+                                             "deepspeed.json, accelerate.yaml and overrides.txt (created if missing)"]
+    assert taken.read_text() == "mine\n"
+
+
+def test_a_budget_below_every_set_up_without_its_head_is_refused(tmp_path, capsys):
+    """--gpu-mem 1MB printed 'no head fits -1033.7 MiB' and exited 0; now one line naming the flag, exit 2."""
+    from mhe_scale.cli import main
+
+    out = tmp_path / "plan"
+    rc = main(["plan", DEMO, *SMALL, "--device", "cpu", "--gpu-mem", "1MB", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == "" and not out.exists()
+    (line,) = captured.err.splitlines()
+    assert line.startswith("error: --gpu-mem=1MB (1.0 MiB per rank) is less than the smallest set-up needs besides "
+                           "its head (")
+    rc = main(["plan", DEMO, *SMALL, "--device", "cpu", "--gpu-mem", "2GB", "--out", str(out)])
+    assert rc == 0 and "no head fits -" not in capsys.readouterr().out and (out / "overrides.txt").is_file()

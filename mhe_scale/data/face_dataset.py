@@ -22,7 +22,7 @@ import os
 import struct
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +48,9 @@ class FaceDataConfig:
     working directory, then from the repository root."""
     idx_path: Optional[str] = None
     """face_recordio: the .idx of the .rec file given as data.path (default: data.path with suffix .idx)."""
-    num_classes: int = 100_000
+    num_classes: int = field(default=100_000, metadata={"min": 2})
     """Synthetic: number of labels C."""
-    num_train: int = 60_000
+    num_train: int = field(default=60_000, metadata={"min": 1})
     """Synthetic: training points."""
     image_size: int = 112
     """face: side S of the square training images (aligned faces: 112); records of another size are resized,

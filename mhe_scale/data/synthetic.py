@@ -12,7 +12,7 @@ Everything is a pure function of the config, so every process generates the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -27,11 +27,11 @@ class SyntheticDataConfig:
 
     name: str = "synthetic"
     """Dataset kind: 'synthetic' (generated, planted structure) or a reader name added by tasks."""
-    num_classes: int = 100_000
+    num_classes: int = field(default=100_000, metadata={"min": 2})
     """Synthetic: number of labels C."""
-    num_train: int = 60_000
+    num_train: int = field(default=60_000, metadata={"min": 1})
     """Synthetic: training points."""
-    num_test: int = 5_000
+    num_test: int = field(default=5_000, metadata={"min": 1})
     """Synthetic: test points."""
     input_dim: int = 64
     """Synthetic: dimension of the input vectors."""

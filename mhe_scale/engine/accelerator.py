@@ -14,7 +14,8 @@ The launcher decides how many processes run (`accelerate launch`, `torchrun`, `d
     defaults to ~/.cache/mhe_scale/torch_extensions/<key> so that happens once per machine.
   * Every process group waits dist.timeout_s in a collective (apply_process_group_timeout: accelerate
     would silently drop 600 s for gloo, DeepSpeed's own groups would keep torch's 30 min);
-    `explain_timeout` turns the timeout into an error naming the rank that did not answer.
+    `explain_timeout` turns the timeout into an error naming the rank that did not answer, and gloo's
+    raw "Connection reset by peer" (a killed rank) into one naming the rank that stopped.
 DeepSpeed checkpoints keep DeepSpeed's layout but are written and read without pickle
 (deepspeed_files.py; docs/engine.md, "DeepSpeed").
 """
@@ -244,10 +245,17 @@ TIMEOUT_WAIT_S = 10.0
 """After a timeout, how long a rank waits for the others to report the same timeout (see explain_timeout)."""
 _ANSWERED = "mhe_scale/timeout/answered/{}"
 _TIMEOUT_TEXT = re.compile(r"timed out|timeout", re.IGNORECASE)
+_LOST_TEXT = re.compile(r"connection (reset|closed) by peer|broken pipe|connection refused", re.IGNORECASE)
+RESET_WAIT_S = 3.0
+"""After a lost connection, how long a rank waits for the others to report it too (a killed rank never does)."""
 
 
 class PeerTimeoutError(RuntimeError):
     """A collective waited dist.timeout_s for another rank; the message names the rank(s) that did not answer."""
+
+
+class PeerLostError(RuntimeError):
+    """A collective lost its connection to another rank (killed, crashed); the message names the rank(s)."""
 
 
 def group_timeout(dist: DistConfig) -> timedelta:
@@ -278,53 +286,77 @@ def _ranks(ranks: list[int]) -> str:
     return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
-def explain_timeout(exc: BaseException, timeout_s: float, wait_s: float | None = None) -> PeerTimeoutError | None:
-    """A PeerTimeoutError naming the rank(s) that did not answer if `exc` is a collective's timeout
-    (gloo: RuntimeError "Timed out waiting ...ms"), else None.
+def _silent_ranks(rank: int, world: int, wait_s: float) -> list[int]:
+    """Record in the rendezvous store that this rank met a collective's failure, wait up to wait_s for every
+    other rank to record the same, and return those that never did (raises if the store is unreachable)."""
+    from torch.distributed import distributed_c10d
 
-    Finds them through the rendezvous store: this rank records that it timed out, then waits up to
-    wait_s (default min(timeout_s, TIMEOUT_WAIT_S)) for every other rank to record the same; the
-    ones that never do are the stopped / hung / cut-off ones."""
+    store = distributed_c10d._get_default_store()
+    store.set_timeout(timedelta(seconds=max(wait_s, 1.0)))
+    store.set(_ANSWERED.format(rank), "1")
+    waiting = [r for r in range(world) if r != rank]
+    deadline = time.monotonic() + wait_s
+    while waiting:
+        waiting = [r for r in waiting if not store.check([_ANSWERED.format(r)])]
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    return waiting
+
+
+def explain_timeout(exc: BaseException, timeout_s: float, wait_s: float | None = None) -> RuntimeError | None:
+    """An error naming the rank(s) at fault if `exc` is a collective's failure, else None:
+      * a timeout (gloo: RuntimeError "Timed out waiting ...ms"): PeerTimeoutError naming the rank(s) that
+        did not answer;
+      * a lost connection (gloo: "Read error ...: Connection reset by peer", "Connection closed by peer",
+        a broken pipe): PeerLostError naming the rank(s) that stopped (killed, crashed, out of memory).
+
+    Finds them through the rendezvous store: this rank records that it failed, then waits up to
+    wait_s (default min(timeout_s, TIMEOUT_WAIT_S), or RESET_WAIT_S for a lost connection) for every
+    other rank to record the same; the ones that never do are the stopped / hung / cut-off ones."""
     import torch.distributed as tdist
 
-    if not isinstance(exc, RuntimeError) or isinstance(exc, PeerTimeoutError) or not _TIMEOUT_TEXT.search(str(exc)):
+    if not isinstance(exc, RuntimeError) or isinstance(exc, (PeerTimeoutError, PeerLostError)):
+        return None
+    lost = bool(_LOST_TEXT.search(str(exc)))
+    if not lost and not _TIMEOUT_TEXT.search(str(exc)):
         return None
     if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() < 2:
         return None
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    wait_s = min(timeout_s, TIMEOUT_WAIT_S) if wait_s is None else wait_s
+    if wait_s is None:
+        wait_s = min(timeout_s, RESET_WAIT_S if lost else TIMEOUT_WAIT_S)
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    advice = (f"within {timeout_s:g} s (dist.timeout_s); check that process / node: stopped, hung, out of memory, "
-              "or cut off from the network? (If one rank legitimately works alone that long, e.g. a long save "
-              f"or evaluation, raise dist.timeout_s.) Rank {rank} timed out in a collective: {first}")
+    if lost:
+        advice = (f"(its connection to rank {rank} was reset in a collective): killed, crashed or out of memory? Look "
+                  f"at that process's own log / exit status, then resume from the last checkpoint. Rank {rank}: "
+                  f"{first}")
+    else:
+        advice = (f"within {timeout_s:g} s (dist.timeout_s); check that process / node: stopped, hung, out of memory, "
+                  "or cut off from the network? (If one rank legitimately works alone that long, e.g. a long save "
+                  f"or evaluation, raise dist.timeout_s.) Rank {rank} timed out in a collective: {first}")
+    error = PeerLostError if lost else PeerTimeoutError
     try:
-        from torch.distributed import distributed_c10d
-
-        store = distributed_c10d._get_default_store()
-        store.set_timeout(timedelta(seconds=max(wait_s, 1.0)))
-        store.set(_ANSWERED.format(rank), "1")
-        waiting = [r for r in range(world) if r != rank]
-        deadline = time.monotonic() + wait_s
-        while waiting:
-            waiting = [r for r in waiting if not store.check([_ANSWERED.format(r)])]
-            if not waiting or time.monotonic() >= deadline:
-                break
-            time.sleep(0.2)
+        waiting = _silent_ranks(rank, world, wait_s)
     except Exception as store_exc:  # the store lives with rank 0 / the launcher: unreachable too
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        return PeerTimeoutError(f"another rank did not answer {advice}. The rendezvous store at {where} is "
-                                f"unreachable as well ({type(store_exc).__name__}): is rank 0's node or the network "
-                                "down?")
+        verb = "stopped" if lost else "did not answer"
+        return error(f"another rank {verb} {advice}. The rendezvous store at {where} is unreachable as well "
+                     f"({type(store_exc).__name__}): is rank 0 stopped, or its node or the network down?")
     if not waiting:
-        return PeerTimeoutError(f"every rank reported a timeout, so some rank was busy elsewhere for longer than "
-                                f"{timeout_s:g} s (dist.timeout_s): raise it, or look for a rank stuck outside "
-                                f"collectives. Rank {rank}: {first}")
-    return PeerTimeoutError(f"{_ranks(waiting)} did not answer {advice}")
+        if lost:
+            return error(f"every rank reported a lost connection, so no rank stopped: the network between them "
+                         f"failed, or a process closed its process group early. Rank {rank}: {first}")
+        return error(f"every rank reported a timeout, so some rank was busy elsewhere for longer than "
+                     f"{timeout_s:g} s (dist.timeout_s): raise it, or look for a rank stuck outside "
+                     f"collectives. Rank {rank}: {first}")
+    return error(f"{_ranks(waiting)} {'stopped' if lost else 'did not answer'} {advice}")
 
 
 @contextlib.contextmanager
 def named_timeouts(timeout_s: float) -> Iterator[None]:
-    """Re-raise a collective's timeout inside the block as a PeerTimeoutError naming the silent rank(s)."""
+    """Re-raise a collective's timeout (or lost connection) inside the block as a PeerTimeoutError (PeerLostError)
+    naming the silent (stopped) rank(s)."""
     try:
         yield
     except RuntimeError as exc:

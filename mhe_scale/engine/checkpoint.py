@@ -39,7 +39,7 @@ from torch import nn
 
 from mhe_scale.engine.ema import ExponentialMovingAverage
 from mhe_scale.engine.serialize import (capture_rng, decode_json, encode_json, flatten_optimizer_state,
-                                        restore_rng, unflatten_optimizer_state)
+                                        named_safetensors, restore_rng, unflatten_optimizer_state)
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: Any = Non
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with named_safetensors(path), safe_open(str(path), framework="pt", device="cpu") as f:
         meta = (f.metadata() or {}).get("json")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, None if meta is None else json.loads(meta)
@@ -259,7 +259,8 @@ def load_checkpoint(folder: str | Path, state: TrainingState, accelerator,
         raise ValueError(f"{folder}: checkpoint format {trainer.get('format')!r} is not {FORMAT_VERSION}; "
                          "it was written by another version of mhe_scale")
     try:
-        load_model(state.model, str(folder / "model.safetensors"), strict=True)
+        with named_safetensors(folder / "model.safetensors"):
+            load_model(state.model, str(folder / "model.safetensors"), strict=True)
     except RuntimeError as exc:
         raise RuntimeError(f"{folder}/model.safetensors does not fit the model being trained (was the model "
                            f"config changed since it was saved?): {exc}") from exc
@@ -268,7 +269,8 @@ def load_checkpoint(folder: str | Path, state: TrainingState, accelerator,
         state.scheduler.load_state_dict(trainer["scheduler"])
     if state.ema is not None:
         if (folder / "ema.safetensors").is_file():
-            state.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
+            with named_safetensors(folder / "ema.safetensors"):
+                state.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
         else:
             logger.warning("%s holds no EMA weights; the EMA restarts from the restored weights", folder)
             state.ema.reset()
@@ -278,8 +280,9 @@ def load_checkpoint(folder: str | Path, state: TrainingState, accelerator,
     else:
         logger.warning("%s has no RNG state for process %d (saved by %d processes); random streams will differ "
                        "from an uninterrupted run", folder, accelerator.process_index, trainer["world_size"])
-    for extra in extras:
-        extra.load(folder)
+    for extra in extras:  # their files are theirs to name; a bare safetensors error at least names the part
+        with named_safetensors(f"{folder} (the files of its {extra.name!r} state)"):
+            extra.load(folder)
     return Progress(trainer["step"], trainer["epoch"], trainer["batch_in_epoch"], trainer["sampler_seed"])
 
 

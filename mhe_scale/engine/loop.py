@@ -34,6 +34,7 @@ from mhe_scale.engine.checkpoint import (ExtraState, Progress, TrainingState, fi
                                          list_checkpoints, load_checkpoint, save_checkpoint)
 from mhe_scale.engine.ema import (ExponentialMovingAverage, build_weight_average, refresh_fit_average_bn,
                                   uses_weight_average)
+from mhe_scale.engine.health import TrainingHealth, requested_warmup, warmup_warning
 from mhe_scale.engine.step_log import NonFiniteLossError, StepLog, trim_jsonl
 from mhe_scale.engine.module import TrainingModule
 from mhe_scale.engine.prepared import Schedulers, ShardedHeadTraining, check_optimizers
@@ -74,7 +75,7 @@ class TrainPlan:
             raise ValueError(f"{num_train} training points cannot fill one optimizer step of {global_batch} "
                              f"(train.batch_size={cfg.batch_size} x {num_processes} processes x "
                              f"train.grad_accum_steps={cfg.grad_accum_steps}); lower them")
-        total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        total = max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.max_steps is None else int(cfg.max_steps)
         warmup = cfg.warmup_steps
         if cfg.warmup_epochs is not None:  # an epoch count holds for any number of processes
             if cfg.warmup_steps or cfg.warmup_epochs < 0:
@@ -126,6 +127,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     for key in ("save_every", "keep_last", "eval_every", "num_workers"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key}={getattr(cfg, key)} must be >= 0")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"train.max_steps={cfg.max_steps} must be >= 1 (or null: train.epochs decides)")
     if not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
         raise ValueError(f"train.epochs={cfg.epochs} must be > 0 (fractions such as 0.5 train part of an epoch)")
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
@@ -169,6 +172,16 @@ def _start(cfg: TrainConfig, root: Path, state: TrainingState, accelerator, extr
     accelerator.print(f"resumed from {found}: step {progress.step}, epoch {progress.epoch}, "
                       f"batch {progress.batch_in_epoch}")
     return progress, info
+
+
+def start_health(desc: str, chance: dict[str, float], cfg: TrainConfig, plan: TrainPlan,
+                 printer: Callable[[str], None]) -> TrainingHealth:
+    """The training-health watcher of one fit call (engine/health.py); prints the warm-up warning now."""
+    requested, given = requested_warmup(cfg.warmup_steps, cfg.warmup_epochs, plan.steps_per_epoch)
+    warning = warmup_warning(requested, given, plan.total_steps, plan.steps_per_epoch)
+    if warning is not None:
+        printer(f"warning: {desc}: {warning}")
+    return TrainingHealth(desc, chance, plan.total_steps, printer)
 
 
 def _refuse_unsupported(cfg: TrainConfig, accelerator, sharded: bool) -> None:
@@ -291,8 +304,9 @@ def fit(model: TrainingModule, optimizer: torch.optim.Optimizer, train_set: Data
                                         sampler)
     main = accelerator.is_main_process
     prefix = f"{run_name}/" if run_name else ""
+    health = start_health(desc, getattr(core, "chance_losses", dict)(), cfg, plan, accelerator.print)
     log = StepLog(run_dir / "loss_log.jsonl" if cfg.loss_log and main else None, progress.step, accelerator, desc,
-                  prefix)
+                  prefix, observer=health.observe)
     eval_log = run_dir / "eval_log.jsonl"
     if main and eval_fn is not None and cfg.eval_every > 0:
         trim_jsonl(eval_log, progress.step)

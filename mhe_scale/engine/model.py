@@ -51,6 +51,12 @@ class Classifier(TrainingModule):
         # heads read sub-modules' weights directly: gather all of them when the head runs
         return [] if self.sharded else [self.head]
 
+    def chance_losses(self) -> dict[str, float]:
+        """{"loss": the head's chance level} for heads that know one (softmax fc: ln C; mhp ce: sum of digit
+        entropies), else {}."""
+        level = getattr(self.head, "chance_loss", lambda: None)()
+        return {} if level is None else {"loss": float(level)}
+
     @torch.no_grad()
     def predict(self, inputs: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return self.head.predict(self.encoder.forward_features(inputs), k)

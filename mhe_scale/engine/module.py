@@ -19,6 +19,9 @@ EMA/SWA, checkpoints, resume, logging); the module owns what differs between kin
 - `extra_state()`: state outside the registered parameters (a momentum encoder kept out of DDP, a
   queue, a sampling generator) saved and loaded by every process with each checkpoint.
 - `after_optimizer_step(step)`: runs after every optimizer step (momentum-encoder updates, queues).
+- `chance_losses()`: {"loss" or a metric name: its value when the model predicts no better than the
+  label frequencies}, e.g. {"loss": ln C} for a C-way softmax; fit's training-health check (health.py)
+  warns when a run sits at it. Default: {} (no such level known).
 
 Metrics are averaged over the micro-batches of an optimizer step and over processes, and logged
 with the loss (loss_log.jsonl and the trackers). They must be detached scalars; return the same
@@ -60,3 +63,7 @@ class TrainingModule(nn.Module):
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after optimizer step `step` (1-based) on every process."""
+
+    def chance_losses(self) -> dict[str, float]:
+        """{"loss" or a logged metric name: its chance-level value}; {} when unknown."""
+        return {}

@@ -11,8 +11,9 @@ On resume `check_resume` refuses, before anything is loaded:
   * a changed training key or number of training points, unless train.resume_changed=true; then
     the new optimizer hyperparameters are applied after loading (reapply_hyperparameters), so
     the new values really are used from the resumed step on.
-`train.epochs` may change with the constant schedule (a run is extended or shortened, the lr
-curve does not move); with cosine / poly it reshapes the rest of the curve and is a difference.
+`train.epochs` and `train.max_steps` (the run's length) may change with the constant schedule (a
+run is extended or shortened, the lr curve does not move); with any other schedule they reshape the
+rest of the curve and are a difference.
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ from typing import Any
 from mhe_scale.engine.run_identity import describe, differences, plain, run_config as _strip
 
 EPOCHS = "train.epochs"
+LENGTH_KEYS = (EPOCHS, "train.max_steps")
+"""Keys that only set how many steps a run takes: free to change under the constant schedule."""
 
 
 def run_identity(run_config: Mapping[str, Any] | None, cfg: Any) -> dict[str, Any]:
     """What fit records: the given run config with its train section replaced by the TrainConfig
-    fit really uses (plain nested dicts, NOT_TRAINING keys removed)."""
+    fit really uses (plain nested dicts, NOT_TRAINING keys removed; train.epochs left out when
+    train.max_steps sets the run's length)."""
     tree = plain(dict(run_config or {}))
     tree["train"] = plain(cfg)
+    if tree["train"].get("max_steps") is not None:  # train.max_steps sets the length: epochs change nothing
+        tree["train"].pop("epochs", None)
     return _strip(tree)
 
 
@@ -78,12 +84,12 @@ def check_resume(found: Path, info: Mapping[str, Any], identity: Mapping[str, An
     if old_n is not None and old_n != plan.num_train:
         diffs.append(("training points", old_n, plan.num_train))
     constant = all(s == "constant" for s in (old.get("train", {}).get("schedule"), identity["train"].get("schedule")))
-    refused = [d for d in diffs if not (d[0] == EPOCHS and constant)]
+    refused = [d for d in diffs if not (d[0] in LENGTH_KEYS and constant)]
     lines = [f"{k}: {describe(a)} -> {describe(b)}" for k, a, b in diffs]
     if refused and not resume_changed:
         listed = "; ".join(f"{k}: {describe(a)} -> {describe(b)}"
-                           + (" (the lr schedule spans train.epochs: the rest of its curve would change)"
-                              if k == EPOCHS else "") for k, a, b in refused)
+                           + (f" (the lr schedule spans {k}: the rest of its curve would change)"
+                              if k in LENGTH_KEYS else "") for k, a, b in refused)
         raise ValueError(f"{found} was written by a run with another config ({listed}); resuming would continue "
                          "that run, not this one. Start this run in another train.output_dir, or set "
                          "train.resume_changed=true to resume from this checkpoint anyway with the new values")

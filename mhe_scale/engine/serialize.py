@@ -5,18 +5,35 @@ counters, tensor-valued group options) and a JSON structure (param groups, non-t
 `capture_rng` does the same for the torch / CUDA / numpy / python generators. JSON keeps tuples
 (e.g. Adam's betas, python's RNG state) as {"__tuple__": [...]} so they come back as tuples.
 `atomic_write_text` writes a result file so that a crash leaves the old one or the new one.
+`named_safetensors(what)` turns safetensors' bare "Error while deserializing header" (a pickle, a
+truncated or damaged file) into a ValueError that names the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
+
+
+@contextlib.contextmanager
+def named_safetensors(what: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a safetensors read error inside the block as a ValueError naming `what` (a file, or
+    the files of a checkpoint part) and the ways out; nothing else is caught."""
+    try:
+        yield
+    except SafetensorError as exc:
+        raise ValueError(f"{what}: not a readable safetensors file ({exc}): the checkpoint is truncated, damaged or "
+                         "not written by mhe_scale (a pickle is never loaded); resume from another step folder or "
+                         "move this one away") from exc
 
 
 def encode_json(obj: Any) -> Any:

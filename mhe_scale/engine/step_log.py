@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,8 +29,12 @@ class StepLog:
     """Per-step losses kept on device until a log step, then checked and written in one sync
     (to loss_log.jsonl and, as `<prefix>train/loss` and `.../lr`, to the accelerator's trackers)."""
 
-    def __init__(self, path: Path | None, keep_up_to: int, accelerator, desc: str, prefix: str) -> None:
+    def __init__(self, path: Path | None, keep_up_to: int, accelerator, desc: str, prefix: str,
+                 observer: Callable[[list[dict]], None] | None = None) -> None:
+        """observer(rows): called after each flush with the flushed steps' rows (finite losses), e.g.
+        health.TrainingHealth.observe."""
         self.path, self.accelerator, self.desc, self.prefix = path, accelerator, desc, prefix
+        self.observer = observer
         self.losses: list[Tensor] = []
         self.norms: list[Tensor] = []
         self.rows: list[dict] = []
@@ -66,4 +71,6 @@ class StepLog:
                 raise NonFiniteLossError(
                     f"{self.desc}: loss is {r['loss']} at optimizer step {r['step']} (epoch {r['epoch']}); "
                     "lower optim.lr, set train.clip_grad_norm, or check the inputs and labels")
+        if self.observer is not None:
+            self.observer(rows)
         return sum(values) / len(values)

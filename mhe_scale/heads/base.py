@@ -73,6 +73,12 @@ class ClassifierHead(nn.Module, ABC):
     def predict(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """features [B, D] -> (scores [B, k], global label ids [B, k]), best first."""
 
+    def chance_loss(self) -> float | None:
+        """The training loss of a model that predicts no better than the label frequencies (balanced labels),
+        e.g. ln C for a C-way softmax; None when the head's loss has no such fixed level (the engine's
+        training-health check, engine/health.py, warns when a run sits at it)."""
+        return None
+
     def check_inputs(self, features: Tensor, targets: Tensor) -> None:
         """Shape and range checks with errors that say what to fix."""
         if features.dim() != 2 or features.shape[1] != self.in_features:

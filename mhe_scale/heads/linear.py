@@ -9,6 +9,7 @@ Costs D*C parameters: this is the head that does not scale, kept as the referenc
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -141,6 +142,10 @@ class FullyConnectedHead(ClassifierHead):
         else:
             loss = F.cross_entropy(logits, targets)
         return HeadOutput(loss)
+
+    def chance_loss(self) -> float | None:
+        """Plain softmax CE: ln C; None for cosine logits (scale and margin move the level) and BCE."""
+        return None if self.multilabel or self.cosine else math.log(self.num_classes)
 
     @torch.no_grad()
     def predict(self, features: Tensor, k: int) -> tuple[Tensor, Tensor]:

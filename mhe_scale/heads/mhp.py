@@ -15,6 +15,7 @@ Multi-label caveat: digits of different labels recombine (labels (1,2) and (3,4)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -113,6 +114,13 @@ class MultiHeadProductHead(ClassifierHead):
         scores, ids = product_topk(self.head_scores(features), self.codec, k)
         return pad_topk(scores, ids, k)
 
+    def chance_loss(self) -> float | None:
+        """Single-label CE: the loss of a model that predicts only each head's digit frequencies (balanced
+        labels), sum_h H(d_h) (ln C when prod(c_h) = C); None for bce / joint / multi-label."""
+        if self.multilabel or self.loss_kind != "ce":
+            return None
+        return uniform_digit_entropy(self.num_classes, self.sizes)
+
 
 def _soft_ce(logits: Tensor, hot: Tensor) -> Tensor:
     """Cross-entropy against the normalised multi-hot; rows without labels contribute 0."""
@@ -120,3 +128,17 @@ def _soft_ce(logits: Tensor, hot: Tensor) -> Tensor:
     target = hot / mass.clamp(min=1.0)
     per_row = -(target * F.log_softmax(logits, dim=1)).sum(1)
     return per_row.sum() / logits.shape[0]
+
+
+def uniform_digit_entropy(num_classes: int, sizes: Sequence[int]) -> float:
+    """Sum over heads of the entropy of digit d_h(y) = (y // prod(c_{h+1..})) % c_h for y uniform on [0, C):
+    the MHP cross-entropy (sum of per-head CEs) of a model that predicts only the digit frequencies."""
+    total, below = 0.0, math.prod(sizes)
+    for c in sizes:
+        below //= c  # prod of the sizes after this head
+        cycle = below * c
+        digits = torch.arange(c, dtype=torch.float64)
+        counts = (num_classes // cycle) * below + (num_classes % cycle - digits * below).clamp(0, below)
+        p = counts[counts > 0] / num_classes
+        total += float(-(p * p.log()).sum())
+    return total

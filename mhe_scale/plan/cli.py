@@ -104,6 +104,24 @@ def base_setup(cfg: Any, world: int, head, ds: dict[str, Any]):
                  f"{cfg.head.name} {list(head.sizes)}")
 
 
+def head_bytes(b: Breakdown) -> float:
+    """Device bytes of a breakdown's head terms (weights, gradients, optimizer state, logits of the head)."""
+    return sum(t.device for t in b.terms if t.name.startswith("head"))
+
+
+def check_budget(text: str, budget: float, setups: list, ctx: Any) -> None:
+    """ValueError naming --gpu-mem when it cannot hold even the smallest set-up without its head (a unit
+    slip such as 1MB for 1GB: every head would 'not fit' a negative budget)."""
+    from mhe_scale.plan.candidates import breakdown
+
+    least = min((breakdown(s, ctx) for s in setups), key=lambda b: b.device - head_bytes(b))
+    rest = least.device - head_bytes(least)
+    if budget <= rest:
+        raise ValueError(f"--gpu-mem={text} ({fmt_bytes(budget)} per rank) is less than the smallest set-up needs "
+                         f"besides its head ({fmt_bytes(rest)}: encoder, optimizer state, activations, buffers); "
+                         "give the memory of one GPU (e.g. --gpu-mem 80GB), or of one process with --device cpu")
+
+
 def format_breakdown(b: Breakdown) -> str:
     lines = [f"  {'term':22s} {'device':>11s} {'host':>11s}   formula"]
     for t in b.terms:
@@ -118,7 +136,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         return _main(args, load_config(args.config, args.overrides))
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:  # OSError: --out cannot be written
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -127,8 +145,9 @@ def _main(args: argparse.Namespace, cfg: Any) -> int:
     from mhe_scale.plan.advice import format_costs, head_costs, recommend
     from mhe_scale.plan.candidates import PlanContext, breakdown, enumerate_setups, rank
     from mhe_scale.plan.shapes import backbone_shape, head_spec
-    from mhe_scale.plan.writer import write_setup
+    from mhe_scale.plan.writer import check_out_dir, write_setup
 
+    check_out_dir(args.out)
     budget = parse_size(args.gpu_mem)
     host = parse_size(args.host_mem, "--host-mem") if args.host_mem else None
     world = args.gpus * args.nodes
@@ -144,19 +163,24 @@ def _main(args: argparse.Namespace, cfg: Any) -> int:
     ctx = PlanContext(shape.params, shape.largest_layer, lines, cfg.optim.name, cfg.optim.momentum, args.device,
                       engine_extra(ds), can_checkpoint=can_ckpt, gpus_per_node=args.gpus,
                       head_momentum=cfg.optim.head_momentum)
+    now = breakdown(base, ctx)
+    costs = head_costs(shape.num_classes, shape.dim, world, base.micro_batch, cfg.optim.name, shape.multilabel)
+    others = now.device - head_bytes(now)
+    setups = enumerate_setups(base, ctx, heads=not args.keep_head, stages=_stages(args.zero),
+                              precisions=args.precision.split(",") if args.precision else None)
+    ranked = rank(setups, ctx, budget, base, host)
+    check_budget(args.gpu_mem, budget, [r.setup for r in ranked], ctx)
     print(f"{args.config}: task {cfg.task}, encoder {shape.params:,} parameters (largest layer {shape.largest_layer:,}),"
           f" D={shape.dim}, C={shape.num_classes:,}, head {base.head_label}"
           f"{' (class-sharded)' if head.sharded else ''}; {world} ranks x {fmt_bytes(budget)}, global batch "
           f"{base.global_batch}")
-    now = breakdown(base, ctx)
     print(f"\nper-rank memory as configured ({base.describe()}):\n{format_breakdown(now)}")
-    costs = head_costs(shape.num_classes, shape.dim, world, base.micro_batch, cfg.optim.name, shape.multilabel)
-    others = now.device - sum(t.device for t in now.terms if t.name.startswith("head"))
     print(f"\nheads at C={shape.num_classes:,}, D={shape.dim}, W={world}, b={base.micro_batch}:\n{format_costs(costs)}")
-    print("advice: " + recommend(costs, budget - others))
-    setups = enumerate_setups(base, ctx, heads=not args.keep_head, stages=_stages(args.zero),
-                              precisions=args.precision.split(",") if args.precision else None)
-    ranked = rank(setups, ctx, budget, base, host)
+    if others < budget:
+        print("advice: " + recommend(costs, budget - others))
+    else:
+        print(f"advice: the run as configured needs {fmt_bytes(others)} per rank besides its head, more than "
+              f"{fmt_bytes(budget)}: no head fits that set-up; the set-ups below change ZeRO, offload or precision")
     print(f"\n{len(setups)} set-ups with global batch {base.global_batch}; best {min(args.top, len(ranked))}:")
     print(f"  {'#':>2s} {'peak/rank':>10s} {'host':>9s} {'fits':4s} {'cost':>5s}  set-up")
     for i, r in enumerate(ranked[:args.top], 1):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mhe_scale.engine.serialize import atomic_write_text
 from mhe_scale.plan.candidates import Setup
 from mhe_scale.plan.memory import EngineSpec, HeadSpec
 
@@ -99,23 +100,34 @@ def setup_overrides(setup: Setup, base: Setup, deepspeed_file: Path | None, has_
     return out
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The --out folder as a Path; ValueError naming it when it (or a parent) is a file, so nothing is
+    written there (the three files go INTO the folder, created if missing)."""
+    out = Path(out_dir)
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--out {out_dir}: {folder} is a file, not a folder; give a folder for deepspeed.json, "
+                             "accelerate.yaml and overrides.txt (created if missing)")
+    return out
+
+
 def write_setup(setup: Setup, base: Setup, out_dir: str | Path, config_path: str, user_overrides: list[str],
                 clip: float, engine: EngineSpec | None, gpus_per_node: int, nodes: int,
                 has_checkpointing: bool) -> WrittenFiles:
-    """Write deepspeed.json (ZeRO set-ups), accelerate.yaml and overrides.txt under out_dir."""
-    out = Path(out_dir)
+    """Write deepspeed.json (ZeRO set-ups), accelerate.yaml and overrides.txt under out_dir (each atomically)."""
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds_path = None
     if setup.zero_stage is not None:
         ds_path = out / "deepspeed.json"
-        ds_path.write_text(json.dumps(deepspeed_json(setup, clip, engine), indent=2) + "\n")
+        atomic_write_text(ds_path, json.dumps(deepspeed_json(setup, clip, engine), indent=2) + "\n")
     acc_path = out / "accelerate.yaml"
-    acc_path.write_text(accelerate_yaml(setup, ds_path, gpus_per_node, nodes))
+    atomic_write_text(acc_path, accelerate_yaml(setup, ds_path, gpus_per_node, nodes))
     ours = setup_overrides(setup, base, ds_path, has_checkpointing)
     keys = {o.split("=", 1)[0] for o in ours}
     overrides = [o for o in user_overrides if o.split("=", 1)[0] not in keys] + ours
     ov_path = out / "overrides.txt"
-    ov_path.write_text("\n".join(overrides) + "\n")
+    atomic_write_text(ov_path, "\n".join(overrides) + "\n")
     command = " ".join(["accelerate", "launch", "--config_file", shlex.quote(str(acc_path)), "-m", "mhe_scale.train",
                         shlex.quote(config_path), *(shlex.quote(o) for o in overrides)])
     return WrittenFiles(ds_path, acc_path, ov_path, overrides, command)

@@ -25,6 +25,7 @@ from mhe_scale.data.image_dataset import ImageClassificationDataset, transform_p
 from mhe_scale.data.image_source import ImageDataConfig, task_records
 from mhe_scale.data.longtail import counts_from_labels, shot_groups
 from mhe_scale.data.two_views import TwoViewDataset, contrastive_transform
+from mhe_scale.engine.health import EmbeddingCheck
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, make_optimizer, build_optimizer, build_run_head
@@ -138,10 +139,13 @@ def run_contrastive(cfg: ContrastiveConfig, accelerator) -> dict[str, dict[str, 
     optimizer = build_module_optimizer(cfg, module)
     groups = torch.as_tensor(shot_groups(counts_from_labels(train_records.labels, num_classes)))
 
+    check = EmbeddingCheck(f"{c.method} encoder features at evaluation", accelerator.print)
+
     def knn_eval(ema=None) -> dict[str, float]:
         encoder = module.encoder
         bank, bank_labels = extract_features(encoder, plain, cfg.train.eval_batch_size, accelerator, "bank")
         feats, labels = extract_features(encoder, test, cfg.train.eval_batch_size, accelerator, "test")
+        check(feats)
         pred = knn_predict(bank, bank_labels, feats, num_classes, c.knn_k, c.knn_temperature)
         out = {f"knn_{k}": v for k, v in shot_accuracy(shot_counts(pred, labels, groups)).items()}
         if c.method == "ce":  # the CE-trained net's own classifier (Kang et al.'s "supervised CE" row)

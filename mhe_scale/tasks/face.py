@@ -51,7 +51,9 @@ from mhe_scale.data.face_dataset import FaceDataConfig, RecordIOFaceDataset, Syn
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
-from mhe_scale.eval.verification import bin_distances, verification_metrics
+from mhe_scale.data.face_bin import read_face_bin
+from mhe_scale.engine.health import EmbeddingCheck
+from mhe_scale.eval.verification import embed_images, pair_distances, verification_metrics
 from mhe_scale.tasks.report import head_label, resume_record, train_each_head, training_costs, write_results
 from mhe_scale.models.face import FACE_BACKBONES, FaceModelConfig, build_face_backbone
 from mhe_scale.tasks.registry import register_task
@@ -153,13 +155,18 @@ def sync_batchnorm(backbone: nn.Module, enabled: bool, num_processes: int, devic
 
 
 def verify(backbone: nn.Module, paths: list[str], batch_size: int, image_size: int,
-           fars: tuple[float, ...] = VERIFICATION_FARS) -> dict[str, float]:
+           fars: tuple[float, ...] = VERIFICATION_FARS, check: EmbeddingCheck | None = None) -> dict[str, float]:
     """10-fold protocol on each .bin pair file -> {"<name> acc", "<name> acc std", "<name> TAR@FAR=<f>"}
-    in [0, 1]; a TAR@FAR only where the file holds enough impostor pairs to measure that FAR."""
+    in [0, 1]; a TAR@FAR only where the file holds enough impostor pairs to measure that FAR. `check`
+    (training health) sees each file's embeddings."""
     out = {}
     for path in paths:
         file = resolve_file(path, "eval.verification")
-        distances, issame = bin_distances(backbone, file, batch_size, size=image_size)
+        pairs = read_face_bin(file)
+        embeddings = embed_images(backbone, pairs, batch_size, True, image_size)
+        if check is not None:
+            check(embeddings)
+        distances, issame = pair_distances(embeddings), pairs.issame
         for i, far in enumerate(fars):
             with warnings.catch_warnings():
                 if i > 0:  # the first target already warned about these distances
@@ -188,9 +195,11 @@ def train_face_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: FaceData,
     sizes = {"head params (M)": count_parameters(head) / 1e6,  # before prepare: ZeRO-3 leaves empty partitions
              "backbone params (M)": count_parameters(backbone) / 1e6}
 
+    check = EmbeddingCheck(f"[{head_label(head_cfg)}] face embeddings at verification", accelerator.print)
+
     def verify_now(ema=None) -> dict[str, float]:  # every process scores the pairs (same result everywhere)
         with ema.applied() if ema is not None else contextlib.nullcontext():
-            return verify(backbone, paths, cfg.train.eval_batch_size, cfg.data.image_size)
+            return verify(backbone, paths, cfg.train.eval_batch_size, cfg.data.image_size, check=check)
 
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}",
                  out_dir=Path(cfg.train.output_dir) / folder, eval_fn=verify_now if paths else None, run_name=folder,

@@ -20,6 +20,7 @@ split (retrieval: eval/retrieval.py, tools/eval_retrieval.py).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,12 @@ from torch.utils.data import Dataset
 from mhe_scale.config import ExperimentConfig, OptimConfig
 from mhe_scale.data.image_dataset import ImageClassificationDataset
 from mhe_scale.data.image_source import ImageDataConfig
+from mhe_scale.engine.health import EmbeddingCheck
 from mhe_scale.engine.loop import fit, named_sampler
 from mhe_scale.engine.module import TrainingModule
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.eval.accuracy import topk_accuracy
+from mhe_scale.eval.distributed import evaluating, test_batches
 from mhe_scale.losses.margin import MarginLoss
 from mhe_scale.models.gem import GeM
 from mhe_scale.models.image import ImageModelConfig, build_image_backbone
@@ -133,6 +136,10 @@ class MultiGrainModel(TrainingModule):
         return loss, {"ce": ce.detach(), "margin": margin.detach(), "accuracy": accuracy, "beta": m["beta"],
                       "pairs": pairs}
 
+    def chance_losses(self) -> dict[str, float]:
+        """The logged "ce" at uniform prediction: ln C (the margin term has no fixed level)."""
+        return {"ce": math.log(self.classifier.out_features)}
+
     @torch.no_grad()
     def predict(self, inputs: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return self.classifier(self.embed(inputs)).topk(k, dim=1)
@@ -176,6 +183,14 @@ def accuracy(model: MultiGrainModel, test_set: Dataset, batch_size: int, acceler
                          "eval multigrain")
 
 
+def eval_embeddings(model: MultiGrainModel, test_set: Dataset, batch_size: int, accelerator=None, ema=None
+                    ) -> Tensor:
+    """Embeddings e [b, D] of this process's first evaluation batch (b <= 256): the training-health check."""
+    with evaluating(model, accelerator, ema):
+        inputs, _ = next(iter(test_batches(model, test_set, min(batch_size, 256), accelerator, "embedding check")))
+        return model.embed(inputs)
+
+
 def run_label(cfg: MultiGrainModelConfig) -> str:
     return f"joint lam={cfg.lam:g} p={cfg.gem_p:g}"
 
@@ -202,7 +217,10 @@ def run_multigrain(cfg: MultiGrainConfig, accelerator) -> dict[str, dict[str, An
     folder = f"multigrain-lam{cfg.model.lam:g}-p{cfg.model.gem_p:g}"
     sampler = named_sampler("repeated_aug", torch.as_tensor(data.train.labels), num_repeats=cfg.model.num_repeats)
 
+    check = EmbeddingCheck("multigrain embeddings at evaluation", accelerator.print)
+
     def evaluate_now(ema=None) -> dict[str, float]:
+        check(eval_embeddings(model, data.test, cfg.train.eval_batch_size, accelerator, ema))
         return accuracy(model, data.test, cfg.train.eval_batch_size, accelerator, ema)
 
     result = fit(model, optimizer, train, cfg.train, accelerator, desc="train multigrain",
