@@ -152,7 +152,10 @@ def build_optimizers(cfg: OptimConfig, model: Classifier) -> tuple[torch.optim.O
     head; for a class-sharded head, the encoder's optimizer and a separate one for the shard
     (which stays out of DDP / ZeRO, see docs/engine.md)."""
     from mhe_scale.engine.prepared import is_class_sharded
+    from mhe_scale.optim.row_sparse import CATCH_UPS
 
+    if cfg.head_catch_up not in CATCH_UPS:
+        raise ValueError(f"optim.head_catch_up={cfg.head_catch_up!r} is not supported; choose one of {list(CATCH_UPS)}")
     sparse = resolve_head_update(cfg.head_update, model.head) == "sparse"
     if sparse and not (is_class_sharded(model.head) and hasattr(model.head, "row_sparse_parameters")):
         raise ValueError(f"optim.head_update=sparse needs a sampled head (partial_fc, mhs) sharded with "
@@ -166,5 +169,5 @@ def build_optimizers(cfg: OptimConfig, model: Classifier) -> tuple[torch.optim.O
 
         model.head.row_sparse_parameters()
         return make_optimizer(cfg, [encoder]), build_row_sparse_optimizer(cfg.name, [head], cfg.lr, cfg.weight_decay,
-                                                                           head_momentum(cfg))
+                                                                           head_momentum(cfg), cfg.head_catch_up)
     return make_optimizer(cfg, [encoder]), make_optimizer(cfg, [head])
