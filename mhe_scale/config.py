@@ -91,6 +91,11 @@ class OptimConfig:
     updates only the rows a step touched, with lazy catch-up of skipped steps (docs/engine.md); dense: torch's
     optimizer over the whole head (insightface's semantics). auto: sparse for a class-sharded sampled head,
     dense otherwise."""
+    head_catch_up: str = "closed_form"
+    """closed_form | replay: how the sparse update applies a row's skipped steps. closed_form: one float64 product
+    per row (equals dense to float rounding per catch-up; the cheap default); replay: step by step in float32 as
+    the dense optimizer does (bit for bit dense, at its cost for those rows). docs/engine.md, "Row-sparse head
+    updates"."""
 
 
 @dataclass(kw_only=True)

@@ -129,17 +129,19 @@ def test_dense_optimizer_state_is_refused_with_the_fix() -> None:
         gather_rows(w, torch.tensor([1]), unique=True)
 
 
-def _run_scheduled(kind: str, sparse: bool, steps: int = 12) -> torch.Tensor:
+def _run_scheduled(kind: str, sparse: bool, steps: int = 12, catch_up: str = "closed_form",
+                   eps: float = 1e-30) -> torch.Tensor:
     """_run's rows and loss, with a LambdaLR (warm-up then cosine) on the optimizer; the row-sparse one
     is told the schedule (as the engine's ShardedHeadTraining does)."""
     w, target = _weight(sparse)
+    extra = {"catch_up": catch_up} if sparse else {}
     if kind == "sgd":
-        opt = (RowSparseSGD if sparse else torch.optim.SGD)([w], lr=0.1, momentum=0.9, weight_decay=0.05)
+        opt = (RowSparseSGD if sparse else torch.optim.SGD)([w], lr=0.1, momentum=0.9, weight_decay=0.05, **extra)
     elif kind == "sgd_plain":
-        opt = (RowSparseSGD if sparse else torch.optim.SGD)([w], lr=0.1, momentum=0.0, weight_decay=0.05)
+        opt = (RowSparseSGD if sparse else torch.optim.SGD)([w], lr=0.1, momentum=0.0, weight_decay=0.05, **extra)
     else:
-        opt = (RowSparseAdamW if sparse else torch.optim.AdamW)([w], lr=0.05, betas=(0.9, 0.99), eps=1e-30,
-                                                                weight_decay=0.1)
+        opt = (RowSparseAdamW if sparse else torch.optim.AdamW)([w], lr=0.05, betas=(0.9, 0.99), eps=eps,
+                                                                weight_decay=0.1, **extra)
 
     def factor(s: int) -> float:
         return (s + 1) / 3 if s < 3 else 0.5 * (1 + math.cos(math.pi * (s - 3) / steps))
@@ -163,6 +165,35 @@ def test_catch_up_is_exact_under_a_schedule(kind: str) -> None:
     the dense update; without the schedule the catch-up would use the current lr (documented gap)."""
     dense, sparse = _run_scheduled(kind, False), _run_scheduled(kind, True)
     torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "sgd_plain", "adamw"])
+def test_replay_catch_up_is_the_dense_update_bit_for_bit(kind: str) -> None:
+    """catch_up="replay" applies each skipped step through the touched rows' own float32 operations (torch's):
+    the weights equal torch's dense optimizer exactly (torch.equal) under warm-up + cosine, AdamW with its
+    default eps included; the closed form rounds differently (within 1e-6 above, not bitwise)."""
+    dense = _run_scheduled(kind, False, eps=1e-8)
+    assert torch.equal(_run_scheduled(kind, True, catch_up="replay", eps=1e-8), dense)
+
+
+def test_replay_catch_up_keeps_rows_lazy_and_refuses_unknown_modes() -> None:
+    """Replay still reads a skipped row only when it is needed (row_step stays behind until then), and hands
+    the gather the caught-up rows in the order asked for."""
+    w, _ = _weight(True)
+    opt = RowSparseSGD([w], lr=0.1, momentum=0.9, weight_decay=0.05, catch_up="replay")
+    for ids in ([0, 3], [3], [3]):
+        gather_rows(w, torch.tensor(ids), unique=True).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    (state,) = opt.state.values()
+    assert state["row_step"][[0, 3, 5]].tolist() == [1, 3, 0]
+    reference = w.detach().clone()
+    rows = gather_rows(w, torch.tensor([5, 0, 3]), unique=True)  # rows 5 and 0 are 3 and 2 steps behind
+    assert torch.equal(rows[2], reference[3]) and not torch.equal(rows[1], reference[0])
+    assert torch.equal(rows, w.detach()[[5, 0, 3]])  # written back, returned in the asked order
+    assert state["row_step"][[0, 3, 5]].tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="catch_up='lazy'"):
+        RowSparseSGD([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, catch_up="lazy")
 
 
 def test_a_full_refresh_catches_up_in_bounded_chunks(monkeypatch) -> None:

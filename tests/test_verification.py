@@ -304,3 +304,23 @@ def test_evaluate_bin_all_genuine_pairs(tmp_path):
     with pytest.warns(UserWarning, match=rf"{re.escape(str(path))}: no impostor"):
         res = evaluate_bin(TinyNet(16), path, batch_size=16, size=16)
     assert np.isnan(res.tar) and res.impostors == 0
+
+
+def test_embed_images_never_runs_more_than_a_batch_and_shows_progress(capsys):
+    """The flips go through their own forward: no forward sees more than batch_size images (one [2b] batch of
+    images and flips before: the verification pass's activations were twice the eval batch's), same embeddings;
+    progress="..." draws a bar labelled with it on stderr (none by default)."""
+    torch.manual_seed(0)
+    model = TinyNet(16).eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    images = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
+    emb = embed_images(model, images, batch_size=3)
+    assert max(seen) == 3 and sum(seen) == 2 * 7
+    with torch.no_grad():
+        x = (images.float() / 255 - 0.5) / 0.5
+        torch.testing.assert_close(emb, F.normalize(model(x) + model(x.flip(3)), dim=1))
+    assert capsys.readouterr().err == ""
+    embed_images(model, images, batch_size=3, progress="verify lfw.bin")
+    err = capsys.readouterr().err
+    assert "verify lfw.bin" in err and "0/7 [" in err

@@ -106,7 +106,7 @@ def score_bins(backbone: nn.Module, bins: list[Path], fars: list[float], folds: 
     backbone.to(device)
     out: dict[str, dict[str, Any]] = {}
     for path in bins:
-        distances, issame = bin_distances(backbone, path, batch_size, image_size, device)
+        distances, issame = bin_distances(backbone, path, batch_size, image_size, device, progress=True)
         row: dict[str, Any] = {"pairs": len(issame)}
         for i, far in enumerate(fars):
             with warnings.catch_warnings():

@@ -153,12 +153,32 @@ def resolve_head_update(head_update: str, head: nn.Module) -> str:
     return "sparse" if is_class_sharded(head) and hasattr(head, "row_sparse_parameters") else "dense"
 
 
+def describe_head_update(cfg: OptimConfig, head: nn.Module) -> str:
+    """The line a run prints first about its head's update: what optim.head_update resolved to and why, e.g.
+    "head update: sparse (optim.head_update=auto: a class-sharded sampled head), catch-up closed_form"."""
+    from mhe_scale.engine.prepared import is_class_sharded
+
+    resolved = resolve_head_update(cfg.head_update, head)
+    if cfg.head_update != "auto":
+        why = f"optim.head_update={cfg.head_update}"
+    elif resolved == "sparse":
+        why = "optim.head_update=auto: a class-sharded sampled head"
+    else:
+        why = ("optim.head_update=auto: " + ("this class-sharded head samples no rows" if is_class_sharded(head)
+                                             else "the head is replicated (dist.shard_head=false)"))
+    line = f"head update: {resolved} ({why})"
+    return line + f", catch-up {cfg.head_catch_up} (optim.head_catch_up)" if resolved == "sparse" else line
+
+
 def build_optimizers(cfg: OptimConfig, model: Classifier) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """(optimizer, head_optimizer): one optimizer with encoder and head groups for a replicated
     head; for a class-sharded head, the encoder's optimizer and a separate one for the shard
     (which stays out of DDP / ZeRO, see docs/engine.md)."""
     from mhe_scale.engine.prepared import is_class_sharded
+    from mhe_scale.optim.row_sparse import CATCH_UPS
 
+    if cfg.head_catch_up not in CATCH_UPS:
+        raise ValueError(f"optim.head_catch_up={cfg.head_catch_up!r} is not supported; choose one of {list(CATCH_UPS)}")
     sparse = resolve_head_update(cfg.head_update, model.head) == "sparse"
     if sparse and not (is_class_sharded(model.head) and hasattr(model.head, "row_sparse_parameters")):
         raise ValueError(f"optim.head_update=sparse needs a sampled head (partial_fc, mhs) sharded with "
@@ -172,5 +192,5 @@ def build_optimizers(cfg: OptimConfig, model: Classifier) -> tuple[torch.optim.O
 
         model.head.row_sparse_parameters()
         return make_optimizer(cfg, [encoder]), build_row_sparse_optimizer(cfg.name, [head], cfg.lr, cfg.weight_decay,
-                                                                           head_momentum(cfg))
+                                                                           head_momentum(cfg), cfg.head_catch_up)
     return make_optimizer(cfg, [encoder]), make_optimizer(cfg, [head])

@@ -94,16 +94,19 @@ class ShardedHeadTraining:
 
         def squared_norm(grads: list[Tensor]) -> Tensor:
             if not grads:
-                return torch.zeros((), device=accelerator.device)
-            return torch.nn.utils.get_total_norm(grads).float().square().to(accelerator.device)
+                return torch.zeros((), dtype=torch.float64, device=accelerator.device)
+            return torch.nn.utils.get_total_norm(grads).double().square().to(accelerator.device)
 
         same_sq = squared_norm([p.grad for p in params if id(p) not in sharded_ids])
-        sharded_sq = squared_norm([p.grad for p in params if id(p) in sharded_ids])
+        sharded_sq = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for p in params:
+            if id(p) in sharded_ids:
+                sharded_sq = sharded_sq + _squared_norm64(p.grad).to(accelerator.device)
         if accelerator.num_processes > 1:
             sharded_sq = accelerator.reduce(sharded_sq.reshape(1), "sum")[0]
         total = (same_sq + sharded_sq).sqrt()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total
+        return total.float()
 
     def extra_state(self) -> ExtraState:
         """This rank's `head-shard-{rank}-of-{W}.safetensors` (rows, class range, optimizer state) and,
@@ -120,6 +123,22 @@ class ShardedHeadTraining:
             load_head_rng(folder, self.head)
 
         return ExtraState("class-sharded head", save, load)
+
+
+NORM_CHUNK_ROWS = 1 << 16
+"""_squared_norm64 reads a gradient this many rows at a time (its float64 copy: 65,536 x D x 8 bytes at most)."""
+
+
+def _squared_norm64(grad: Tensor) -> Tensor:
+    """sum(grad^2) accumulated in float64 -> a 0-dim float64 tensor. Summed in float32, the norm of a dense head
+    gradient [C, D] (zeros in the skipped rows) and of its row-sparse leaf [U, D] round differently, and one ulp
+    in the clip coefficient is enough for a face run's sparse and dense losses to drift apart (docs/engine.md);
+    in float64 the two sums agree to ~1e-16 and the float32 coefficient they give is the same."""
+    rows = grad.reshape(-1, grad.shape[-1]) if grad.dim() > 1 else grad.reshape(-1, 1)
+    total = torch.zeros((), dtype=torch.float64, device=grad.device)
+    for chunk in rows.split(NORM_CHUNK_ROWS):
+        total = total + torch.linalg.vector_norm(chunk, dtype=torch.float64).square()
+    return total
 
 
 def check_optimizers(model: nn.Module, optimizer: torch.optim.Optimizer,

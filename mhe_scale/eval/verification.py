@@ -36,10 +36,12 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from mhe_scale.data.face_bin import FaceBin, read_face_bin
 
@@ -196,11 +198,12 @@ def pair_distances(embeddings: Tensor) -> Tensor:
 
 @torch.no_grad()
 def embed_images(model: nn.Module, images: Tensor | FaceBin, batch_size: int = 64, flip: bool = True,
-                 size: int = 112, device: torch.device | str | None = None) -> Tensor:
+                 size: int = 112, device: torch.device | str | None = None, progress: str | None = None) -> Tensor:
     """uint8 [N, 3, S, S] images (or a FaceBin, decoded batch by batch) -> L2-normalised float32 [N, D].
 
-    Each embedding is model(x) + model(flip(x)) (flip=True), then normalised; the model runs in
-    eval mode on `device` (default: where its parameters are) and gets its mode back afterwards.
+    Each embedding is model(x) + model(flip(x)) (flip=True; two forwards of at most batch_size images),
+    then normalised; the model runs in eval mode on `device` (default: where its parameters are) and
+    gets its mode back afterwards. progress: a tqdm bar over the images with this label (None: none).
     """
     if isinstance(images, Tensor) and (images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3):
         raise ValueError(f"embed_images expects uint8 images [N, 3, H, W] (0..255), got {images.dtype} "
@@ -210,27 +213,30 @@ def embed_images(model: nn.Module, images: Tensor | FaceBin, batch_size: int = 6
     was_training = model.training
     model.eval()
     out = []
+    bar = tqdm(total=total, desc=progress, unit="img", mininterval=2.0, leave=False, disable=progress is None)
     try:
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
             batch = images.decode(start, stop, size) if isinstance(images, FaceBin) else images[start:stop]
             x = (batch.to(device).float() / 255.0 - 0.5) / 0.5
-            if flip:
-                both = model(torch.cat([x, x.flip(3)]))
-                emb = both[: len(x)] + both[len(x):]
-            else:
-                emb = model(x)
+            emb = model(x)
+            if flip:  # a second forward, not one of [2b] images: the pass's activations stay those of b images
+                emb = emb + model(x.flip(3))
             out.append(F.normalize(emb.float(), dim=1).cpu())
+            bar.update(stop - start)
     finally:
+        bar.close()
         model.train(was_training)
     return torch.cat(out)
 
 
 def bin_distances(model: nn.Module, path: str | os.PathLike, batch_size: int = 64, size: int = 112,
-                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """One insightface .bin pair file (read with the restricted unpickler) -> (distances [P], issame bool [P])."""
+                  device: torch.device | str | None = None, progress: bool = False) -> tuple[Tensor, Tensor]:
+    """One insightface .bin pair file (read with the restricted unpickler) -> (distances [P], issame bool [P]);
+    progress: a bar "verify <file name>" over its images."""
     pairs = read_face_bin(path)
-    embeddings = embed_images(model, pairs, batch_size, True, size, device)
+    label = f"verify {Path(str(path)).name}" if progress else None
+    embeddings = embed_images(model, pairs, batch_size, True, size, device, progress=label)
     return pair_distances(embeddings), pairs.issame
 
 

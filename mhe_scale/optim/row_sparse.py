@@ -18,6 +18,11 @@ steps taken. A row skipped by k steps (zero gradient in each) is caught up when 
     distinct start, float64), AdamW sums each step's term with its own lr and the later steps' decay
     (1 - lr_u*wd): exact under any schedule. Without it, the group's CURRENT lr stands for every skipped
     step: exact when the lr was constant over the skipped window, an approximation otherwise.
+  * catch_up="replay" (optim.head_catch_up) instead applies the k skipped steps one by one, through the
+    same float32 operations as a touched row's step (`_update` with a zero gradient, torch's own order):
+    bit for bit the dense optimizer, at the dense optimizer's cost for those rows (k passes per row).
+    The closed forms above round differently (float64 products, one rounding), so they match the dense
+    update to float rounding per catch-up, which a chaotic run (the face configs) amplifies: docs/engine.md.
 Parameters not marked row-sparse get the ordinary dense update (same formulas, k = 0).
 State tensors shaped like the parameter (momentum_buffer / exp_avg / exp_avg_sq) and row_step
 (shape p.shape[:row_ndim]) are per row, so shard checkpoints reshard them with the rows.
@@ -97,11 +102,18 @@ def _adamw_window(lrs: list[float], base: int, step: int, s0: Tensor, horizon: i
     return total, suffix[(s0 - base).long()]
 
 
+CATCH_UPS = ("closed_form", "replay")
+"""How skipped steps are applied (module doc): closed_form (O(1) passes per row) or replay (bit-exact)."""
+
+
 class _RowSparseBase(torch.optim.Optimizer):
     """Shared bookkeeping: per-param step, per-row row_step, catch-up hook, sparse/dense dispatch."""
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], catch_up: str = "closed_form") -> None:
+        if catch_up not in CATCH_UPS:
+            raise ValueError(f"{type(self).__name__}: catch_up={catch_up!r} is not one of {CATCH_UPS}")
         super().__init__(params, defaults)
+        self.catch_up = catch_up
         self._lr_at: Callable[[int, int], float] | None = None
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -177,9 +189,37 @@ class _RowSparseBase(torch.optim.Optimizer):
         skipped = step - last
         if skipped.numel() == 0:
             return None
-        caught = self._apply_skipped(p, rg.row_ndim, state, group, ids, last, skipped)
+        apply = self._replay_skipped if self.catch_up == "replay" else self._apply_skipped
+        caught = apply(p, rg.row_ndim, state, group, ids, last, skipped)
         row_step[ids] = step
         return caught
+
+    def _replay_skipped(self, p: Tensor, row_ndim: int, state: dict[str, Tensor], group: dict[str, Any],
+                        ids: Tensor, last: Tensor, skipped: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """catch_up="replay": each skipped step t (last < t <= step) through `_update` with a zero gradient at
+        that step's lr, rows ordered by their last step so that the rows still behind at t are a prefix:
+        the dense optimizer's float32 operations on these rows, in its order (bit for bit). Costs the sum of
+        the rows' skipped steps in row passes (the dense optimizer's work on them, deferred); its transient copies
+        (the rows and their state, sorted, then in ids' order) are no more than the closed form's."""
+        step = int(state["step"])
+        order = torch.argsort(last, stable=True)
+        ids_sorted, last_sorted = ids.index_select(0, order), last.index_select(0, order)
+        view = rows_of(p.data, row_ndim)
+        full = [rows_of(state[k], row_ndim) for k in self._buffers()]
+        rows = view.index_select(0, ids_sorted)
+        bufs = [b.index_select(0, ids_sorted) for b in full]
+        first = int(last_sorted[0]) + 1
+        behind = torch.searchsorted(last_sorted, torch.arange(first, step + 1, device=last.device)).tolist()  # sync
+        lrs = self._window_lrs(group, first, step)
+        zero = torch.zeros((), dtype=rows.dtype, device=rows.device)  # expanded: a zero gradient of no memory
+        for i, n in enumerate(behind):
+            at = group if lrs is None else dict(group, lr=lrs[i])
+            self._update(rows[:n], zero.expand_as(rows[:n]), [b[:n] for b in bufs], at, first + i)  # in place
+        view.index_copy_(0, ids_sorted, rows)
+        for b, nb in zip(full, bufs):
+            b.index_copy_(0, ids_sorted, nb)
+        del rows, bufs  # written back: read again in ids' own order (what gather_rows hands the step)
+        return view.index_select(0, ids), [b.index_select(0, ids) for b in full]
 
     def _apply_skipped(self, p: Tensor, row_ndim: int, state: dict[str, Tensor], group: dict[str, Any],
                        ids: Tensor, last: Tensor, skipped: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -240,11 +280,12 @@ class _RowSparseBase(torch.optim.Optimizer):
 class RowSparseSGD(_RowSparseBase):
     """torch.optim.SGD (momentum, dampening 0, no nesterov, L2 weight decay) with row-sparse updates."""
 
-    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 catch_up: str = "closed_form") -> None:
         if lr < 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
             raise ValueError(f"RowSparseSGD: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got lr={lr}, "
                              f"momentum={momentum}, weight_decay={weight_decay}")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, catch_up)
 
     def _buffers(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.defaults["momentum"] > 0 else ()
@@ -293,11 +334,11 @@ class RowSparseAdamW(_RowSparseBase):
     """torch.optim.AdamW (no amsgrad) with row-sparse updates (see the module doc for the catch-up)."""
 
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+                 eps: float = 1e-8, weight_decay: float = 1e-2, catch_up: str = "closed_form") -> None:
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"RowSparseAdamW: need lr, eps, weight_decay >= 0 and betas in [0, 1); got lr={lr}, "
                              f"betas={betas}, eps={eps}, weight_decay={weight_decay}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}, catch_up)
 
     def _buffers(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
@@ -305,7 +346,7 @@ class RowSparseAdamW(_RowSparseBase):
     def _update(self, rows, grad, bufs, group, step):  # in place on rows and bufs (fresh copies or p itself)
         (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
         rows.mul_(1.0 - lr * group["weight_decay"])
-        m = bufs[0].mul_(b1).add_(grad, alpha=1.0 - b1)
+        m = bufs[0].lerp_(grad, 1.0 - b1)  # torch.optim.AdamW's operation: the same rounding
         v = bufs[1].mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
         denom = (v.sqrt() / math.sqrt(1.0 - b2 ** step)).add_(eps)
         return rows.addcdiv_(m, denom, value=-lr / (1.0 - b1 ** step)), [m, v]
@@ -337,11 +378,11 @@ class RowSparseAdamW(_RowSparseBase):
 
 
 def build_row_sparse_optimizer(name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float,
-                               momentum: float) -> torch.optim.Optimizer:
+                               momentum: float, catch_up: str = "closed_form") -> torch.optim.Optimizer:
     """optim.name (sgd | adamw) -> its row-sparse version over `groups` (same hyper-parameters as
-    the engine's dense optimizers: torch defaults for betas / eps)."""
+    the engine's dense optimizers: torch defaults for betas / eps); catch_up: optim.head_catch_up."""
     if name == "sgd":
-        return RowSparseSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return RowSparseSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, catch_up=catch_up)
     if name == "adamw":
-        return RowSparseAdamW(groups, lr=lr, weight_decay=weight_decay)
+        return RowSparseAdamW(groups, lr=lr, weight_decay=weight_decay, catch_up=catch_up)
     raise ValueError(f"optim.name={name!r} has no row-sparse version; choose adamw or sgd")

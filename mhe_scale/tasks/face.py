@@ -50,9 +50,10 @@ from mhe_scale.data.dali_face import DALIRecordDataset, FaceTransform, dali_avai
 from mhe_scale.data.face_dataset import FaceDataConfig, RecordIOFaceDataset, SyntheticFaceDataset
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.run_identity import run_config
-from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters
-from mhe_scale.data.face_bin import read_face_bin
 from mhe_scale.engine.health import EmbeddingCheck
+from mhe_scale.engine.host_memory import release_freed_memory
+from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, describe_head_update
+from mhe_scale.data.face_bin import read_face_bin
 from mhe_scale.eval.verification import embed_images, pair_distances, verification_metrics
 from mhe_scale.tasks.report import head_label, resume_record, train_each_head, training_costs, write_results
 from mhe_scale.models.face import FACE_BACKBONES, FaceModelConfig, build_face_backbone
@@ -155,18 +156,25 @@ def sync_batchnorm(backbone: nn.Module, enabled: bool, num_processes: int, devic
 
 
 def verify(backbone: nn.Module, paths: list[str], batch_size: int, image_size: int,
-           fars: tuple[float, ...] = VERIFICATION_FARS, check: EmbeddingCheck | None = None) -> dict[str, float]:
+           fars: tuple[float, ...] = VERIFICATION_FARS, check: EmbeddingCheck | None = None,
+           progress: bool = False) -> dict[str, float]:
     """10-fold protocol on each .bin pair file -> {"<name> acc", "<name> acc std", "<name> TAR@FAR=<f>"}
     in [0, 1]; a TAR@FAR only where the file holds enough impostor pairs to measure that FAR. `check`
-    (training health) sees each file's embeddings."""
+    (training health) sees each file's embeddings. The host memory freed by the phase before (training)
+    and by each pass goes back to the OS (engine/host_memory.py); progress: a bar per file (pass it on
+    the local main process only)."""
     out = {}
+    release_freed_memory()
     for path in paths:
         file = resolve_file(path, "eval.verification")
         pairs = read_face_bin(file)
-        embeddings = embed_images(backbone, pairs, batch_size, True, image_size)
+        embeddings = embed_images(backbone, pairs, batch_size, True, image_size,
+                                  progress=f"verify {Path(str(file)).name}" if progress else None)
         if check is not None:
             check(embeddings)
         distances, issame = pair_distances(embeddings), pairs.issame
+        del embeddings
+        release_freed_memory()
         for i, far in enumerate(fars):
             with warnings.catch_warnings():
                 if i > 0:  # the first target already warned about these distances
@@ -191,6 +199,7 @@ def train_face_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: FaceData,
     model = Classifier(backbone, head)
     optimizer, head_optimizer = build_optimizers(cfg.optim, model)
     accelerator.print(f"[{head_label(head_cfg)}] {head!r}")
+    accelerator.print(f"[{head_label(head_cfg)}] {describe_head_update(cfg.optim, head)}")
     paths = list(cfg.eval.verification)
     sizes = {"head params (M)": count_parameters(head) / 1e6,  # before prepare: ZeRO-3 leaves empty partitions
              "backbone params (M)": count_parameters(backbone) / 1e6}
@@ -199,7 +208,8 @@ def train_face_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: FaceData,
 
     def verify_now(ema=None) -> dict[str, float]:  # every process scores the pairs (same result everywhere)
         with ema.applied() if ema is not None else contextlib.nullcontext():
-            return verify(backbone, paths, cfg.train.eval_batch_size, cfg.data.image_size, check=check)
+            return verify(backbone, paths, cfg.train.eval_batch_size, cfg.data.image_size, check=check,
+                          progress=accelerator.is_local_main_process)
 
     result = fit(model, optimizer, data.train, cfg.train, accelerator, desc=f"train {head_cfg.name}",
                  out_dir=Path(cfg.train.output_dir) / folder, eval_fn=verify_now if paths else None, run_name=folder,
