@@ -39,39 +39,19 @@ from torch import nn
 
 from mhe_scale.config import ConfigError, load_config
 from mhe_scale.data.face_bin import FaceBinError
+from mhe_scale.engine import run_folder
+from mhe_scale.engine.run_folder import find_config
 
 ENCODER = "encoder."
 
 
 def find_checkpoint(run: Path) -> Path:
-    """A checkpoint folder, a head folder (<head>/checkpoints/step-*) or an output_dir with one head -> step folder."""
-    from mhe_scale.engine.checkpoint import find_resumable, verify_checkpoint
-
-    if (run / "model.safetensors").is_file():
-        problem = verify_checkpoint(run)
-        if problem is not None:
-            raise ValueError(f"{run}: checkpoint is unusable: {problem}")
-        return run
-    if (run / "checkpoints").is_dir():
-        found = find_resumable(run / "checkpoints")
-        if found is None:
-            raise ValueError(f"{run / 'checkpoints'}: no checkpoint whose manifest verifies")
-        return found
-    heads = sorted(p for p in run.iterdir() if (p / "checkpoints").is_dir()) if run.is_dir() else []
-    if len(heads) == 1:
-        return find_checkpoint(heads[0])
-    if heads:
-        raise ValueError(f"{run} holds several runs ({', '.join(p.name for p in heads)}); name one of them")
-    raise ValueError(f"{run}: neither a checkpoint folder (model.safetensors) nor a run folder with checkpoints/ "
-                     f"(train.save_every > 0 writes them)")
-
-
-def find_config(step: Path) -> Path:
-    """The nearest config.yaml above a checkpoint folder (the run's resolved config)."""
-    for folder in (step, *step.parents):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    raise ValueError(f"no config.yaml above {step} (written when a run finishes); pass --config with the run's YAML")
+    """A step folder, a run folder (<head>/checkpoints/step-*) or an output_dir with one run -> its newest
+    verified step folder (engine/run_folder.py; newer unusable folders are named on stderr)."""
+    found = run_folder.find_checkpoint(run)
+    for folder, why in found.skipped:
+        print(f"eval_verification: skipped newer {folder.name}: {why}", file=sys.stderr)
+    return found.folder
 
 
 def load_backbone(step: Path, cfg: Any, ema: bool = False) -> nn.Module:
