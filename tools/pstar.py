@@ -107,16 +107,17 @@ def run(args: argparse.Namespace) -> int:
     from mhe_scale.data.image_transforms import Compose, Normalize, ToTensor
     from mhe_scale.eval.retrieval import ResizeLargestSide
     from mhe_scale.models.gem import find_gem
+    from mhe_scale.models.state_fit import StateFitError, load_fitting
     from mhe_scale.tasks.multigrain import build_model, cross_validate_p, finetune_p, per_class_subset
 
     cfg = load_config(args.config)
     state = load_checkpoint_state(args.checkpoint)
     model = build_model(cfg.model, int(state["classifier.weight"].shape[0]))
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{args.checkpoint} does not fit {args.config}'s model section ("
-                         f"{' '.join(str(err).split())[:300]}); pass the run's own config") from None
+        load_fitting(model, state)
+    except StateFitError as err:
+        raise ValueError(f"{args.checkpoint} does not fit {args.config}'s model section ({err}); pass the run's "
+                         "own config") from None
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if cfg.data.preset == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
     transform = Compose([ResizeLargestSide(args.largest_side), ToTensor(), Normalize(mean, std)])
     train_records, test_records = image_records(cfg.data)
