@@ -140,3 +140,25 @@ def test_bad_checkpoints_are_one_line(ema_run, tmp_path, capsys):
         assert "fails verification against its manifest: ema.safetensors is missing" in capsys.readouterr().err
     finally:
         (tmp_path / "ema.safetensors").rename(step / "ema.safetensors")
+
+
+def test_a_config_other_than_the_runs_is_refused(ema_run, tmp_path, capsys):
+    """The shipped config with only the model overrides exported at its data.image_size (448) a run trained at
+    64: same weights, other decisions (mAP 9.2 vs the run's 10.9 on COCO-MINI), sidecar and all, rc 0."""
+    root, overrides = ema_run
+    run = root / "run" / "pooled-bce"
+    tool = load_tool("export_onnx")
+    out = tmp_path / "x.onnx"
+    for extra, named in ((["data.image_size=32"], "data.image_size: 32 here, 16 in the run"),
+                         (["data.preset=cifar"], 'data.preset: "cifar" here, "imagenet" in the run')):
+        capsys.readouterr()
+        assert tool.main([CONFIG, str(run), "--out", str(out), *overrides, *extra]) == 2, named
+        err = capsys.readouterr().err.strip()
+        assert named in err and "\n" not in err and f"pass the run's own config ({root / 'run' / 'config.yaml'})" in err
+        assert not out.exists()
+    # another input size on purpose: --image-size
+    assert tool.main([CONFIG, str(run), "--out", str(out), *overrides, "--image-size", "24"]) == 0
+    assert json.loads(out.with_name("x.onnx.json").read_text())["input"]["shape"] == ["batch", 3, 24, 24]
+    # the run's own resolved config as CONFIG, no overrides at all (data paths are absolute in it)
+    assert tool.main([str(root / "run" / "config.yaml"), str(run), "--out", str(out)]) == 0
+    assert json.loads(out.with_name("x.onnx.json").read_text())["input"]["shape"] == ["batch", 3, 16, 16]

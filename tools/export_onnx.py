@@ -27,7 +27,10 @@ classes in output order, thresholds (thresholds.npy of the run folder, probabili
 exported step, weights, the step folder, the run folder, the config and overrides. Refuses with one
 line on stderr and exit 2: a bad CONFIG, a missing, unverifiable or truncated checkpoint (safetensors
 errors name the file), weights that do not fit CONFIG's model (another head / width / class count),
-`--weights ema` without an average, a thresholds.npy of the wrong shape.
+`--weights ema` without an average, a thresholds.npy of the wrong shape, and a CONFIG (+ overrides) whose
+model.*, data.preset or data.image_size differ from those the step folder's trainer_state.json records
+(weights of the same shapes load under another image size, and the decisions differ from the run's; pass
+the run's own config.yaml as CONFIG, or --image-size S to export another size on purpose).
 """
 
 from __future__ import annotations
@@ -166,6 +169,43 @@ def build_loaded_net(cfg: Any, weights: Weights) -> tuple[MultilabelNet, list[st
     return net, classes
 
 
+SHAPING_KEYS = ("data.preset", "data.image_size")
+"""Keys besides model.* that change what the exported graph computes from the same weights."""
+
+
+def run_differences(cfg: Any, step_folder: Path | None, explicit_size: bool) -> list[str]:
+    """'key: X here, Y in the run' for every model.* key, data.preset and data.image_size (unless --image-size
+    was given) of cfg that differs from the run that wrote step_folder (its trainer_state.json's
+    info.run_config); [] when the folder records none. Weights of the same shapes load under another
+    data.image_size or preset, and the export's decisions then differ from the run's without a word."""
+    from mhe_scale.engine.run_identity import describe, differences, run_config
+
+    try:
+        state = json.loads((step_folder / "trainer_state.json").read_text(encoding="utf-8")) if step_folder else {}
+        recorded = state["info"]["run_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    keys = [k for k in SHAPING_KEYS if not (explicit_size and k == "data.image_size")]
+    return [f"{key}: {describe(new)} here, {describe(old)} in the run"
+            for key, old, new in differences(recorded, run_config(cfg)) if key.startswith("model.") or key in keys]
+
+
+def check_same_run(cfg: Any, weights: Weights, explicit_size: bool) -> None:
+    """ValueError (one line) when CONFIG + overrides differ from the run in a key that shapes the outputs."""
+    from mhe_scale.engine.run_folder import find_config
+
+    found = run_differences(cfg, weights.step_folder, explicit_size)
+    if not found:
+        return
+    try:
+        own = f"the run's own config ({find_config(weights.step_folder)})"
+    except ValueError:
+        own = "the run's own config"
+    raise ValueError(f"CONFIG and overrides differ from the run that wrote {weights.step_folder} "
+                     f"(trainer_state.json): {'; '.join(found[:3])}; pass {own} as CONFIG, or these values as "
+                     "overrides (--image-size S exports another input size on purpose)")
+
+
 def load_net(config: str | os.PathLike, checkpoint: str | os.PathLike, overrides: list[str] | None = None,
              weights: str = "auto") -> MultilabelNet:
     """The net of a multilabel config with a checkpoint's weights (select_weights), ready to export."""
@@ -273,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         weights = select_weights(args.checkpoint, args.weights, uses_weight_average(cfg.train))
         net, classes = build_loaded_net(cfg, weights)
+        check_same_run(cfg, weights, args.image_size is not None)
         size = args.image_size or cfg.data.image_size or (32 if cfg.data.preset == "cifar" else 224)
         out = Path(args.out)
         meta, notes = sidecar(classes, weights, out, size, cfg.data.preset, args.output, args.config, args.overrides)
