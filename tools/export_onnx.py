@@ -49,10 +49,11 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from mhe_scale.config import load_config  # noqa: E402
-from mhe_scale.data.image_dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from mhe_scale.data.image_dataset import PRESET_DEFAULTS  # noqa: E402
 from mhe_scale.data.multilabel_json import read_multilabel_json  # noqa: E402
 from mhe_scale.eval.thresholds import load_thresholds  # noqa: E402
 from mhe_scale.models.ml_gcn import MLGCNHead  # noqa: E402
+from mhe_scale.models.state_fit import read_weights  # noqa: E402
 from mhe_scale.tasks.multilabel import MultilabelNet, build_net  # noqa: E402
 from mhe_scale.tasks.paths import config_path_candidates  # noqa: E402
 from mhe_scale.engine.run_folder import find_checkpoint, newest_verified  # noqa: E402
@@ -91,14 +92,7 @@ class Weights:
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err}); truncated? export a finished "
-                         "step folder") from None
+    return read_weights(path, "truncated? export a finished step folder")
 
 
 def select_weights(checkpoint: str | os.PathLike, choice: str = "auto", config_uses_average: bool = False) -> Weights:
@@ -230,10 +224,12 @@ def export_onnx(net: MultilabelNet, out: str | os.PathLike, image_size: int, out
 
 def preprocessing(preset: str, size: int) -> dict[str, Any]:
     """The eval transform of data/image_dataset.transform_preset as data: what a deployment must do."""
+    if preset not in PRESET_DEFAULTS:
+        raise ValueError(f"data.preset={preset!r}: choose one of {sorted(PRESET_DEFAULTS)}")
+    _, mean, std = PRESET_DEFAULTS[preset]
     if preset == "cifar":
-        mean, std, resize = CIFAR10_MEAN, CIFAR10_STD, f"none: the image must already be {size}x{size}"
+        resize = f"none: the image must already be {size}x{size}"
     else:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
         resize = (f"resize the shorter side to {round(size * 256 / 224)} (PIL bilinear, aspect kept), "
                   f"centre crop {size}x{size}")
     return {"channel_order": "RGB", "layout": "NCHW", "pixel_scale": "uint8 / 255", "mean": list(mean),
@@ -314,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = select_weights(args.checkpoint, args.weights, uses_weight_average(cfg.train))
         net, classes = build_loaded_net(cfg, weights)
         check_same_run(cfg, weights, args.image_size is not None)
-        size = args.image_size or cfg.data.image_size or (32 if cfg.data.preset == "cifar" else 224)
+        size = args.image_size or cfg.data.image_size or PRESET_DEFAULTS[cfg.data.preset][0]
         out = Path(args.out)
         meta, notes = sidecar(classes, weights, out, size, cfg.data.preset, args.output, args.config, args.overrides)
         created = not out.parent.exists()

@@ -94,10 +94,8 @@ def load_checkpoint_state(path: str) -> dict:
     """The tensors of a multigrain model.safetensors, or of the step folder a run / step folder names
     (engine/run_folder.find_checkpoint: the newest that verifies; skipped newer ones said on stderr);
     errors name the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from mhe_scale.engine.run_folder import find_checkpoint
+    from mhe_scale.models.state_fit import read_weights
 
     file = Path(path)
     if file.is_dir():
@@ -108,11 +106,7 @@ def load_checkpoint_state(path: str) -> dict:
         print(f"pstar: weights {file}", file=sys.stderr)
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {file} does not exist; pass a run's checkpoints/step-*/model.safetensors")
-    try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{file}: not a readable safetensors file ({err}); truncated? pass a finished step's "
-                         "model.safetensors") from None
+    state = read_weights(file, "truncated? pass a finished step's model.safetensors")
     if "classifier.weight" not in state:
         raise ValueError(f"{file} has no classifier.weight; is it a multigrain checkpoint?")
     return state

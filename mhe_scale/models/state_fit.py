@@ -1,4 +1,4 @@
-"""Saved weights into a model built from a config: what does not fit, in one line, before loading.
+"""Saved weights into a model built from a config: an unreadable file or what does not fit, in one line.
 
 torch's `load_state_dict` raises a RuntimeError of one line per mismatched tensor (a width change gives
 dozens); tools and tasks that load a run's weights call `load_fitting` and wrap its one-line reason
@@ -7,9 +7,22 @@ with the file and the fix.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from torch import Tensor, nn
+
+
+def read_weights(path: str | os.PathLike, fix: str) -> dict[str, Tensor]:
+    """The tensors of a safetensors file (nothing unpickled); ValueError "PATH: not a readable safetensors
+    file (why); FIX" for a truncated, foreign or unreadable file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); {fix}") from None
 
 
 class StateFitError(ValueError):
