@@ -88,7 +88,8 @@ def face_features(args: argparse.Namespace, paths: dict, names: list[str], need_
         try:
             kwargs = json.loads(args.model_kwargs)
         except ValueError as err:
-            raise ValueError(f"--model-kwargs {args.model_kwargs!r}: not JSON ({err}); e.g. '{{\"weights\": \"b.safetensors\"}}'") from None
+            raise ValueError(f"--model-kwargs {args.model_kwargs!r}: not JSON ({err}); e.g. "
+                             "'{\"weights\": \"b.safetensors\"}'") from None
         if not isinstance(kwargs, dict):
             raise ValueError(f"--model-kwargs {args.model_kwargs!r}: must be a JSON object of keyword arguments")
         model = load_model(args.model_module, kwargs)

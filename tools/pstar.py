@@ -158,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         data = ImageClassificationDataset(test_records, transform, cfg.data.seed)
         chosen = torch.arange(len(data))
         if args.limit is not None and args.limit < len(data):  # a seeded draw: test splits are often in class order
-            chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.limit].sort().values
+            draw = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+            chosen = draw[:args.limit].sort().values
         batches = list(size_batches(data, chosen.tolist(), args.batch_size))
         scores = cross_validate_p(model, batches, args.grid)
         result = {"mode": "crossval", "p_start": p0, "p_star": float(find_gem(model).p),

@@ -33,7 +33,8 @@ def fit_problem(module: nn.Module, state: Mapping[str, Tensor]) -> str | None:
     """Why `state` does not load strictly into `module`: the first size mismatch (file vs model shape,
     and how many more), else the missing / unexpected names (first 5 of each); None when it fits."""
     own = module.state_dict()
-    wrong = [(k, list(state[k].shape), list(v.shape)) for k, v in own.items() if k in state and state[k].shape != v.shape]
+    wrong = [(k, list(state[k].shape), list(v.shape)) for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
     if wrong:
         key, file_shape, model_shape = wrong[0]
         more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
