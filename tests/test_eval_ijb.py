@@ -420,6 +420,15 @@ def test_cli_reports_bad_metadata_with_file_and_line(mini, tmp_path) -> None:
     np.save(feats, np.zeros((3, 4), np.float32))
     code, stderr = run_tool("--root", str(bad), "--features", str(feats), "--out", str(tmp_path / "o"))
     assert code == 2 and "short.npy: features must be" in stderr
+    np.save(feats, np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)  # a pickled array: refused, named
+    code, stderr = run_tool("--root", str(root), "--features", str(feats), "--out", str(tmp_path / "o"))
+    assert code == 2 and "--features" in stderr and "short.npy: not a numeric .npy array" in stderr
+    feats.write_text("not numpy")
+    code, stderr = run_tool("--root", str(root), "--features", str(feats), "--out", str(tmp_path / "o"))
+    assert code == 2 and "short.npy: not a numeric .npy array" in stderr
+    code, stderr = run_tool("--root", str(root), "--model-module", "x.py:build", "--model-kwargs", "{pool: 16}",
+                            "--out", str(tmp_path / "o"))
+    assert code == 2 and "--model-kwargs '{pool: 16}': not JSON" in stderr
     copy = tmp_path / "copy" / "IJBC" / "meta"
     copy.mkdir(parents=True)
     for p in (root / "IJBC" / "meta").iterdir():

@@ -416,6 +416,24 @@ def test_limit_per_class_says_it_shrinks_the_test_split(tmp_path, capsys):
     assert len(notes) == 1 and "data.limit_per_class=1 applies to the test split too: it keeps 3 of 9 'train'" in notes[0]
 
 
+def test_limit_per_class_is_refused_where_it_would_be_ignored(image_root, tmp_path):
+    """It cut only archives: a list / folder / .rec run with data.limit_per_class=N used every image, no word."""
+    (tmp_path / "train.txt").write_text("cat/0.jpg 0\ndog/0.jpg 1\n")
+    cfg = ImageDataConfig(format="list", path=str(tmp_path / "train.txt"), test_path=str(tmp_path / "train.txt"),
+                          root=str(image_root), limit_per_class=1)
+    with pytest.raises(ValueError, match=r"data.limit_per_class=1: only data.format=archive takes it \(with list"):
+        image_records(cfg)
+    cfg.format, cfg.path, cfg.test_path = "folder", str(image_root), str(image_root)
+    with pytest.raises(ValueError, match=r"only data.format=archive takes it \(with folder"):
+        image_records(cfg)
+    cfg.limit_per_class = None
+    assert len(image_records(cfg)[0]) == len(folder_records(image_root))
+    archive = tmp_path / "tiny.tar.gz"
+    make_archive(archive)
+    with pytest.raises(ValueError, match=r"data.limit_per_class=0: must be >= 1"):
+        image_records(ImageDataConfig(path=str(archive), cache_dir=str(tmp_path / "cache"), limit_per_class=0))
+
+
 def test_truncated_rec_fails_at_start_naming_the_last_record(tmp_path):
     rec, idx = tmp_path / "v.rec", tmp_path / "v.idx"
     with RecordIOWriter(rec, idx) as writer:

@@ -140,3 +140,49 @@ def test_bad_checkpoints_are_one_line(ema_run, tmp_path, capsys):
         assert "fails verification against its manifest: ema.safetensors is missing" in capsys.readouterr().err
     finally:
         (tmp_path / "ema.safetensors").rename(step / "ema.safetensors")
+
+
+def test_a_config_other_than_the_runs_is_refused(ema_run, tmp_path, capsys):
+    """The shipped config with only the model overrides exported at its data.image_size (448) a run trained at
+    64: same weights, other decisions (mAP 9.2 vs the run's 10.9 on COCO-MINI), sidecar and all, rc 0."""
+    root, overrides = ema_run
+    run = root / "run" / "pooled-bce"
+    tool = load_tool("export_onnx")
+    out = tmp_path / "x.onnx"
+    for extra, named in ((["data.image_size=32"], "data.image_size: 32 here, 16 in the run"),
+                         (["data.preset=cifar"], 'data.preset: "cifar" here, "imagenet" in the run')):
+        capsys.readouterr()
+        assert tool.main([CONFIG, str(run), "--out", str(out), *overrides, *extra]) == 2, named
+        err = capsys.readouterr().err.strip()
+        assert named in err and "\n" not in err and f"pass the run's own config ({root / 'run' / 'config.yaml'})" in err
+        assert not out.exists()
+    # another input size on purpose: --image-size
+    assert tool.main([CONFIG, str(run), "--out", str(out), *overrides, "--image-size", "24"]) == 0
+    assert json.loads(out.with_name("x.onnx.json").read_text())["input"]["shape"] == ["batch", 3, 24, 24]
+    # the run's own resolved config as CONFIG, no overrides at all (data paths are absolute in it)
+    assert tool.main([str(root / "run" / "config.yaml"), str(run), "--out", str(out)]) == 0
+    assert json.loads(out.with_name("x.onnx.json").read_text())["input"]["shape"] == ["batch", 3, 16, 16]
+
+
+def test_the_sidecars_resize_rule_is_the_eval_transform(ema_run, tmp_path):
+    """It said only 'resize the shorter side to R, centre crop S': rounding the longer side or flooring the
+    offsets is one pixel off (20x24 images at S 16: longer side 21.6, left offset 2.5)."""
+    import math
+
+    root, overrides = ema_run
+    out = tmp_path / "m.onnx"
+    assert load_tool("export_onnx").main([CONFIG, str(root / "run" / "pooled-bce"), "--out", str(out), *overrides]) == 0
+    rule = json.loads(out.with_name("m.onnx.json").read_text())["input"]["resize_exact"]
+    assert (rule["longer_side"], rule["crop_offset"], rule["interpolation"]) == ("floor", "round_half_even",
+                                                                                 "PIL bilinear")
+    pixels = np.random.default_rng(3).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    r, s = rule["shorter_side"], rule["crop"]
+    h, w = pixels.shape[:2]
+    nh, nw = (r, math.floor(r * w / h)) if h <= w else (math.floor(r * h / w), r)
+    resized = np.asarray(Image.fromarray(pixels).resize((nw, nh), Image.BILINEAR))
+    top, left = round((nh - s) / 2), round((nw - s) / 2)  # Python's round: half to even
+    mine = resized[top:top + s, left:left + s]
+    rng = np.random.default_rng(0)
+    library = transform_preset("imagenet", False, size=16).transforms[0](pixels, rng)
+    assert (nw, left) == (21, 2) and np.array_equal(mine, library)
+

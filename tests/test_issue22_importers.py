@@ -197,3 +197,15 @@ def test_voc_validation_split(tmp_path, capsys):
     code, _, _ = run(load_tool("import_voc"), [root, "--out", out, "--val-fraction", "0.2", "--seed", "1"], capsys)
     rest, held = resolved(out), resolved(tmp_path / "voc" / "trainval_val.json")
     assert code == 0 and len(rest) == 8 and len(held) == 2 and not {p for p, _ in rest} & {p for p, _ in held}
+
+
+def test_voc_unknown_object_names_name_the_annotation(tmp_path, capsys):
+    """It said only 'VOC2007 split trainval has object names [...]': which of 5,011 XMLs held one?"""
+    root = voc(tmp_path, ["000001", "000002", "000003"],
+               xml={"000002": "<annotation><object><name>unicorn</name></object><object><name>dog</name></object>"
+                              "</annotation>", "000003": "<annotation><object><name>yeti</name></object></annotation>"})
+    code, _, err = run(load_tool("import_voc"), [root, "--out", tmp_path / "o.json"], capsys)
+    assert code == 2 and "\n" not in err and not (tmp_path / "o.json").exists()
+    assert err.startswith(f"error: {root / 'Annotations' / '000002.xml'}: object names ['unicorn'] not in the classes")
+    assert "trainval.txt:2" in err and "2 such: ['unicorn', 'yeti']" in err
+

@@ -78,3 +78,21 @@ def test_an_unreadable_checkpoint_file_is_named(tmp_path):
     truncate(file)
     with pytest.raises(ValueError, match=rf"{file}: not a readable safetensors file"):
         load_backbone(torch.nn.Module(), file)
+
+
+def test_a_backbone_of_another_width_is_one_line(tmp_path):
+    """model.width=16 against a width-8 pre-training run died with torch's RuntimeError, one line per tensor."""
+    from mhe_scale.models.image import ImageModelConfig, build_image_model
+
+    narrow = build_image_model(ImageModelConfig(name="resnet18", stem="cifar", width=8))
+    file = tmp_path / "model.safetensors"
+    save_file({f"encoder.{k}": v.contiguous() for k, v in narrow.state_dict().items()}, str(file))
+    wide = build_image_model(ImageModelConfig(name="resnet18", stem="cifar", width=16))
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.safetensors: its 'encoder.\*' weights do not fit model.\* \(size "
+                       r"mismatch for conv1.weight: \[8, 3, 3, 3\] in the file, \[16, 3, 3, 3\] in the model \(and "
+                       r"\d+ more tensors\)\); use the pre-training run's model section") as info:
+        load_backbone(wide, file)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in wide.state_dict().items())  # nothing half-loaded
+    assert set(load_backbone(narrow, file)) == set(narrow.state_dict())

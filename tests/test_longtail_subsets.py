@@ -75,15 +75,16 @@ def test_balanced_holdout_and_ood_halves():
     assert len(seen) == len(unseen) == 5 and sorted([*seen, *unseen]) == list(range(10))
 
 
-def _archive(path, per_class=12):
+def _archive(path, per_class=12, test=3, classes="abcd", member="{split}/{c}/{i:04d}.jpg"):
+    """A CIFAR-like .tar.gz of random 8x8 JPEGs, `member` naming each (split, class c, index i)."""
     rng = np.random.default_rng(0)
     with tarfile.open(path, "w:gz") as tar:
-        for split, n in (("train", per_class), ("test", 3)):
-            for c in "abcd":
+        for split, n in (("train", per_class), ("test", test)):
+            for c in classes:
                 for i in range(n):
                     buf = io.BytesIO()
                     Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="JPEG")
-                    info = tarfile.TarInfo(f"{split}/{c}/{i:04d}.jpg")
+                    info = tarfile.TarInfo(member.format(split=split, c=c, i=i))
                     info.size = len(buf.getvalue())
                     tar.addfile(info, io.BytesIO(buf.getvalue()))
     return path
@@ -178,17 +179,7 @@ def test_make_longtail_cifar_keeps_absolute_member_names_under_images(tmp_path, 
 
     monkeypatch.setattr(Path, "write_bytes", lambda self, data: (inside(self), write_bytes(self, data))[1])
     monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (inside(self), mkdir(self, *a, **k))[1])
-    rng = np.random.default_rng(0)
-    archive = tmp_path / "abs.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for split, n in (("train", 6), ("test", 1)):
-            for c in "ab":
-                for i in range(n):
-                    buf = io.BytesIO()
-                    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="JPEG")
-                    info = tarfile.TarInfo(f"/{split}/{c}/{i}.jpg")
-                    info.size = len(buf.getvalue())
-                    tar.addfile(info, io.BytesIO(buf.getvalue()))
+    archive = _archive(tmp_path / "abs.tar.gz", 6, 1, "ab", "/{split}/{c}/{i}.jpg")
     with tarfile.open(archive) as tar:
         assert tar.getnames()[0] == "/train/a/0.jpg"  # the archive really holds absolute names
     out = tmp_path / "lt"

@@ -114,3 +114,51 @@ def test_pstar_tool_refuses_bad_input_with_one_line(tmp_path, capsys):
         assert named in err and "\n" not in err and err.startswith("error: "), err
     with pytest.raises(SystemExit):  # argparse's own refusal of a non-number stays as it was
         tool.main(["crossval", config, str(good), "--largest-side", "x"])
+
+
+def test_pstar_tool_on_a_run_folder_writes_out_and_draws_limit(tmp_path, capsys):
+    """A run folder is taken (newest verified step); finetune --out into a missing folder died with a
+    SafetensorError traceback after the work; crossval --limit N took the first N test images, one class
+    of a test split in class order."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from conftest import load_tool
+    from mhe_scale.config import load_config
+    from mhe_scale.engine.checkpoint import checkpoint_name, write_manifest
+    from mhe_scale.tasks.multigrain import build_model
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in "ab":
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    config = tmp_path / "mg.yaml"
+    config.write_text(f"_base_: {Path('configs/multigrain/base_cifar.yaml').resolve()}\ndata:\n  format: folder\n"
+                      f"  path: {tmp_path / 'train'}\n  test_path: {tmp_path / 'test'}\n  num_classes: 2\n"
+                      "model:\n  width: 4\n")
+    net = build_model(load_config(str(config)).model, 2)
+    step = tmp_path / "run" / "mg" / "checkpoints" / checkpoint_name(3)
+    step.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(step / "model.safetensors"))
+    write_manifest(step, 3, 1)
+    tool = load_tool("pstar")
+    out = tmp_path / "new" / "deeper" / "p.safetensors"
+    capsys.readouterr()
+    assert tool.main(["finetune", str(config), str(tmp_path / "run"), "--largest-side", "8", "--per-class", "2",
+                      "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"created folder {out.parent}" in captured.err and f"weights {step / 'model.safetensors'}" in captured.err
+    assert set(load_file(str(out))) == set(net.state_dict()) and json.loads(captured.out)["out"] == str(out)
+    assert not list(out.parent.glob(".*tmp*"))
+    assert tool.main(["finetune", str(config), str(step), "--largest-side", "8", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert tool.main(["crossval", str(config), str(tmp_path / "run"), "--largest-side", "8", "--limit", "4",
+                      "--grid", "3"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["images"] == 4 and line["classes"] == 2  # the first 4 test images are all class 'a'

@@ -73,12 +73,26 @@ def face_features(args: argparse.Namespace, paths: dict, names: list[str], need_
         rows = match_rows(names, lm_names, paths["landmarks"])
         lm, scores = lm[rows], scores[rows]
     if args.features is not None:
-        feats = torch.from_numpy(np.load(args.features))
+        try:  # allow_pickle stays False: an object array is refused, never unpickled
+            array = np.load(args.features, allow_pickle=False)
+            if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+                raise ValueError(f"holds {type(array).__name__} {getattr(array, 'dtype', '')}".strip())
+            feats = torch.from_numpy(array)
+        except (ValueError, OSError, TypeError) as err:  # numpy names no file
+            raise ValueError(f"--features {args.features}: not a numeric .npy array ({err}); write it with "
+                             "np.save(path, features_float32)") from None
         if feats.dim() != 2 or feats.shape[0] != len(names):
             raise ValueError(f"{args.features}: features must be [{len(names)}, D] (one row per line of "
                              f"{paths['faces']}), got {tuple(feats.shape)}")
     else:
-        model = load_model(args.model_module, json.loads(args.model_kwargs))
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except ValueError as err:
+            raise ValueError(f"--model-kwargs {args.model_kwargs!r}: not JSON ({err}); e.g. "
+                             "'{\"weights\": \"b.safetensors\"}'") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--model-kwargs {args.model_kwargs!r}: must be a JSON object of keyword arguments")
+        model = load_model(args.model_module, kwargs)
         faces = AlignedFaces(paths["images"], names, lm, channels=args.channels)
         feats = extract_features(model, faces, args.batch_size, args.device, not args.no_flip, args.num_workers)
         if args.save_features is not None:

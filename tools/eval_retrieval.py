@@ -122,6 +122,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from mhe_scale.eval import retrieval as R
     from mhe_scale.models.gem import find_gem
     from mhe_scale.models.whitening import Whitening
+    from mhe_scale.models.state_fit import StateFitError, load_fitting
     from mhe_scale.tasks.multigrain import build_model
 
     for flag, value in (("--largest-side", args.largest_side), ("--ks", min(args.ks)),
@@ -153,10 +154,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         raise ValueError(f"{weights} has no classifier.weight; is it a multigrain checkpoint?")
     model = build_model(cfg.model, int(state["classifier.weight"].shape[0]))
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise ValueError(f"{weights} does not fit the model of {config_path}: {detail}") from None
+        load_fitting(model, state)
+    except StateFitError as err:
+        raise ValueError(f"{weights} does not fit the model of {config_path}: {err}") from None
     if args.p is not None:
         find_gem(model).set_p(args.p)
     model.eval().to(args.device)

@@ -89,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images, wheres = voc_to_multilabel(args.root, args.split, args.skip_difficult)
         unknown = sorted({n for _, names in images for n in names} - set(classes))
-        if unknown:
-            raise ValueError(f"{args.root} split {args.split} has object names {unknown[:5]} not in the classes; "
-                             "pass --classes with them")
+        if unknown:  # name the first annotation holding one, as the other refusals do
+            (rel, names), where = next((r, w) for r, w in zip(images, wheres) if set(r[1]) - set(classes))
+            xml = Path(args.root) / "Annotations" / f"{Path(rel).stem}.xml"
+            raise ValueError(f"{xml}: object names {sorted(set(names) - set(classes))} not in the classes (listed "
+                             f"at {where}; split {args.split} has {len(unknown)} such: {unknown[:5]}); pass "
+                             "--classes with them")
         images, missing = check_images(jpegs, images, wheres, args.skip_missing)
         if missing:
             print(f"warning: {missing} of {len(images) + missing} images of split {args.split} do not exist in "

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import Tensor
 
-from mhe_scale.data.image_dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from mhe_scale.data.image_dataset import PRESET_DEFAULTS
 from mhe_scale.data.image_folder import FileImageRecords, ImageRecords, RecordIOImageRecords
 
 DALI_PRESETS = ("none", "cifar", "imagenet")
@@ -100,8 +100,8 @@ class DALIImageLoader:
             raise ValueError(f"unknown DALI preset {preset!r}; choose one of {DALI_PRESETS}")
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id={shard_id} must be in [0, num_shards={num_shards})")
-        size = size or (224 if preset == "imagenet" else 32)
-        family_mean, family_std = (IMAGENET_MEAN, IMAGENET_STD) if preset == "imagenet" else (CIFAR10_MEAN, CIFAR10_STD)
+        family_size, family_mean, family_std = PRESET_DEFAULTS["imagenet" if preset == "imagenet" else "cifar"]
+        size = size or family_size
         mean, std = mean or family_mean, std or family_std
         flip = flip if (train or preset == "none") else 0.0
         decoder = "cpu" if device_id is None else "mixed"

@@ -52,7 +52,8 @@ class ImageDataConfig:
     """archive: where the converted RecordIO cache goes (default ~/.cache/mhe_scale/images)."""
     limit_per_class: Optional[int] = None
     """archive: keep only the first N images of each class and split (smoke runs and tests); the test split
-    shrinks too (a note says by how much: test metrics are then on that subset)."""
+    shrinks too (a note says by how much: test metrics are then on that subset). Refused for the other
+    formats (it was ignored there without a word)."""
     check_images: bool = True
     """folder / list: stat every image file at start-up and refuse missing or empty ones (one line: how many,
     the first few named); false: a bad image fails only when first read (e.g. millions of files on a slow
@@ -89,6 +90,11 @@ def image_records(cfg: ImageDataConfig, progress: bool = True) -> tuple[ImageRec
     """(train, test) records of the data section; errors name the key and the fix."""
     if cfg.format not in FORMATS:
         raise ValueError(f"data.format={cfg.format!r} is not known; choose one of {FORMATS}")
+    if cfg.limit_per_class is not None and (cfg.format != "archive" or cfg.limit_per_class < 1):
+        raise ValueError(f"data.limit_per_class={cfg.limit_per_class}: " + (
+            "must be >= 1" if cfg.format == "archive" else
+            f"only data.format=archive takes it (with {cfg.format} every image would be used); write a shorter "
+            f"{'list' if cfg.format == 'list' else 'folder or .rec'} for a small run, or drop the key"))
     path = _resolve(cfg.path, "data.path")
     if cfg.format == "archive":
         from mhe_scale.data.image_archive import archive_records

@@ -1,5 +1,6 @@
 """What the multi-label importers (tools/import_coco.py, tools/import_voc.py) share: the image root,
-the existence check, the seeded validation split and the atomic write of the JSON.
+the existence check and the seeded validation split; the JSON is written by
+multilabel_json.write_multilabel_json (atomically).
 
 The JSON they write (read by data/multilabel_json.py):
 
@@ -13,12 +14,12 @@ leaves the root.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from mhe_scale.data.multilabel_json import write_multilabel_json
 from mhe_scale.data.safe_paths import resolve_under
 
 Record = tuple[str, list[str]]
@@ -72,21 +73,6 @@ def val_sibling(out: str | os.PathLike) -> Path:
     return out.with_name(f"{out.stem}_val{out.suffix or '.json'}")
 
 
-def write_import(out: str | os.PathLike, classes: list[str], image_root: str, records: list[Record]) -> Path:
-    """Write one split's JSON (module docstring) atomically: a temporary file in the same folder, fsynced,
-    then os.replace. The folder is created if missing."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    body = {"classes": list(classes), "image_root": image_root, "images": [[p, list(labels)] for p, labels in records]}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(body, separators=(",", ":")) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    return out
-
-
 def write_splits(out: str | os.PathLike, classes: list[str], images_dir: str | os.PathLike, records: list[Record],
                  val_fraction: float | None, seed: int) -> dict[str, tuple[Path, int]]:
     """Write OUT (and, with val_fraction, its `_val` sibling holding the held-out images); returns
@@ -100,5 +86,6 @@ def write_splits(out: str | os.PathLike, classes: list[str], images_dir: str | o
         parts = {"out": (Path(out), rest), "val": (val_sibling(out), held)}
     written = {}
     for key, (path, part) in parts.items():
-        written[key] = (write_import(path, classes, image_root_entry(images_dir, path), part), len(part))
+        written[key] = (write_multilabel_json(path, classes, part, image_root=image_root_entry(images_dir, path)),
+                        len(part))
     return written

@@ -135,12 +135,16 @@ def write_multilabel_json(path: str | os.PathLike, classes: list[str], images: l
     top-level key: relative to path's folder, or absolute) or, when None, path's folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body: dict = {"classes": list(classes), "images": [[p, list(labels)] for p, labels in images]}
+    body: dict = {"classes": list(classes)}
     if image_root is not None:
         body["image_root"] = str(image_root)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=None, separators=(",", ":")) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    body["images"] = [[p, list(labels)] for p, labels in images]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:  # atomic: a temporary file in the same folder, fsynced, renamed
+        f.write(json.dumps(body, separators=(",", ":")) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return path
 
 

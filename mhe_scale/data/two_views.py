@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from mhe_scale.data.image_dataset import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ImageClassificationDataset
+from mhe_scale.data.image_dataset import PRESET_DEFAULTS, ImageClassificationDataset
 from mhe_scale.data.image_transforms import Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, ToTensor
 
 GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -106,8 +106,8 @@ def contrastive_transform(preset: str = "cifar", version: int = 2, size: int | N
     """MoCo v1 / v2 augmentation (module docstring), uint8 [H, W, 3] -> float32 [3, S, S] normalised."""
     if preset not in ("cifar", "imagenet") or version not in (1, 2):
         raise ValueError(f"contrastive_transform: preset={preset!r} (cifar | imagenet), version={version} (1 | 2)")
-    size = size or (32 if preset == "cifar" else 224)
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if preset == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
+    default_size, mean, std = PRESET_DEFAULTS[preset]
+    size = size or default_size
     jitter = ColorJitter(0.4, 1.0) if version == 1 else ColorJitter(0.4, 0.8, hue=0.1)
     blur = [GaussianBlur((0.1, 2.0), 0.5)] if version == 2 and preset == "imagenet" else []
     return Compose([RandomResizedCrop(size, scale=(0.2, 1.0)), jitter, RandomGrayscale(0.2), *blur,

@@ -39,6 +39,7 @@ from mhe_scale.engine.module import Metrics, TrainingModule
 from mhe_scale.engine.run_folder import NoCheckpointError, find_checkpoint
 from mhe_scale.eval.longtail import TAUS, extract_features, shot_accuracy, shot_counts, tau_predictions
 from mhe_scale.models.image import ImageModelConfig, build_image_model
+from mhe_scale.models.state_fit import StateFitError, load_fitting, read_weights
 from mhe_scale.tasks.paths import config_path_candidates
 from mhe_scale.tasks.registry import register_task
 from mhe_scale.tasks.report import write_results
@@ -90,22 +91,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_backbone(backbone: nn.Module, path: str | Path, prefix: str = "encoder.") -> dict[str, Tensor]:
     """Load the `prefix`* weights of the checkpoint into backbone (all of them, strictly); returns them."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     file = resolve_checkpoint(path)
-    try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{file}: not a readable safetensors file ({err}); point probe.checkpoint at a "
-                         "finished run folder") from None
+    state = read_weights(file, "point probe.checkpoint at a finished run folder")
     tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not tensors:
         raise ValueError(f"{file}: no '{prefix}*' weights (is it a contrastive / classify checkpoint?)")
-    missing, unexpected = backbone.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{file}: its '{prefix}*' weights do not fit model.* (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}); use the pre-training run's model section")
+    try:
+        load_fitting(backbone, tensors)
+    except StateFitError as err:  # another width / depth / stem: one line, not torch's one per tensor
+        raise ValueError(f"{file}: its '{prefix}*' weights do not fit model.* ({err}); use the pre-training "
+                         "run's model section") from None
     return tensors
 
 
