@@ -20,7 +20,7 @@ as in Parabel / LightXML label trees), every level of the tree processed at once
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import warnings
@@ -39,13 +39,39 @@ class XcDataConfig:
     """data section of the xmc task (Extreme Classification Repository sparse files)."""
 
     name: str = "xc"
-    """Dataset kind: 'synthetic' (generated, planted structure) or a reader name added by tasks."""
+    """Dataset kind: 'xc' (sparse XC files), 'text_tfidf' / 'text_embed' (a raw-text corpus turned into TF-IDF
+    vectors / frozen-encoder embeddings once, cached: mhe_scale.data.text_features), or 'synthetic'."""
     path: Optional[str] = None
     """Folder or file of a real dataset (unused by 'synthetic'). 'xc': a folder holding train.txt and
-    test.txt in the Extreme Classification Repository format; a relative path is looked up from the
-    working directory, then from the repository root."""
+    test.txt in the Extreme Classification Repository format; text_*: a corpus that data.text_format reads;
+    a relative path is looked up from the working directory, then from the repository root."""
     normalize: str = "tfidf"
-    """'xc': feature scaling, none | l2 | tfidf (idf from the training split, then L2 per row)."""
+    """'xc': feature scaling, none | l2 | tfidf (idf from the training split, then L2 per row). text_* features
+    are already L2-normalised and ignore it."""
+    text_format: str = "auto"
+    """text_*: the corpus layout, as the xmc_text task's data.text_format (raw | jsonl | reuters | eurlex | auto)."""
+    text_fields: list[str] = field(default_factory=lambda: ["title", "content"])
+    """text_* with text_format=jsonl: keys of each JSON line joined into the document text."""
+    eval_split: str = "test"
+    """text_*: split scored after training, test or dev (eurlex: make every choice on dev, score test once)."""
+    max_features: Optional[int] = 50000
+    """text_tfidf: vocabulary size (the most frequent terms of the training split); None = every term."""
+    min_df: int = 2
+    """text_tfidf: a term must occur in at least this many training documents."""
+    sublinear_tf: bool = True
+    """text_tfidf: term frequency 1 + ln(tf) instead of tf."""
+    embed_model: str = "minilm"
+    """text_embed: the frozen encoder, a local HF model folder or an alias ('minilm': all-MiniLM-L6-v2)."""
+    max_length: int = 256
+    """text_embed: tokens per document after truncation, [CLS] and [SEP] included."""
+    embed_batch_size: int = 32
+    """text_embed: documents per encoder batch while the embeddings are computed."""
+    cache_dir: Optional[str] = None
+    """text_*: folder of the row cache (HF datasets) and of the feature files; None = ~/.cache/mhe_scale."""
+    max_train_points: Optional[int] = None
+    """text_*: keep only the first N training documents (slices, smoke runs); None = all."""
+    max_test_points: Optional[int] = None
+    """text_*: keep only the first N documents of the eval split; None = all."""
     label_order: str = "given"
     """'xc': label ids as in the files (given) or renumbered so that similar labels get neighbouring ids,
     hence share MHE prefixes / MHC groups (cluster: balanced 2-means tree over the training data)."""
