@@ -42,6 +42,9 @@ HAND_EXPECTED = {
     # PSDCG@3 / IDCG@3 per row; ideal ranks the true labels by w: row0 [3,1], row1 [6], row2 [5,4,2]
     "PSnDCG@3": ((3 + 1 / L2(4)) / IDCG2 + (6 / L2(3)) / IDCG1 + (4 + 5 / L2(4)) / IDCG3)
     / ((3 + 1 / L2(3)) / IDCG2 + 6 / IDCG1 + (5 + 4 / L2(3) + 2 / L2(4)) / IDCG3),
+    # RP@k = hits@k / min(k, |y|): RP@1 rows 1/1, 0/1, 1/1; RP@3 rows 2/2, 1/1, 2/3
+    "RP@1": (1 + 0 + 1) / 3,
+    "RP@3": (1 + 1 + 2 / 3) / 3,  # = 8/9
     "R@1": (1 / 2 + 0 + 1 / 3) / 3,  # = 5/18
     "R@3": (2 / 2 + 1 / 1 + 2 / 3) / 3,  # = 8/9
 }
@@ -114,6 +117,7 @@ def naive_metrics(pred, targets, ks, w, ignore_empty=False):
             gain = [w[p_row[j]] if hits[j] else 0.0 for j in range(k)]
             terms = {
                 "P": nh / k,
+                "RP": nh / min(k, len(y)) if y else 0.0,
                 "R": nh / len(y) if y else 0.0,
                 "nDCG": sum(hits[j] / L2(j + 2) for j in range(k)) / idcg if y else 0.0,
                 "PSPn": sum(gain) / k,
@@ -124,7 +128,7 @@ def naive_metrics(pred, targets, ks, w, ignore_empty=False):
             for name, v in terms.items():
                 sums[(name, k)] = sums.get((name, k), 0.0) + v
     out = {}
-    for name in ("P", "nDCG"):
+    for name in ("P", "nDCG", "RP"):
         out.update({f"{name}@{k}": sums[(name, k)] / rows for k in ks})
     out.update({f"PSP@{k}": sums[("PSPn", k)] / sums[("PSPd", k)] for k in ks})
     out.update({f"PSnDCG@{k}": sums[("PSNn", k)] / sums[("PSNd", k)] for k in ks})
@@ -159,11 +163,54 @@ def test_matches_naive_reference(seed, ignore_empty):
         assert got[key] == pytest.approx(want[key], abs=1e-12), key
 
 
+def naive_rprecision(pred_rows, label_rows, k, ignore_empty=False):
+    """R-Precision@k by hand: for each row, distinct true labels among the first k distinct
+    predictions, over min(k, number of true labels); rows without labels score 0 (or are skipped)."""
+    total, rows = 0.0, 0
+    for preds, labels in zip(pred_rows, label_rows):
+        truth = set(x for x in labels if x != -1)
+        if not truth and ignore_empty:
+            continue
+        rows += 1
+        found = []
+        for x in preds[:k]:
+            if x != -1 and x in truth and x not in found:
+                found.append(x)
+        total += len(found) / min(k, len(truth)) if truth else 0.0
+    return total / rows
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_rprecision_matches_naive_loop(seed):
+    """Short label lists (0-3 labels, repeats), repeated predicted ids (ties in the ranking), -1 holes."""
+    import random
+    rnd = random.Random(seed)
+    pred_rows, label_rows = [], []
+    for _ in range(80):
+        pred_rows.append([rnd.choice([-1, rnd.randrange(6), rnd.randrange(6)]) for _ in range(4)])
+        label_rows.append([rnd.randrange(6) for _ in range(rnd.choice([0, 1, 1, 2, 3]))])
+    width = max(len(r) for r in label_rows)
+    padded = [r + [-1] * (width - len(r)) for r in label_rows]
+    ks = (1, 2, 3, 6)  # k = 6 is wider than the 4 predictions
+    for ignore_empty in (False, True):
+        got = xmc_metrics(torch.tensor(pred_rows), torch.tensor(padded), ks, ignore_empty=ignore_empty)
+        for k in ks:
+            assert got[f"RP@{k}"] == pytest.approx(naive_rprecision(pred_rows, padded, k, ignore_empty), abs=1e-12)
+    # split over two "ranks": the summed states give the same RP@k
+    parts = [XMCMetrics(ks), XMCMetrics(ks)]
+    parts[0].update(torch.tensor(pred_rows[:33]), torch.tensor(padded[:33]))
+    parts[1].update(torch.tensor(pred_rows[33:]), torch.tensor(padded[33:]))
+    total = XMCMetrics(ks)
+    total.load_state(parts[0].state() + parts[1].state())
+    assert total.compute()["RP@2"] == pytest.approx(naive_rprecision(pred_rows, padded, 2), abs=1e-12)
+
+
 def test_single_label_targets_and_no_propensities():
     pred = torch.tensor([[1, 0], [2, 3], [0, 1]])
     got = xmc_metrics(pred, torch.tensor([1, 3, 2]), ks=(1, 2))
     assert got == pytest.approx({"P@1": 1 / 3, "P@2": 1 / 3, "nDCG@1": 1 / 3,
-                                 "nDCG@2": (1 + 1 / L2(3)) / 3, "R@1": 1 / 3, "R@2": 2 / 3})
+                                 "nDCG@2": (1 + 1 / L2(3)) / 3, "R@1": 1 / 3, "R@2": 2 / 3,
+                                 "RP@1": 1 / 3, "RP@2": 2 / 3})  # one true label: RP@k = R@k
 
 
 def test_accumulator_over_batches_equals_one_batch():

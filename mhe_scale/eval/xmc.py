@@ -1,10 +1,12 @@
-"""Extreme multi-label metrics: P@k, nDCG@k, PSP@k, PSnDCG@k and recall@k, vectorised.
+"""Extreme multi-label metrics: P@k, R-Precision@k, nDCG@k, PSP@k, PSnDCG@k and recall@k, vectorised.
 
 Inputs everywhere: predicted ids [N, K] (global label ids, best first, -1 = no prediction) and
 targets [N, L] (true label ids, padded with -1; a [N] tensor is read as one label per row).
 For a row with true set y, hits h_j = 1 if the j-th prediction is in y (j = 1..K):
 
     P@k      = (1/k) sum_{j<=k} h_j
+    RP@k     = sum_{j<=k} h_j / min(k, |y|)        (R-Precision@k: 1 when the top k hold as many
+                                                    true labels as they can; = P@k when |y| >= k)
     R@k      = sum_{j<=k} h_j / |y|
     nDCG@k   = DCG@k / IDCG@k,  DCG@k = sum_{j<=k} h_j / log2(j+1),  IDCG@k = sum_{j<=min(k,|y|)} 1 / log2(j+1)
 
@@ -22,6 +24,8 @@ Conventions: rows with no true labels count as 0 in every metric and stay in the
 N rows (the repository convention; `ignore_empty=True` drops them from the denominator instead).
 A label repeated in a row's targets counts once; a repeated predicted id counts only at its first
 position (later copies are misses), so no metric can exceed 1.
+
+Micro-F1 at a threshold on the scores, and the threshold tuned on a dev split: eval/xmc_f1.py.
 """
 
 from __future__ import annotations
@@ -34,11 +38,11 @@ from torch import Tensor
 
 from mhe_scale.labels.codec import check_label_range
 
-_FAMILIES = ("P", "R", "nDCG", "PSP_num", "PSP_den", "PSnDCG_num", "PSnDCG_den")
+_FAMILIES = ("P", "R", "nDCG", "PSP_num", "PSP_den", "PSnDCG_num", "PSnDCG_den", "RP")
 _SENTINEL = torch.iinfo(torch.long).max  # stands in for padding in sorted target rows
 
 
-def _distinct_sorted(targets: Tensor) -> tuple[Tensor, Tensor]:
+def distinct_sorted(targets: Tensor) -> tuple[Tensor, Tensor]:
     """targets [N, L] (-1 pads) -> (rows sorted ascending with pads as SENTINEL [N, L],
     first-occurrence mask of real labels [N, L])."""
     if targets.dim() == 1:
@@ -51,10 +55,25 @@ def _distinct_sorted(targets: Tensor) -> tuple[Tensor, Tensor]:
     return t.contiguous(), first
 
 
+def first_occurrence(pred: Tensor) -> Tensor:
+    """pred [N, K] -> bool [N, K]: True where an id appears for the first time along its row."""
+    ids, order = pred.sort(dim=1, stable=True)  # stable: the earliest copy of an id sorts first
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return ~torch.zeros_like(repeat).scatter(1, order, repeat)
+
+
+def prediction_hits(pred: Tensor, sorted_targets: Tensor) -> Tensor:
+    """pred [N, K] ids (-1 = none), sorted_targets [N, L] from `distinct_sorted` -> bool hits [N, K]:
+    the prediction is a true label (binary search in the sorted row) at its first position in the row."""
+    pos = torch.searchsorted(sorted_targets, pred).clamp(max=sorted_targets.shape[1] - 1)
+    return (sorted_targets.gather(1, pos) == pred) & (pred >= 0) & first_occurrence(pred)
+
+
 def label_counts(targets: Tensor, num_classes: int) -> Tensor:
     """Training frequency N_l of every label: targets [N, L] (-1 pads) -> LongTensor [num_classes]."""
     check_label_range(targets, num_classes, allow_pad=True)
-    t, first = _distinct_sorted(targets)
+    t, first = distinct_sorted(targets)
     return torch.bincount(t[first], minlength=num_classes)
 
 
@@ -79,7 +98,7 @@ class XMCMetrics:
         ignore_empty: drop rows without true labels from the means (default: they count as 0).
         unnormalised: also report uPSP@k and uPSnDCG@k (propensity-scored means, not normalised).
 
-    Only sums are kept (`state()` -> float64 [7 * len(ks) + 2]), so a distributed caller can
+    Only sums are kept (`state()` -> float64 [8 * len(ks) + 2]), so a distributed caller can
     all-reduce the state of every rank and `load_state` the total before `compute()`.
     """
 
@@ -101,7 +120,7 @@ class XMCMetrics:
         self._rows = torch.zeros(2, dtype=torch.float64)  # [points, points without labels]
 
     def state(self) -> Tensor:
-        """float64 [7 * len(ks) + 2]: every accumulated sum (safe to all-reduce with SUM)."""
+        """float64 [8 * len(ks) + 2]: every accumulated sum (safe to all-reduce with SUM)."""
         return torch.cat([self._sums.flatten(), self._rows])
 
     def load_state(self, state: Tensor) -> None:
@@ -132,14 +151,15 @@ class XMCMetrics:
         self._rows += torch.tensor([pred_ids.shape[0], num_empty], dtype=torch.float64)
 
     def compute(self) -> dict[str, float]:
-        """{"P@1": ..., "nDCG@3": ..., "PSP@5": ..., "R@5": ...} as fractions in [0, 1]."""
+        """{"P@1": ..., "nDCG@3": ..., "RP@3": ..., "PSP@5": ..., "R@5": ...} as fractions in [0, 1]."""
         points, empty = self._rows.tolist()
         rows = points - empty if self.ignore_empty else points
         if points == 0:
             raise ValueError("XMCMetrics.compute() before any update(): no rows were seen")
         s = dict(zip(_FAMILIES, self._sums))
         rows_t = torch.tensor(rows, dtype=torch.float64)
-        out: dict[str, Tensor] = {"P": _ratio(s["P"], rows_t), "nDCG": _ratio(s["nDCG"], rows_t)}
+        out: dict[str, Tensor] = {"P": _ratio(s["P"], rows_t), "nDCG": _ratio(s["nDCG"], rows_t),
+                                  "RP": _ratio(s["RP"], rows_t)}
         if self.inv_propensity is not None:
             out["PSP"] = _ratio(s["PSP_num"], s["PSP_den"])
             out["PSnDCG"] = _ratio(s["PSnDCG_num"], s["PSnDCG_den"])
@@ -164,20 +184,15 @@ def xmc_metrics(pred_ids: Tensor, targets: Tensor, ks: Sequence[int] = (1, 3, 5)
 
 
 def _batch_sums(pred: Tensor, targets: Tensor, ks: tuple[int, ...], w: Tensor | None) -> tuple[Tensor, int]:
-    """Sum over rows of every per-row term -> ([7, len(ks)] float64, number of rows without labels)."""
+    """Sum over rows of every per-row term -> ([8, len(ks)] float64, number of rows without labels)."""
     n, kmax = pred.shape[0], max(ks)
     if pred.shape[1] < kmax:
         pred = torch.cat([pred, pred.new_full((n, kmax - pred.shape[1]), -1)], dim=1)
     pred = pred[:, :kmax].contiguous()
     dev = pred.device
-    t, first = _distinct_sorted(targets.to(dev))
+    t, first = distinct_sorted(targets.to(dev))
     n_true = first.sum(1)  # [N] distinct true labels
-    # hit: the prediction is a true label (binary search in the sorted row) and not a repeat
-    pos = torch.searchsorted(t, pred).clamp(max=t.shape[1] - 1)
-    hit = (t.gather(1, pos) == pred) & (pred >= 0)
-    earlier = torch.ones(kmax, kmax, dtype=torch.bool, device=dev).tril(-1)  # [j, j'] = j' < j
-    hit &= ~((pred.unsqueeze(2) == pred.unsqueeze(1)) & earlier).any(2)
-    hitf = hit.double()
+    hitf = prediction_hits(pred, t).double()
 
     kt = torch.tensor(ks, device=dev)
     col = kt - 1
@@ -190,6 +205,7 @@ def _batch_sums(pred: Tensor, targets: Tensor, ks: tuple[int, ...], w: Tensor | 
     terms[0] = hits / kf
     terms[1] = hits / n_true.clamp(min=1).unsqueeze(1)
     terms[2] = (hitf * disc).cumsum(1)[:, col] / idcg
+    terms[7] = hits / ideal.clamp(min=1)  # rows without labels: 0 hits -> 0
     if w is not None:
         gain = w[pred.clamp(min=0)] * hitf  # [N, K]
         true_w = torch.where(first, w[t.masked_fill(~first, 0)], torch.zeros((), dtype=w.dtype, device=dev))
