@@ -36,20 +36,18 @@ _CACHE_VERSION = "text_features-1"  # bump when a feature recipe changes
 TEXT_FEATURE_KINDS = ("text_tfidf", "text_embed")
 
 
-@dataclass(frozen=True)
-class TextSplitRows:
-    """One split's documents: texts [N] and targets [N, L] padded with -1."""
-
-    texts: list[str]
-    labels: Tensor
+def first_rows(rows: Any, limit: int | None = None) -> Any:
+    """The first `limit` rows of a Dataset (all when None)."""
+    return rows if limit is None else rows.select(range(min(int(limit), len(rows))))
 
 
-def rows_of_split(rows: Any, limit: int | None = None) -> TextSplitRows:
-    """A Dataset (text, labels) -> TextSplitRows of its first `limit` rows (all when None)."""
-    if limit is not None:
-        rows = rows.select(range(min(int(limit), len(rows))))
-    table = rows.with_format("arrow")[:]
-    return TextSplitRows(table["text"].to_pylist(), pad_ragged(*_arrow_ragged(table["labels"]), PAD))
+def split_labels(rows: Any) -> Tensor:
+    """targets [N, L] padded with -1 of a Dataset's labels column (read column-wise)."""
+    return pad_ragged(*_arrow_ragged(rows.with_format("arrow")[:]["labels"]), PAD)
+
+
+def split_texts(rows: Any) -> list[str]:
+    return rows.with_format("arrow")[:]["text"].to_pylist()
 
 
 def cache_file(cache_dir: str | os.PathLike, kind: str, split: str, key: Sequence[Any], suffix: str) -> Path:
@@ -196,16 +194,16 @@ def load_text_features(cfg: Any, path: Path) -> TextFeatureData:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     common = dict(text_fields=list(cfg.text_fields), seed=cfg.seed, cache_dir=str(cache / "rows"))
     datasets = {s: split_rows(fmt, path, s, **common) for s in ("train", cfg.eval_split)}
-    limits = {"train": cfg.max_train_points, cfg.eval_split: cfg.max_test_points}
-    rows = {s: rows_of_split(ds, limits[s]) for s, ds in datasets.items()}
     names = label_names(fmt, path, datasets["train"], datasets[cfg.eval_split])
+    limits = {"train": cfg.max_train_points, cfg.eval_split: cfg.max_test_points}
+    rows = {s: first_rows(ds, limits[s]) for s, ds in datasets.items()}
     prints = {s: [ds._fingerprint, limits[s]] for s, ds in datasets.items()}
     if cfg.name == "text_tfidf":
         params = [cfg.max_features, cfg.min_df, cfg.sublinear_tf]
         files = {s: cache_file(cache, cfg.name, s, [*prints["train"], *prints[s], params], ".npz") for s in rows}
         if not all(f.is_file() for f in files.values()):
             other = [s for s in rows if s != "train"]
-            mats = tfidf_features(rows["train"].texts, [rows[s].texts for s in other], cfg.max_features,
+            mats = tfidf_features(split_texts(rows["train"]), [split_texts(rows[s]) for s in other], cfg.max_features,
                                   cfg.sublinear_tf, cfg.min_df)
             for s, m in zip(["train", *other], mats):
                 save_csr(files[s], m)
@@ -216,7 +214,8 @@ def load_text_features(cfg: Any, path: Path) -> TextFeatureData:
         for s in rows:
             file = cache_file(cache, cfg.name, s, [*prints[s], params], ".npy")
             if not file.is_file():
-                save_dense(file, embed_texts(rows[s].texts, cfg.embed_model, cfg.max_length, cfg.embed_batch_size))
+                save_dense(file, embed_texts(split_texts(rows[s]), cfg.embed_model, cfg.max_length,
+                                             cfg.embed_batch_size))
             feats[s] = dense_to_torch(load_dense(file))
-    train, test = (XMCDataset(feats[s], rows[s].labels) for s in ("train", cfg.eval_split))
+    train, test = (XMCDataset(feats[s], split_labels(rows[s])) for s in ("train", cfg.eval_split))
     return TextFeatureData(train, test, names, fmt)

@@ -91,6 +91,8 @@ _ABSENT = object()
 ADDED_KEYS: dict[str, Any] = {
     "optim.head_update": "dense",   # before it existed every head was updated densely
     "optim.head_momentum": None,    # None: the head uses optim.momentum, as before
+    "optim.fused": False,           # the foreach AdamW step, as before
+    "model.sparse_input": False,    # MLP encoders read dense rows, as before
 }
 """Training keys added after runs were saved, each with the value that trains as those runs did. A
 checkpoint that lacks the key is the same run as a new one with that value (any other value is a

@@ -12,7 +12,7 @@ Output layout as the synthetic task: {output_dir}/config.yaml, results.json, res
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +136,30 @@ def popularity_metrics(data: XMCData, ks: list[int]) -> dict[str, float]:
     return metrics.compute()
 
 
+def predict_top(model: Classifier, dataset: XMCDataset, k: int, batch_size: int, accelerator=None,
+                ema=None) -> tuple[Tensor, Tensor]:
+    """(scores [N, k], ids [N, k]) of model.predict over a whole dataset on one process (EMA weights if
+    given); ids are the model's (renumbered) label ids."""
+    from mhe_scale.eval.distributed import evaluating, test_batches
+
+    scores, ids = [], []
+    with evaluating(model, accelerator, ema):
+        for inputs, _ in test_batches(model, dataset, batch_size, accelerator, desc="predict"):
+            s, i = model.predict(inputs, k)
+            scores.append(s.float().cpu())
+            ids.append(i.cpu())
+    return torch.cat(scores), torch.cat(ids)
+
+
 def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accelerator,
-               folder: str | None = None) -> dict[str, Any]:
+               folder: str | None = None, predict_on: dict[str, XMCDataset] | None = None) -> dict[str, Any]:
     """Fresh encoder (same seed for every head) + the head; train, evaluate -> {metrics, costs}.
 
-    Checkpoints and the loss log go to output_dir/folder (default: named after the head)."""
+    Checkpoints and the loss log go to output_dir/folder (default: named after the head).
+    predict_on {name: dataset}: also return "predictions" {name: (scores [N, k], ids [N, k])}, k = max(eval.ks),
+    of the trained model on each (e.g. dev, to tune a threshold applied to the test predictions)."""
+    if cfg.model.sparse_input and not data.train.sparse_inputs:  # the encoder reads {cols, vals} entries
+        data = replace(data, train=data.train.as_sparse_inputs(), test=data.test.as_sparse_inputs())
     torch.manual_seed(cfg.train.seed)
     encoder = build_encoder(cfg.model, data.num_features)
     head = build_run_head(head_cfg, cfg.dist.shard_head, encoder.num_features, data.num_classes, data.multilabel,
@@ -169,7 +188,12 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
              "encoder params (K)": count_parameters(encoder) / 1e3,
              "head optim state (K)": optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e3,
              "final loss": result.last_loss}
-    return {"metrics": metrics, "costs": costs, **resume_record(result)}
+    out = {"metrics": metrics, "costs": costs, **resume_record(result)}
+    if predict_on:
+        out["predictions"] = {name: predict_top(model, ds.as_sparse_inputs() if data.train.sparse_inputs else ds,
+                                                max(cfg.eval.ks), cfg.train.eval_batch_size, accelerator, result.ema)
+                              for name, ds in predict_on.items()}
+    return out
 
 
 @register_task("xmc", XmcConfig, "extreme multi-label classification on XC-format sparse files (MLP + head), "
