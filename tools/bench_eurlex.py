@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     from mhe_scale.data.xmc_text import TextFormatError
     from mhe_scale.tasks.xmc import load_xmc, unseen_label_count
 
+    import accelerate  # noqa: F401  (imported once here, not in every forked child)
+    import mhe_scale.engine.loop  # noqa: F401
+
     torch.set_num_threads(args.threads)
     fixed = [f"data.path={args.data}", f"train.threads={args.threads}", "train.resume=false", "train.loss_log=false",
              "train.save_every=0", "eval.prediction_k=0"] + ([f"data.cache_dir={args.cache_dir}"] if args.cache_dir else [])
