@@ -135,3 +135,36 @@ def test_xmc_task_on_text_tfidf_dev_split(corpus, tmp_path, capsys):
     assert f"{len(unseen)} test labels" in printed
     names = json.loads((out / "label_map.json").read_text())["names"]
     assert names[0] == "name of 100 [100]"
+
+
+def test_fused_adamw_steps_as_the_default_one():
+    from mhe_scale.config import OptimConfig
+    from mhe_scale.engine.model import make_optimizer
+
+    params = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(30, 7))
+        opt = make_optimizer(OptimConfig(lr=1e-2, weight_decay=0.1, fused=fused), [{"params": [w]}])
+        assert bool(opt.defaults.get("fused")) is fused
+        for step in range(3):
+            (w.sin() * (step + 1)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        params[fused] = w.detach()
+    assert torch.allclose(params[True], params[False], atol=1e-6)
+
+
+def test_label_centroids_projected_from_sparse_chunks_equal_the_dense_product():
+    from mhe_scale.data.xmc_dataset import label_centroids
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(23, 40, generator=gen) * (torch.rand(23, 40, generator=gen) < 0.3)
+    labels = torch.randint(-1, 6, (23, 2), generator=gen)
+    ds = XMCDataset(x.to_sparse_csr(), labels)
+    proj = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)) / 8 ** 0.5
+    want = torch.zeros(6, 8)
+    for i in range(23):
+        for y in [v for v in labels[i].tolist() if v >= 0]:  # per occurrence, as index_add
+            want[y] += x[i] @ proj
+    assert torch.allclose(label_centroids(ds, 6, max_dim=8, chunk=5), want, atol=1e-5)
