@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from mhe_scale.data.text_batches import _arrow_ragged, pad_ragged
-from mhe_scale.data.xmc_dataset import XMCDataset
+from mhe_scale.data.xmc_dataset import XcDataConfig, XMCDataset
 from mhe_scale.labels.codec import PAD
 
 _CACHE_VERSION = "text_features-1"  # bump when a feature recipe changes
@@ -181,8 +181,8 @@ def _model_key(model: str) -> list[Any]:
     return [str(folder), file_stamps(sorted(p for p in folder.iterdir() if p.is_file()))]
 
 
-def load_text_features(cfg: Any, path: Path) -> TextFeatureData:
-    """data.name text_tfidf | text_embed (cfg: the xmc task's XcDataConfig): read train and
+def load_text_features(cfg: XcDataConfig, path: Path) -> TextFeatureData:
+    """data.name text_tfidf | text_embed (cfg: the xmc task's data section): read train and
     data.eval_split of the corpus at `path`, compute or load the cached features of both."""
     from mhe_scale.data.xmc_text import EVAL_SPLITS, detect_format, label_names, split_rows
 
