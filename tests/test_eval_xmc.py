@@ -311,6 +311,96 @@ def test_eval_tool_errors_name_file_and_line(tmp_path, capsys):
     (d / "bom.txt").write_bytes(bom.encode("utf-8-sig"))
     assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "bom.txt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pred"]["P@3"] == pytest.approx(5 / 9)
+    (d / "nan.txt").write_text("2:0.9 1:0.5\n4:0.9 5:nan\n3:1 4:0.5\n")
+    assert tool.main(["--pred", str(d / "nan.txt"), "--labels", str(d / "test.txt")]) == 2
+    assert "nan.txt:2: a score is nan" in capsys.readouterr().err
     (d / "labels_bad.txt").write_text("0,2\n5,x\n1\n")
     assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "labels_bad.txt")]) == 2
     assert "labels_bad.txt:2" in capsys.readouterr().err
+
+
+def test_eval_tool_micro_f1_tuned_on_dev_applied_to_test(tmp_path, capsys):
+    d = _write_hand_files(tmp_path)  # pred.txt scores 1.0, 0.9, 0.8 along each row
+    (d / "dev.txt").write_text("0\n1\n")
+    # dev thresholds: 0.9 -> F1 2/3; 0.7 -> 1/2; 0.5 -> 2/5; 0.3 -> 2/3 (tie: the higher one is kept)
+    (d / "dev_pred.txt").write_text("0:0.9 3:0.5\n2:0.7 1:0.3\n")
+    tool = load_tool("eval_xmc")
+    argv = ["--pred", str(d / "pred.txt"), "--labels", str(d / "test.txt"), "--k", "1", "3",
+            "--dev-pred", str(d / "dev_pred.txt"), "--dev-labels", str(d / "dev.txt")]
+    assert tool.main(argv + ["--json"]) == 0
+    captured = capsys.readouterr()
+    got = json.loads(captured.out)["pred"]
+    assert captured.err == ""  # tuned on dev, and at t = 0.9 no row passes all 3 predictions
+    assert got["micro-F1 threshold"] == pytest.approx(0.9) and got["dev micro-F1"] == pytest.approx(2 / 3)
+    # test at t = 0.9: {2, 1}, {4, 5}, {3} (the repeated 3 once) -> TP 3 of 5 predicted, 6 true
+    assert got["micro-P"] == pytest.approx(3 / 5) and got["micro-R"] == pytest.approx(1 / 2)
+    assert got["micro-F1"] == pytest.approx(6 / 11)
+    assert got["RP@3"] == pytest.approx(8 / 9) and got["P@3"] == pytest.approx(5 / 9)
+    assert tool.main(argv) == 0  # the table prints the threshold and where it came from
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].endswith("| micro-P | micro-R | micro-F1 |")
+    assert "t = 0.9; tuned on " + str(d / "dev_pred.txt") in out and "54.55" in out
+    # a fixed threshold: no tuning, no warning
+    assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "test.txt"), "--threshold", "0.85",
+                      "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["pred"]["micro-F1"] == pytest.approx(6 / 11) and not captured.err
+
+
+def test_eval_tool_warns_when_micro_f1_is_tuned_on_the_scored_split(tmp_path, capsys):
+    d = _write_hand_files(tmp_path)
+    tool = load_tool("eval_xmc")
+    assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "test.txt"), "--micro-f1", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and "split being scored" in captured.err and "--dev-pred" in captured.err
+    # at t = 0.8 rows 0 and 2 pass all 3 of their predictions (row 1 holds 2): K may cap recall
+    assert "in 67% of rows all 3 predictions pass" in captured.err
+    # tuned on test itself: t = 1.0 -> F1 4/9, 0.9 -> 6/11, 0.8 -> all 7 distinct ids, TP 5 of 6 true: 10/13
+    assert json.loads(captured.out)["pred"]["micro-F1"] == pytest.approx(10 / 13)
+    assert tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "test.txt"),
+                      "--dev-pred", str(d / "pred.txt"), "--dev-labels", str(d / "test.txt")]) == 0
+    assert "are the scored files" in capsys.readouterr().err
+    # a file of bare ids has no scores to threshold
+    (d / "bare.txt").write_text("2 1 0\n4 5\n3 3 4\n")
+    assert tool.main(["--pred", str(d / "bare.txt"), "--labels", str(d / "test.txt"), "--micro-f1"]) == 2
+    err = capsys.readouterr().err
+    assert "bare.txt: holds ids without scores" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as stop:
+        tool.main(["--pred", str(d / "pred.txt"), "--labels", str(d / "test.txt"), "--dev-pred", str(d / "pred.txt")])
+    assert stop.value.code == 2 and "--dev-labels go together" in capsys.readouterr().err
+
+
+def test_eval_tool_array_files_and_their_refusals(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    d = _write_hand_files(tmp_path)
+    scores = np.where(HAND_PRED.numpy() >= 0, 1 - 0.1 * np.arange(3), -np.inf).astype(np.float32)
+    np.savez(d / "scored.npz", ids=HAND_PRED.numpy(), scores=scores)
+    save_file({"ids": HAND_PRED.numpy(), "scores": scores}, str(d / "scored.safetensors"))
+    save_file({"ids": HAND_PRED.numpy(), "scores": scores}, str(d / "misnamed.npz"))  # told by content
+    tool = load_tool("eval_xmc")
+    want = None
+    for name in ("pred.txt", "scored.npz", "scored.safetensors", "misnamed.npz"):
+        assert tool.main(["--pred", str(d / name), "--labels", str(d / "test.txt"), "--threshold", "0.85",
+                          "--json"]) == 0, name
+        got = next(iter(json.loads(capsys.readouterr().out).values()))
+        assert got["micro-F1"] == pytest.approx(6 / 11), name
+        want = want or got
+        assert got == pytest.approx(want), name
+    good = (d / "scored.npz").read_bytes()
+    (d / "truncated.npz").write_bytes(good[: len(good) // 2])
+    np.savez(d / "objects.npz", ids=np.array([[1, None]], dtype=object))
+    (d / "truncated.safetensors").write_bytes((d / "scored.safetensors").read_bytes()[:60])
+    (d / "noise.npz").write_bytes(bytes(range(7, 107)))
+    nan_scores = scores.copy()
+    nan_scores[0, 1] = np.nan
+    np.savez(d / "nan.npz", ids=HAND_PRED.numpy(), scores=nan_scores)
+    np.savez(d / "noids.npz", labels=HAND_PRED.numpy())
+    for name, says in [("truncated.npz", "cannot read it as npz"), ("objects.npz", "never loaded"),
+                       ("truncated.safetensors", "cannot read it as safetensors"),
+                       ("noise.npz", "neither an .npz (zip) nor a safetensors file"),
+                       ("nan.npz", "row 0 (0-based) has a NaN score"), ("noids.npz", "no array 'ids'")]:
+        assert tool.main(["--pred", str(d / name), "--labels", str(d / "test.txt")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"eval_xmc: error: {d / name}: ") and says in err, err
+        assert len(err.strip().splitlines()) == 1, err

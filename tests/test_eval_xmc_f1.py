@@ -70,7 +70,8 @@ def random_case(seed, n=70, c=12, k=5):
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_matches_naive_loop_and_tuning_is_exact(seed):
     id_rows, score_rows, label_rows = random_case(seed)
-    ids, scores, targets = torch.tensor(id_rows), torch.tensor(score_rows, dtype=torch.float64), torch.tensor(label_rows)
+    ids, targets = torch.tensor(id_rows), torch.tensor(label_rows)
+    scores = torch.tensor(score_rows, dtype=torch.float64)
     for t in (-1.0, 0.0, 0.3, 0.55, 0.9, 1.0, 2.0):
         assert micro_f1(ids, scores, targets, t) == pytest.approx(
             naive_micro_f1(id_rows, score_rows, label_rows, t), abs=1e-12), t

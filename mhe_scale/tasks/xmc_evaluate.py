@@ -1,5 +1,6 @@
-"""The XMC tasks' evaluation: P@k, nDCG@k (PSP@k with propensities) of model.predict over a test set
-across processes, and the saved prediction files (tools/eval_xmc.py reads them).
+"""The XMC tasks' evaluation: P@k, RP@k, nDCG@k (PSP@k with propensities) of model.predict over a test
+set across processes, and the saved prediction files (tools/eval_xmc.py reads them; their scores are
+the head's `predict` scores, log-probabilities, on which eval_xmc tunes micro-F1's threshold).
 
 Each rank scores its contiguous part (eval/distributed.py) and the metric sums are all-reduced, so
 every process returns the metrics of the whole set. Predictions are written by each rank for its
@@ -44,7 +45,7 @@ def evaluate(model: Classifier, test_set: Dataset, ks: list[int], batch_size: in
              ema: ExponentialMovingAverage | None = None, accelerator=None,
              predictions_to: str | Path | None = None, prediction_k: int | None = None,
              written_ids: Tensor | None = None) -> dict[str, float]:
-    """P@k, nDCG@k (and PSP@k with propensities) of model.predict over test_set (EMA weights if given).
+    """P@k, RP@k, nDCG@k (and PSP@k with propensities) of model.predict over test_set (EMA weights if given).
 
     With an accelerator of P processes, every process must call this and gets the metrics of the
     WHOLE set. `predictions_to`: also write the top-`prediction_k` (default max(ks)) predictions
