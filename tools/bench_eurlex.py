@@ -167,7 +167,10 @@ def mhc_config(base: Any, groups: int, candidates: int) -> Any:
 
 
 def sweep_mhc(data: dict, overrides: list[str], head: Any, args: argparse.Namespace) -> dict:
-    """Dev RP@5 of every (groups, candidates) with the first seed -> {"best": (G, K), "sweep": {...}}."""
+    """Dev RP@5 of every (groups, candidates) with the first seed -> {"best": (G, K), "sweep": {...}};
+    a single pair is taken as given (nothing to choose, no dev run)."""
+    if len(args.groups) * len(args.candidates) == 1:
+        return {"best": (args.groups[0], args.candidates[0]), "sweep": {}}
     sweep = {}
     for g in args.groups:
         for k in args.candidates:
