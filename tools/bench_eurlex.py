@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = [f"data.path={args.data}", f"train.threads={args.threads}", "train.resume=false", "train.loss_log=false",
              "train.save_every=0", "eval.prediction_k=0"] + ([f"data.cache_dir={args.cache_dir}"] if args.cache_dir else [])
     overrides = fixed + args.overrides
+    launched = provenance(argv)  # the code that runs is the commit at the start, not at the end
     start = time.perf_counter()
     cfg = seeded(overrides, args.seeds[0])
     data: dict[str, Any] = {}
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{table}\n\n(total {total:.0f}s, torch {torch.__version__}, {args.threads} thread(s), seeds {args.seeds})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = provenance(argv) | {"total s": total, "data": info, "mhc dev sweep": choice.get("sweep"),
+        record = launched | {"load average at the end": provenance(argv)["load average"], "total s": total, "data": info, "mhc dev sweep": choice.get("sweep"),
                                      "rows": rows, "published": PUBLISHED}
         tmp = args.json.with_name(args.json.name + ".tmp")
         tmp.write_text(json.dumps(record, indent=1, default=str))
