@@ -83,6 +83,9 @@ class OptimConfig:
     """sgd momentum of the head, if different (default: momentum). 0 keeps no momentum buffer for the head: with
     the row-sparse update its state is then the weights plus one int64 step counter per row (C x 8 bytes)
     instead of twice the weights (docs/engine.md, "Row-sparse head updates")."""
+    fused: bool = False
+    """adamw: torch's fused kernel (torch.optim.AdamW(fused=True)): one pass over each parameter; on CPU ~7x faster
+    than the default foreach step for a 10M-parameter layer (a TF-IDF MLP's first layer)."""
     no_decay_bias_norm: bool = False
     """Weight decay 0 for parameters with at most one dimension (biases, LayerNorm / BatchNorm weights), as
     LightXML's AdamW does (no_decay = bias, LayerNorm.weight); False: weight_decay applies to every parameter."""

@@ -20,7 +20,7 @@ as in Parabel / LightXML label trees), every level of the tree processed at once
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import warnings
@@ -39,13 +39,39 @@ class XcDataConfig:
     """data section of the xmc task (Extreme Classification Repository sparse files)."""
 
     name: str = "xc"
-    """Dataset kind: 'synthetic' (generated, planted structure) or a reader name added by tasks."""
+    """Dataset kind: 'xc' (sparse XC files), 'text_tfidf' / 'text_embed' (a raw-text corpus turned into TF-IDF
+    vectors / frozen-encoder embeddings once, cached: mhe_scale.data.text_features), or 'synthetic'."""
     path: Optional[str] = None
     """Folder or file of a real dataset (unused by 'synthetic'). 'xc': a folder holding train.txt and
-    test.txt in the Extreme Classification Repository format; a relative path is looked up from the
-    working directory, then from the repository root."""
+    test.txt in the Extreme Classification Repository format; text_*: a corpus that data.text_format reads;
+    a relative path is looked up from the working directory, then from the repository root."""
     normalize: str = "tfidf"
-    """'xc': feature scaling, none | l2 | tfidf (idf from the training split, then L2 per row)."""
+    """'xc': feature scaling, none | l2 | tfidf (idf from the training split, then L2 per row). text_* features
+    are already L2-normalised and ignore it."""
+    text_format: str = "auto"
+    """text_*: the corpus layout, as the xmc_text task's data.text_format (raw | jsonl | reuters | eurlex | auto)."""
+    text_fields: list[str] = field(default_factory=lambda: ["title", "content"])
+    """text_* with text_format=jsonl: keys of each JSON line joined into the document text."""
+    eval_split: str = "test"
+    """text_*: split scored after training, test or dev (eurlex: make every choice on dev, score test once)."""
+    max_features: Optional[int] = 50000
+    """text_tfidf: vocabulary size (the most frequent terms of the training split); None = every term."""
+    min_df: int = 2
+    """text_tfidf: a term must occur in at least this many training documents."""
+    sublinear_tf: bool = True
+    """text_tfidf: term frequency 1 + ln(tf) instead of tf."""
+    embed_model: str = "minilm"
+    """text_embed: the frozen encoder, a local HF model folder or an alias ('minilm': all-MiniLM-L6-v2)."""
+    max_length: int = 256
+    """text_embed: tokens per document after truncation, [CLS] and [SEP] included."""
+    embed_batch_size: int = 32
+    """text_embed: documents per encoder batch while the embeddings are computed."""
+    cache_dir: Optional[str] = None
+    """text_*: folder of the row cache (HF datasets) and of the feature files; None = ~/.cache/mhe_scale."""
+    max_train_points: Optional[int] = None
+    """text_*: keep only the first N training documents (slices, smoke runs); None = all."""
+    max_test_points: Optional[int] = None
+    """text_*: keep only the first N documents of the eval split; None = all."""
     label_order: str = "given"
     """'xc': label ids as in the files (given) or renumbered so that similar labels get neighbouring ids,
     hence share MHE prefixes / MHC groups (cluster: balanced 2-means tree over the training data)."""
@@ -128,6 +154,7 @@ class XMCDataset(Dataset):
         self.crow, self.col, self.values = crow.contiguous(), col.contiguous(), values.contiguous()
         self.labels = labels.long().contiguous()
         self.num_features = int(features.shape[1])
+        self.sparse_inputs = False
 
     @classmethod
     def from_xc(cls, data: XCData, normalize: str = "none", idf: Tensor | None = None) -> "XMCDataset":
@@ -157,20 +184,47 @@ class XMCDataset(Dataset):
         out[batch_row, self.col[pos]] = self.values[pos]
         return out
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+    def entries(self, index: Tensor, width: int | None = None) -> dict[str, Tensor]:
+        """Stored entries of points index [B] -> {cols [B, T] int64, vals [B, T] float32}, T = the longest
+        row's count (>= 1) or `width`; padding is col 0 with value 0 (adds nothing to a weighted sum)."""
+        index = index.long()
+        starts = self.crow[index]
+        counts = self.crow[index + 1] - starts
+        t = max(1, int(counts.max()) if index.numel() else 1) if width is None else width
+        slot = torch.arange(t)
+        keep = slot.unsqueeze(0) < counts.unsqueeze(1)
+        pos = (starts.unsqueeze(1) + slot).clamp(max=max(0, self.col.numel() - 1))
+        if self.col.numel() == 0:
+            return {"cols": torch.zeros(index.numel(), t, dtype=torch.long), "vals": torch.zeros(index.numel(), t)}
+        return {"cols": torch.where(keep, self.col[pos], 0), "vals": torch.where(keep, self.values[pos], 0.0)}
+
+    def as_sparse_inputs(self) -> "XMCDataset":
+        """The same points served as {cols, vals} entries (MLPEncoder with sparse_input) instead of dense rows."""
+        out = self.with_labels(self.labels)
+        out.sparse_inputs = True
+        return out
+
+    def __getitem__(self, i: int) -> tuple[Tensor | dict[str, Tensor], Tensor]:
+        if getattr(self, "sparse_inputs", False):  # one point: padded to the widest row, so points collate
+            width = max(1, int(self.crow.diff().max()) if len(self) else 1)
+            return {k: v[0] for k, v in self.entries(torch.tensor([int(i)]), width).items()}, self.labels[i]
         return self.rows(torch.tensor([int(i)]))[0], self.labels[i]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor | dict[str, Tensor], Tensor]]:
         """A whole batch at once (torch's DataLoader calls this when it exists)."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        x = self.rows(index)
         y = self.labels[index]
+        if getattr(self, "sparse_inputs", False):
+            x = self.entries(index)
+            return [({"cols": c, "vals": v}, t) for c, v, t in zip(x["cols"].unbind(0), x["vals"].unbind(0), y.unbind(0))]
+        x = self.rows(index)
         return list(zip(x.unbind(0), y.unbind(0)))
 
     def with_labels(self, labels: Tensor) -> "XMCDataset":
         """The same features with other labels [N, L] (e.g. renumbered by relabel)."""
         out = XMCDataset.__new__(XMCDataset)
         out.crow, out.col, out.values, out.num_features = self.crow, self.col, self.values, self.num_features
+        out.sparse_inputs = getattr(self, "sparse_inputs", False)
         if labels.shape[0] != len(self):
             raise ValueError(f"labels must have {len(self)} rows, got {labels.shape[0]}")
         out.labels = labels.long().contiguous()
@@ -193,13 +247,22 @@ def label_centroids(data: XMCDataset, num_classes: int, max_dim: int = 1024, chu
     out = torch.zeros(num_classes, max_dim if proj is not None else data.num_features)
     for start in range(0, len(data), chunk):  # a loop over chunks of points, not over points
         index = torch.arange(start, min(start + chunk, len(data)))
-        x = data.rows(index)
-        x = x @ proj if proj is not None else x
+        x = data.rows(index) if proj is None else _sparse_chunk(data, start, len(index)) @ proj  # cost ~ nnz
         labels = data.labels[index]
         keep = labels >= 0
         rows = torch.arange(len(index)).unsqueeze(1).expand_as(labels)[keep]
         out.index_add_(0, labels[keep], x[rows])
     return out
+
+
+def _sparse_chunk(data: XMCDataset, start: int, count: int) -> Tensor:
+    """Points start..start+count-1 as a torch sparse CSR [count, F] (no dense [count, F] block)."""
+    crow = data.crow[start:start + count + 1]
+    lo, hi = int(crow[0]), int(crow[-1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow - lo, data.col[lo:hi], data.values[lo:hi], size=(count, data.num_features),
+                                       check_invariants=False)
 
 
 def balanced_bisection_order(embeddings: Tensor, iters: int = 8) -> Tensor:

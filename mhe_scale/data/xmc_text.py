@@ -12,6 +12,14 @@ Readers (every one raises TextFormatError naming the file and line / record, and
            split in ../shared/data); split here into train / test by a seeded permutation:
            test = the first round(test_fraction * N) points of randperm(N, seed), train the rest,
            both kept in file order; labels = sorted names of the whole file.
+  eurlex   EURLEX57K (Chalkidis et al. 2019) in either layout: {train,dev,test}.jsonl.gz (or .jsonl), one
+           object per line with celex_id, title, text, labels (EuroVoc concept id strings); or the
+           original folders {train,dev,test}/<celex_id>.json with header, recitals, main_body (a list of
+           paragraphs), attachments, concepts, whose text is the non-empty parts joined by newlines in that
+           order (how the jsonl text was made). Both layouts give the same rows. labels.json (or the
+           original EURLEX57K.json) maps concept ids to {"label": name, ...}; a label id it lacks is an
+           error. Label ids = position in the sorted union of the concept ids of ALL splits, so labels
+           that never occur in train still count in dev / test (as misses of a model trained on train).
 
 Each split is written once by `Dataset.from_generator` into the datasets cache (memory-mapped,
 keyed by the files' paths, sizes and mtimes), so a second load reads it from disk.
@@ -21,6 +29,7 @@ cached) for corpora too large to copy. Tokenisation, padding and batches: text_b
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -45,7 +54,10 @@ class TextDataConfig:
     working directory, then from the repository root."""
     text_format: str = "auto"
     """'xmc_text': raw (AttentionXML/LightXML folder: {train,test}_raw_texts.txt + _labels.txt), jsonl
-    (trn.json.gz / tst.json.gz label-feature files), reuters (one JSON array, split here) or auto (detect)."""
+    (trn.json.gz / tst.json.gz label-feature files), reuters (one JSON array, split here), eurlex
+    (EURLEX57K: {train,dev,test}.jsonl.gz or {train,dev,test}/<celex_id>.json + labels.json) or auto (detect)."""
+    eval_split: str = "test"
+    """Split scored after training: test, or dev (eurlex only: make every choice on dev, score test once)."""
     max_length: int = 128
     """'xmc_text': tokens per document after truncation, [CLS] and [SEP] included."""
     text_fields: list[str] = field(default_factory=lambda: ["title", "content"])
@@ -72,7 +84,8 @@ class TextDataConfig:
     seed: int = 0
     """Seed of the generator (data is a pure function of the config)."""
 
-TEXT_FORMATS = ("raw", "jsonl", "reuters")
+TEXT_FORMATS = ("raw", "jsonl", "reuters", "eurlex")
+EVAL_SPLITS = ("dev", "test")
 
 
 class TextFormatError(ValueError):
@@ -229,10 +242,134 @@ def _reuters_rows(path: str, split: str, test_fraction: float, seed: int, stamp:
         yield {"text": texts[i], "labels": list(dict.fromkeys(index[n] for n in names[i]))}
 
 
+# ------------------------------------------------------------------ EURLEX57K (jsonl.gz or per-document folders)
+EURLEX_SPLITS = ("train", "dev", "test")
+EURLEX_PARTS = ("header", "recitals", "main_body", "attachments")
+"""Fields of an original document whose non-empty parts (main_body: each paragraph) make its text."""
+
+
+def eurlex_sources(folder: Path, split: str) -> list[Path]:
+    """The files of one split: [split.jsonl.gz] (or .jsonl), else split/*.json sorted by name."""
+    if split not in EURLEX_SPLITS:
+        raise TextFormatError(f"{folder}: EURLEX57K has splits {EURLEX_SPLITS}, not {split!r}")
+    for name in (f"{split}.jsonl.gz", f"{split}.jsonl"):
+        if (folder / name).is_file():
+            return [folder / name]
+    docs = sorted((folder / split).glob("*.json")) if (folder / split).is_dir() else []
+    if not docs:
+        raise TextFormatError(f"{folder}: no {split}.jsonl.gz and no {split}/<celex_id>.json files; the EURLEX57K "
+                              "layouts are {train,dev,test}.jsonl.gz or the original {train,dev,test}/ folders")
+    return docs
+
+
+def eurlex_label_file(folder: Path) -> Path:
+    for name in ("labels.json", "EURLEX57K.json"):
+        if (folder / name).is_file():
+            return folder / name
+    raise TextFormatError(f"{folder}: no labels.json (or the original EURLEX57K.json) mapping EuroVoc concept ids to "
+                          "{\"label\": name}; put the descriptor file beside the splits")
+
+
+def eurlex_descriptors(folder: Path) -> dict[str, str]:
+    """concept id -> descriptor name, from labels.json."""
+    path = eurlex_label_file(folder)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TextFormatError(f"{path}: not a UTF-8 JSON object ({exc}); expected {{concept_id: "
+                              "{\"label\": name, ...}}") from None
+    bad = next((k for k, v in obj.items() if not (isinstance(v, dict) and isinstance(v.get("label"), str))),
+               None) if isinstance(obj, dict) else "(top level)"
+    if bad is not None:
+        raise TextFormatError(f"{path}: entry {bad!r} must be {{\"label\": name, ...}} (the file maps concept ids to "
+                              "descriptors); fix that entry")
+    return {str(k): v["label"] for k, v in obj.items()}
+
+
+def _eurlex_text(doc: dict) -> str | None:
+    """Text of an original per-document JSON: its non-empty parts joined by newlines (None: a part is malformed)."""
+    parts: list[str] = []
+    for key in EURLEX_PARTS:
+        value = doc.get(key)
+        values = value if key == "main_body" and isinstance(value, list) else [value]
+        if not all(v is None or isinstance(v, str) for v in values):
+            return None
+        parts += [v for v in values if v]
+    return "\n".join(parts)
+
+
+def _eurlex_docs(folder: Path, split: str) -> Iterator[tuple[str, str, list[str]]]:
+    """(where = 'file:line' or 'file', text, concept ids) of every document of a split, checked."""
+    for path in eurlex_sources(folder, split):
+        if path.suffix == ".json":
+            try:
+                records = [(str(path), json.loads(path.read_text(encoding="utf-8")))]
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise TextFormatError(f"{path}: not a UTF-8 JSON object ({exc}); fix or drop the file") from None
+            text_key, label_key = None, "concepts"
+        else:
+            records = ((f"{path}:{n}", _json_line(path, n, line)) for n, line in _lines(path) if line.strip())
+            text_key, label_key = "text", "labels"
+        for where, obj in records:
+            if not isinstance(obj, dict):
+                raise TextFormatError(f"{where}: expected a JSON object per document, got {type(obj).__name__}")
+            text = obj.get(text_key) if text_key else _eurlex_text(obj)
+            if not isinstance(text, str) or not text.strip():
+                need = "a non-empty \"text\"" if text_key else f"non-empty text in {list(EURLEX_PARTS)}"
+                raise TextFormatError(f"{where}: document without text; it needs {need} (fix or drop it)")
+            ids = obj.get(label_key)
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, (str, int)) for i in ids):
+                raise TextFormatError(f"{where}: document without labels; \"{label_key}\" must be a non-empty list of "
+                                      f"EuroVoc concept ids, got {ids!r} (fix or drop it)")
+            yield where, text, [str(i) for i in ids]
+
+
+def _concept_order(ids: str) -> tuple[int, str]:
+    return (int(ids), ids) if ids.isdigit() else (1 << 62, ids)
+
+
+@functools.lru_cache(maxsize=8)
+def _eurlex_label_ids(folder: str, stamp: Any) -> tuple[str, ...]:
+    known = eurlex_descriptors(Path(folder))
+    seen: set[str] = set()
+    for split in EURLEX_SPLITS:
+        for where, _, ids in _eurlex_docs(Path(folder), split):
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                raise TextFormatError(f"{where}: label ids {unknown} are not in {eurlex_label_file(Path(folder))}; "
+                                      "fix the ids or use the descriptor file of this corpus")
+            seen.update(ids)
+    return tuple(sorted(seen, key=_concept_order))
+
+
+def eurlex_files(folder: Path) -> list[Path]:
+    """Every file the rows depend on (all splits: the label ids come from their union) + labels.json."""
+    return [p for s in EURLEX_SPLITS for p in eurlex_sources(folder, s)] + [eurlex_label_file(folder)]
+
+
+def eurlex_label_ids(folder: Path) -> list[str]:
+    """Sorted union (numerically) of the concept ids of train, dev and test: label id i is entry i."""
+    return list(_eurlex_label_ids(str(folder.resolve()), file_stamps(eurlex_files(folder))))
+
+
+def eurlex_label_names(folder: Path) -> list[str]:
+    """'descriptor [concept id]' of every label id (distinct, as label_map.json needs)."""
+    names = eurlex_descriptors(folder)
+    return [f"{names[i]} [{i}]" for i in eurlex_label_ids(folder)]
+
+
+def _eurlex_rows(folder: str, split: str, stamp: Any) -> Iterator[dict]:
+    index = {c: i for i, c in enumerate(eurlex_label_ids(Path(folder)))}
+    for _, text, ids in _eurlex_docs(Path(folder), split):
+        yield {"text": text, "labels": list(dict.fromkeys(index[c] for c in ids))}
+
+
 # ------------------------------------------------------------------ loading
 def detect_format(path: Path) -> str:
     if path.is_file():
         return "reuters"
+    if any((path / n).is_file() for n in ("train.jsonl.gz", "train.jsonl", "labels.json", "EURLEX57K.json")):
+        return "eurlex"
     if any((path / n).is_file() for n in ("trn.json.gz", "trn.json")):
         return "jsonl"
     return "raw"
@@ -257,7 +394,13 @@ def _generate(rows_fn: Any, kwargs: dict, cache_dir: str | None, streaming: bool
 def split_rows(fmt: str, path: Path, split: str, text_fields: Sequence[str] = ("title", "content"),
                test_fraction: float = 0.25, seed: int = 0, cache_dir: str | None = None,
                streaming: bool = False) -> Any:
-    """One split (train | test) of a corpus as a Dataset / IterableDataset with columns text, labels."""
+    """One split (train | test; eurlex also dev) of a corpus as a Dataset / IterableDataset (text, labels)."""
+    if fmt == "eurlex":
+        kwargs = {"folder": str(path), "split": split, "stamp": file_stamps(eurlex_files(path))}
+        return _generate(_eurlex_rows, kwargs, cache_dir, streaming)
+    if split not in ("train", "test"):
+        raise ValueError(f"data.eval_split={split!r}: text_format {fmt!r} has only train and test splits; "
+                         "use data.eval_split=test (dev splits exist for eurlex)")
     if fmt == "raw":
         files = [raw_files(path, split)[0], raw_files(path, "train")[1], raw_files(path, "test")[1]]
         kwargs = {"folder": str(path), "split": split, "stamp": file_stamps(files)}  # no lists here: they would shard
@@ -282,6 +425,8 @@ def label_names(fmt: str, path: Path, train: Any = None, test: Any = None) -> li
         return raw_label_names(path)
     if fmt == "reuters":
         return sorted({n for row in read_reuters_records(path)[1] for n in row})
+    if fmt == "eurlex":
+        return eurlex_label_names(path)
     names = jsonl_label_names(path)
     if names is not None:
         return names
@@ -297,12 +442,16 @@ def _max_label(ds: Any) -> int:
 
 
 def load_text_splits(fmt: str, path: str | os.PathLike, text_fields: Sequence[str] = ("title", "content"),
-                     test_fraction: float = 0.25, seed: int = 0, cache_dir: str | None = None) -> TextSplits:
-    """Both splits of a corpus (fmt 'auto' detects it: a file is reuters, trn.json.gz means jsonl)."""
+                     test_fraction: float = 0.25, seed: int = 0, cache_dir: str | None = None,
+                     eval_split: str = "test") -> TextSplits:
+    """train and the eval split (test, or dev for eurlex) of a corpus, as TextSplits.train / .test
+    (fmt 'auto' detects it: a file is reuters, train.jsonl.gz / labels.json eurlex, trn.json.gz jsonl)."""
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"data.eval_split={eval_split!r} is not known; choose one of {EVAL_SPLITS}")
     path = Path(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
     common = dict(text_fields=text_fields, test_fraction=test_fraction, seed=seed, cache_dir=cache_dir)
-    train, test = split_rows(fmt, path, "train", **common), split_rows(fmt, path, "test", **common)
+    train, test = split_rows(fmt, path, "train", **common), split_rows(fmt, path, eval_split, **common)
     return TextSplits(train, test, label_names(fmt, path, train, test))
 
 

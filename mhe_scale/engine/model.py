@@ -108,7 +108,7 @@ def make_optimizer(cfg: OptimConfig, groups: list[dict]) -> torch.optim.Optimize
     if cfg.no_decay_bias_norm:
         groups = split_no_decay(groups)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **({'fused': True} if cfg.fused else {}))
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"optim.name={cfg.name!r} is not supported; choose adamw or sgd")

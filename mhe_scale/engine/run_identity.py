@@ -93,6 +93,8 @@ ADDED_KEYS: dict[str, Any] = {
     "optim.head_momentum": None,    # None: the head uses optim.momentum, as before
     "train.max_steps": None,        # None: train.epochs sets the length, as before
     "optim.head_catch_up": "closed_form",  # the only catch-up before the key existed
+    "optim.fused": False,           # the foreach AdamW step, as before
+    "model.sparse_input": False,    # MLP encoders read dense rows, as before
 }
 """Training keys added after runs were saved, each with the value that trains as those runs did. A
 checkpoint that lacks the key is the same run as a new one with that value (any other value is a

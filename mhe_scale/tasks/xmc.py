@@ -1,4 +1,5 @@
-"""XMC on real sparse data (Extreme Classification Repository format): an MLP over BoW / TF-IDF
+"""XMC on real sparse data (Extreme Classification Repository format, or a raw-text corpus turned into
+TF-IDF vectors / frozen-encoder embeddings once: data.name text_tfidf | text_embed): an MLP over the
 features, an MHE head (and optionally a baseline head, e.g. full BCE `fc`), trained the same way
 and scored with P@k, nDCG@k, PSP@k, PSnDCG@k and R@k. A "most frequent labels" row (every test
 point gets the k most frequent training labels) is printed beside them as the floor to beat.
@@ -11,7 +12,7 @@ Output layout as the synthetic task: {output_dir}/config.yaml, results.json, res
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ import torch
 from torch import Tensor
 
 from mhe_scale.config import ExperimentConfig, HeadConfig
+from mhe_scale.data.text_features import TEXT_FEATURE_KINDS, load_text_features
 from mhe_scale.data.xc_format import read_xc_format
 from mhe_scale.data.xmc_dataset import LABEL_ORDERS, XcDataConfig, XMCDataset, cluster_label_order, idf_weights, relabel
+from mhe_scale.data.xmc_text import write_label_map
 from mhe_scale.tasks.xmc_evaluate import evaluate
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.run_identity import run_config
@@ -57,6 +60,8 @@ class XMCData:
     label_map: Tensor | None = None
     """new_id [C] when labels were renumbered (data.label_order=cluster): file label y is new_id[y]."""
     multilabel: bool = True
+    label_names: list[str] | None = None
+    """Name of each file label id (text_* corpora; written to label_map.json), None for XC files."""
 
 
 def resolve_data_path(path: str | None) -> Path:
@@ -78,6 +83,8 @@ def load_xmc(cfg: XcDataConfig) -> XMCData:
     from the training split only. Metrics do not depend on the label order (both splits are renumbered)."""
     if cfg.label_order not in LABEL_ORDERS:
         raise ValueError(f"data.label_order={cfg.label_order!r} is not known; choose one of {LABEL_ORDERS}")
+    if cfg.name in TEXT_FEATURE_KINDS:
+        return load_text_xmc_features(cfg)
     folder = resolve_data_path(cfg.path)
     train_xc, test_xc = read_xc_format(folder / "train.txt"), read_xc_format(folder / "test.txt")
     if (train_xc.num_features, train_xc.num_labels) != (test_xc.num_features, test_xc.num_labels):
@@ -96,6 +103,30 @@ def load_xmc(cfg: XcDataConfig) -> XMCData:
     return XMCData(train, test, train_xc.num_features, train_xc.num_labels, counts, w, new_id)
 
 
+def load_text_xmc_features(cfg: XcDataConfig) -> XMCData:
+    """data.name text_tfidf | text_embed: train and data.eval_split (as XMCData.test) of a text corpus,
+    the label order and propensities from the training split only."""
+    from mhe_scale.tasks.xmc_text import resolve_text_path
+
+    feats = load_text_features(cfg, resolve_text_path(cfg.path))
+    train, test, num_classes = feats.train, feats.eval, len(feats.label_names)
+    new_id = None
+    if cfg.label_order == "cluster":
+        new_id = cluster_label_order(train, num_classes, seed=cfg.seed)
+        train, test = train.with_labels(relabel(train.labels, new_id)), test.with_labels(relabel(test.labels, new_id))
+    counts = label_counts(train.labels, num_classes)
+    w = inverse_propensity(counts, len(train), cfg.propensity_a, cfg.propensity_b)
+    return XMCData(train, test, train.num_features, num_classes, counts, w, new_id, label_names=feats.label_names)
+
+
+def unseen_label_count(data: XMCData) -> tuple[int, int]:
+    """(distinct labels of the eval split never seen in train, eval label occurrences on them)."""
+    seen = data.label_counts > 0
+    labels = data.test.labels[data.test.labels >= 0]
+    unseen = labels[~seen[labels]]
+    return int(unseen.unique().numel()), int(unseen.numel())
+
+
 def popularity_metrics(data: XMCData, ks: list[int]) -> dict[str, float]:
     """Metrics of predicting the max(ks) most frequent training labels (ties: lower id first) for
     every test point."""
@@ -105,11 +136,30 @@ def popularity_metrics(data: XMCData, ks: list[int]) -> dict[str, float]:
     return metrics.compute()
 
 
+def predict_top(model: Classifier, dataset: XMCDataset, k: int, batch_size: int, accelerator=None,
+                ema=None) -> tuple[Tensor, Tensor]:
+    """(scores [N, k], ids [N, k]) of model.predict over a whole dataset on one process (EMA weights if
+    given); ids are the model's (renumbered) label ids."""
+    from mhe_scale.eval.distributed import evaluating, test_batches
+
+    scores, ids = [], []
+    with evaluating(model, accelerator, ema):
+        for inputs, _ in test_batches(model, dataset, batch_size, accelerator, desc="predict"):
+            s, i = model.predict(inputs, k)
+            scores.append(s.float().cpu())
+            ids.append(i.cpu())
+    return torch.cat(scores), torch.cat(ids)
+
+
 def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accelerator,
-               folder: str | None = None) -> dict[str, Any]:
+               folder: str | None = None, predict_on: dict[str, XMCDataset] | None = None) -> dict[str, Any]:
     """Fresh encoder (same seed for every head) + the head; train, evaluate -> {metrics, costs}.
 
-    Checkpoints and the loss log go to output_dir/folder (default: named after the head)."""
+    Checkpoints and the loss log go to output_dir/folder (default: named after the head).
+    predict_on {name: dataset}: also return "predictions" {name: (scores [N, k], ids [N, k])}, k = max(eval.ks),
+    of the trained model on each (e.g. dev, to tune a threshold applied to the test predictions)."""
+    if cfg.model.sparse_input and not data.train.sparse_inputs:  # the encoder reads {cols, vals} entries
+        data = replace(data, train=data.train.as_sparse_inputs(), test=data.test.as_sparse_inputs())
     torch.manual_seed(cfg.train.seed)
     encoder = build_encoder(cfg.model, data.num_features)
     head = build_run_head(head_cfg, cfg.dist.shard_head, encoder.num_features, data.num_classes, data.multilabel,
@@ -138,20 +188,34 @@ def train_head(cfg: ExperimentConfig, head_cfg: HeadConfig, data: XMCData, accel
              "encoder params (K)": count_parameters(encoder) / 1e3,
              "head optim state (K)": optimizer_state_numel(head_optimizer or optimizer, list(head.parameters())) / 1e3,
              "final loss": result.last_loss}
-    return {"metrics": metrics, "costs": costs, **resume_record(result)}
+    out = {"metrics": metrics, "costs": costs, **resume_record(result)}
+    if predict_on:
+        out["predictions"] = {name: predict_top(model, ds.as_sparse_inputs() if data.train.sparse_inputs else ds,
+                                                max(cfg.eval.ks), cfg.train.eval_batch_size, accelerator, result.ema)
+                              for name, ds in predict_on.items()}
+    return out
 
 
 @register_task("xmc", XmcConfig, "extreme multi-label classification on XC-format sparse files (MLP + head), "
-               "P@k / nDCG@k / PSP@k", data_names=("xc",))
+               "P@k / nDCG@k / PSP@k", data_names=("xc", *TEXT_FEATURE_KINDS))
 def run_xmc(cfg: ExperimentConfig, accelerator) -> dict[str, dict[str, Any]]:
     """Train cfg.head (and cfg.eval.baseline if set) on the XC dataset at cfg.data.path; print and save tables."""
     start = time.perf_counter()
     data = load_xmc(cfg.data)
     per_point = float((data.test.labels >= 0).sum()) / max(1, len(data.test))
-    accelerator.print(f"xc data {cfg.data.path}: {len(data.train):,} train / {len(data.test):,} test points, "
-                      f"F={data.num_features:,} features ({cfg.data.normalize}), C={data.num_classes:,} labels "
+    scaling = cfg.data.normalize if cfg.data.name == "xc" else cfg.data.name
+    split = "test" if cfg.data.name == "xc" else cfg.data.eval_split
+    accelerator.print(f"{cfg.data.name} data {cfg.data.path}: {len(data.train):,} train / {len(data.test):,} {split} "
+                      f"points, F={data.num_features:,} features ({scaling}), C={data.num_classes:,} labels "
                       f"({cfg.data.label_order} order), "
-                      f"{per_point:.2f} labels per test point ({time.perf_counter() - start:.1f}s)")
+                      f"{per_point:.2f} labels per {split} point ({time.perf_counter() - start:.1f}s)")
+    if data.label_names is not None:
+        unseen, hits = unseen_label_count(data)
+        accelerator.print(f"  {unseen:,} {split} labels ({hits:,} occurrences) never occur in train: misses in every "
+                          "metric")
+        if accelerator.is_main_process:
+            Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+            write_label_map(Path(cfg.train.output_dir) / "label_map.json", data.label_names)
     results = train_each_head(cfg, lambda head_cfg, folder: train_head(cfg, head_cfg, data, accelerator, folder))
     results[POPULARITY] = {"metrics": popularity_metrics(data, list(cfg.eval.ks)), "costs": {}}
     write_results(cfg, results, accelerator)

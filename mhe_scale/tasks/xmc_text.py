@@ -83,7 +83,8 @@ def load_text_xmc(cfg: TextDataConfig, tokenizer: Any) -> TextXMCData:
     path = resolve_text_path(cfg.path)
     if cfg.streaming:
         return load_streamed_text_xmc(cfg, path, tokenizer)
-    splits = load_text_splits(cfg.text_format, path, list(cfg.text_fields), cfg.test_fraction, cfg.seed, cfg.cache_dir)
+    splits = load_text_splits(cfg.text_format, path, list(cfg.text_fields), cfg.test_fraction, cfg.seed, cfg.cache_dir,
+                              cfg.eval_split)
     out = []
     for ds, limit in ((splits.train, cfg.max_train_points), (splits.test, cfg.max_test_points)):
         if limit is not None:
@@ -106,7 +107,7 @@ def load_streamed_text_xmc(cfg: TextDataConfig, path: Path, tokenizer: Any) -> T
     rows = split_rows(fmt, path, "train", streaming=True, **common)
     if cfg.max_train_points is not None:
         rows = rows.take(int(cfg.max_train_points))
-    test_rows = split_rows(fmt, path, "test", **common)
+    test_rows = split_rows(fmt, path, cfg.eval_split, **common)
     if cfg.max_test_points is not None:
         test_rows = test_rows.select(range(min(int(cfg.max_test_points), len(test_rows))))
     num_train, counts = count_rows_and_labels(rows)
