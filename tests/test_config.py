@@ -76,6 +76,7 @@ def test_head_factory_is_strict():
 LABELS_FROM_DATA = {"xmc_amazon3m": 2_812_281, "xmc_amazon670k": 670_091, "xmc_amazoncat13k": 13_330,
                     "xmc_bibtex": 159, "xmc_delicious": 983, "xmc_eurlex4k": 3_956, "xmc_medical": 45,
                     "xmc_reuters_minilm": 90, "xmc_wiki10_31k": 30_938, "xmc_wiki500k": 501_070,
+                    "xmc_eurlex57k_bert": 4_271, "xmc_eurlex57k_minilm": 4_271, "xmc_eurlex57k_tfidf": 4_271,
                     "cifar10": 10, "cifar100": 100, "imagenet": 1000}
 """Label counts of the XMC configs, whose tasks read C from the data (the datasets' published sizes)."""
 
