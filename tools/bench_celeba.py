@@ -55,18 +55,38 @@ def load_tool(name: str):
     return tool
 
 
-def train_run(row: str, seed: int, protocol: Path, out: Path, overrides: list[str]) -> dict:
-    """`mhe-scale train` of one trained row in a child process -> {seconds, peak_rss_gb, folder, command}."""
-    config, extra = TRAINED[row]
-    folder = out / "runs" / f"{row}-s{seed}"
-    cmd = [sys.executable, "-m", "mhe_scale.cli", "train", f"configs/face/celeba249_mfn_{config}.yaml",
-           f"data.path={protocol / 'train.rec'}", f"train.seed={seed}", f"train.output_dir={folder}", *extra, *overrides]
+def train_command(row: str, seed: int, protocol: Path, folder: Path, overrides: list[str],
+                  batch_size: int) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of one trained row; a row '<row>_x2' trains <row> class-sharded on 2 CPU processes
+    (accelerate launch on gloo) at half the per-process batch, the same global batch."""
+    two = row.endswith("_x2")
+    config, extra = TRAINED[row[:-3] if two else row]
+    args = [f"configs/face/celeba249_mfn_{config}.yaml", f"data.path={protocol / 'train.rec'}", f"train.seed={seed}",
+            f"train.output_dir={folder}", *extra, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if not two:
+        return [sys.executable, "-m", "mhe_scale.cli", "train", *args], env
+    from mhe_scale.parallel.testing import free_port
+
+    env["ACCELERATE_USE_CPU"] = "1"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(free_port()), "-m", "mhe_scale.train", *args, f"train.batch_size={batch_size // 2}"], env
+
+
+def train_run(row: str, seed: int, protocol: Path, out: Path, overrides: list[str]) -> dict:
+    """One trained row in a child process -> {train s, final loss, peak RSS GB (the largest process), folder,
+    command}."""
+    from mhe_scale.config import load_config
+
+    folder = out / "runs" / f"{row}-s{seed}"
+    batch = load_config(REPO / "configs" / "face" / "celeba249_mfn_fc.yaml", overrides).train.batch_size
+    cmd, env = train_command(row, seed, protocol, folder, overrides, batch)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(out / "logs" / f"{row}-s{seed}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)  # ru_maxrss: the child's, or its largest waited-for descendant's
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{row} seed {seed} failed; see {out / 'logs' / f'{row}-s{seed}.log'}")
     results = json.loads((folder / "results.json").read_text())
@@ -232,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", type=Path, default=REPO / "runs" / "celeba249_protocol")
     p.add_argument("--train-identities", type=int, default=200)
     p.add_argument("--rows", nargs="+", default=["pixels", "pca", "fc", "pfc02", "mhs", "mhs_g32", "pfc01"],
-                   choices=[*BASELINES, *TRAINED])
+                   choices=[*BASELINES, *TRAINED, *(f"{r}_x2" for r in TRAINED)],
+                   help="rows in order; <row>_x2: <row> class-sharded on 2 processes")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--set", nargs="*", default=[], help="overrides for every training run (e.g. train.epochs=4)")
     p.add_argument("--pca-components", type=int, default=128)
