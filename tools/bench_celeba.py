@@ -262,8 +262,8 @@ def table(records: list[dict]) -> str:
                f"{fmt([r['acc'] for r in rs])} (seeds)")
         cols = [fmt([r.get(k) for r in rs]) for k in ("TAR@FAR=0.01", "TAR@FAR=0.001", "IJB TAR@FAR=0.01",
                                                        "IJB TAR@FAR=0.001", "IJB rank1")]
-        cost = [fmt([r.get("train s") for r in rs], False) if "train s" in rs[0] else "-",
-                fmt([r.get("peak RSS GB") for r in rs], False) if "peak RSS GB" in rs[0] else "-"]
+        cost = [fmt([r.get(k) for r in rs], False) if any(k in r for r in rs) else "-"
+                for k in ("train s", "peak RSS GB")]  # a seed without the key (unmeasured) is left out
         lines.append(f"| {row} | {len(rs)} | {acc} | " + " | ".join(cols + cost) + " |")
     return "\n".join(lines)
 
