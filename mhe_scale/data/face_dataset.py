@@ -305,16 +305,24 @@ class PackedFiles:
     num_classes: int
 
 
-def list_image_folder(image_root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
+def list_image_folder(image_root: str | os.PathLike,
+                      identities: Sequence[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
     """IMAGE_ROOT/<identity>/<image> -> (image paths [N], labels int64 [N], identity names [C]).
 
-    Identities are the sorted subfolder names (label = position); images sorted by name within
+    Identities are the sorted subfolder names (label = position), or only the sorted `identities`
+    when given (e.g. the training side of an identity-disjoint split); images sorted by name within
     each; files with other extensions and files directly under the root are ignored.
     """
     root = Path(image_root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     names = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if identities is not None:
+        missing = sorted(set(identities) - set(names))
+        if missing:
+            raise ValueError(f"{root}: no identity subfolder {missing[0]!r} ({len(missing)} of the "
+                             f"{len(set(identities))} identities asked for are missing)")
+        names = sorted(set(identities))
     paths, labels = [], []
     for label, name in enumerate(names):
         files = sorted(f for f in (root / name).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
@@ -340,8 +348,11 @@ def encode_image_file(path: Path, quality: int = 95, pass_through: bool = False)
 
 
 def pack_image_folder(image_root: str | os.PathLike, out_prefix: str | os.PathLike, header: bool = False,
-                      quality: int = 95, pass_through: bool = False, progress: bool = True) -> PackedFiles:
+                      quality: int = 95, pass_through: bool = False, progress: bool = True,
+                      identities: Sequence[str] | None = None) -> PackedFiles:
     """Pack IMAGE_ROOT/<identity>/<image> into OUT_PREFIX.rec/.idx/.lst (all written atomically).
+
+    identities: pack only these subfolders (labels = position in their sorted order); default all.
 
     header=False: im2rec layout, image keys 0..N-1. header=True: insightface layout (module
     docstring): header record at key 0, images at 1..N, identity records at N+1..N+C.
@@ -353,7 +364,7 @@ def pack_image_folder(image_root: str | os.PathLike, out_prefix: str | os.PathLi
 
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100 (JPEG), got {quality}")
-    paths, labels, names = list_image_folder(image_root)
+    paths, labels, names = list_image_folder(image_root, identities)
     FileImageRecords([str(p) for p in paths], labels).check_files()
     num, num_ids = len(paths), len(names)
     if header and num + num_ids + 1 > 1 << 24:
