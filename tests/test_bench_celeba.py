@@ -119,7 +119,7 @@ def test_table_averages_seeds_and_shows_the_folds_std_for_one_seed():
 def test_a_two_process_row_launches_two_gloo_processes_at_half_the_batch(tmp_path):
     one, _ = bench.train_command("mhs_dense", 2, Path("/p"), tmp_path, ["train.epochs=1"], 64)
     two, env = bench.train_command("mhs_dense_x2", 2, Path("/p"), tmp_path, ["train.epochs=1"], 64)
-    assert one[1:4] == ["-m", "mhe_scale.cli", "train"] and "configs/face/celeba249_mfn_mhs.yaml" in one
+    assert one[1:4] == ["-m", "mhe_scale.cli", "train"] and "configs/face/celeba249/celeba249_mfn_mhs.yaml" in one
     assert two[two.index("--num_processes") + 1] == "2" and env["ACCELERATE_USE_CPU"] == "1"
     assert two[two.index("mhe_scale.train") + 1:] == [*one[4:], "train.batch_size=32"]
     assert "optim.head_update=dense" in one and "train.seed=2" in one

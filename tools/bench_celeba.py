@@ -8,7 +8,7 @@
 1. The protocol (tools/make_face_protocol.py, seed 0) unless --protocol already holds one.
 2. Per row and seed: a baseline that needs no training (pixels: the aligned face resized to the models'
    input, as a vector; pca: eigenfaces, the top --pca-components principal directions of the training
-   identities' images) or `mhe-scale train configs/face/celeba249_mfn_<row>.yaml data.path=... train.seed=s`
+   identities' images) or `mhe-scale train configs/face/celeba249/celeba249_mfn_<row>.yaml data.path=... train.seed=s`
    in a subprocess (OMP_NUM_THREADS=1; peak RSS = its VmHWM, polled; time = the task's "train s"),
    then its last checkpoint scored (tools/eval_verification.py's loader) on
    - verification.bin: 10-fold accuracy +- std over the folds, TAR@FAR 1e-2 and 1e-3
@@ -41,7 +41,7 @@ TRAINED = {"fc": ("fc", []), "pfc02": ("pfc02", []), "pfc01": ("pfc01", []), "mh
            "mhs_g32": ("mhs_g32", []), "pfc02_dense": ("pfc02", ["optim.head_update=dense"]),
            "mhs_dense": ("mhs", ["optim.head_update=dense"]), "pfc01_dense": ("pfc01", ["optim.head_update=dense"]),
            "mhs_g32_dense": ("mhs_g32", ["optim.head_update=dense"])}
-"""Trained row -> (configs/face/celeba249_mfn_<config>.yaml, extra overrides)."""
+"""Trained row -> (configs/face/celeba249/celeba249_mfn_<config>.yaml, extra overrides)."""
 BASELINES = ("pixels", "pca")
 FARS = (1e-2, 1e-3)
 
@@ -61,7 +61,7 @@ def train_command(row: str, seed: int, protocol: Path, folder: Path, overrides: 
     (accelerate launch on gloo) at half the per-process batch, the same global batch."""
     two = row.endswith("_x2")
     config, extra = TRAINED[row[:-3] if two else row]
-    args = [f"configs/face/celeba249_mfn_{config}.yaml", f"data.path={protocol / 'train.rec'}", f"train.seed={seed}",
+    args = [f"configs/face/celeba249/celeba249_mfn_{config}.yaml", f"data.path={protocol / 'train.rec'}", f"train.seed={seed}",
             f"train.output_dir={folder}", *extra, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if not two:
@@ -104,7 +104,7 @@ def train_run(row: str, seed: int, protocol: Path, out: Path, overrides: list[st
     from mhe_scale.config import load_config
 
     folder = out / "runs" / f"{row}-s{seed}"
-    batch = load_config(REPO / "configs" / "face" / "celeba249_mfn_fc.yaml", overrides).train.batch_size
+    batch = load_config(REPO / "configs" / "face" / "celeba249" / "celeba249_mfn_fc.yaml", overrides).train.batch_size
     cmd, env = train_command(row, seed, protocol, folder, overrides, batch)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     start, peaks = time.perf_counter(), {}
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
     from mhe_scale.config import load_config
 
-    size = load_config(REPO / "configs" / "face" / "celeba249_mfn_fc.yaml", args.set).data.image_size
+    size = load_config(REPO / "configs" / "face" / "celeba249" / "celeba249_mfn_fc.yaml", args.set).data.image_size
     records, skipped = [], []
     for row in args.rows:
         for seed in args.seeds:
