@@ -148,7 +148,8 @@ def test_read_predictions(tmp_path):
     assert ids.tolist() == [[4, 1], [3, -1]] and scores is None
     for text, line, message in [("4:0.9 1\n", 1, "unparsable prediction '1'"),
                                 ("4:0.9\n1:0.2 3:0.7\n", 2, "scores increase along the line"),
-                                ("4:0.9\n-3:0.2\n", 2, "predicted label id -3 is out of range")]:
+                                ("4:0.9\n-3:0.2\n", 2, "predicted label id -3 is out of range"),
+                                ("4:0.9\n3:0.5 1:nan\n", 2, "a score is nan")]:
         path = _write(tmp_path, text, "pred.txt")
         with pytest.raises(ValueError, match=re.escape(f"{path}:{line}: {message}")):
             read_predictions(path)

@@ -28,7 +28,6 @@ import math
 import sys
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from mhe_scale.data.prediction_arrays import array_format, read_prediction_arrays
@@ -62,11 +61,7 @@ def load_predictions(path: Path) -> tuple[Tensor, Tensor | None]:
     """-> (predicted ids [N, K], best first, -1 = none; scores [N, K] or None when the file has none)."""
     if array_format(path) is not None:
         return read_prediction_arrays(path)
-    ids, scores = read_predictions(path)
-    if scores is not None and bool(torch.isnan(scores).any()):
-        raise ValueError(f"{path}:{int(torch.isnan(scores).any(1).nonzero()[0]) + 1}: a score is nan; the ranking "
-                         f"and any threshold need numbers (did the model diverge?)")
-    return ids, scores
+    return read_predictions(path)
 
 
 def check_rows(pred: Tensor, path: Path, num_points: int, num_labels: int, labels_path: Path) -> None:

@@ -164,7 +164,8 @@ def read_predictions(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
     """Ranked predictions, one line per point: space-separated 'id:score' pairs, best first.
 
     Bare ids without scores are accepted too (the order is the ranking), but not mixed with pairs
-    in one file; an empty line means no predictions. Scores must not increase along a line.
+    in one file; an empty line means no predictions. Scores must not increase along a line and must
+    not be nan.
     Returns ids LongTensor [N, K] padded with -1 and scores float32 [N, K] padded with -inf
     (None for a file of bare ids).
     """
@@ -199,6 +200,9 @@ def read_predictions(path: str | os.PathLike) -> tuple[Tensor, Tensor | None]:
     if scores is None:
         return ids_t, None
     score_t = _pad(scores.astype(np.float64), offsets, fill=float("-inf")).float()
+    if bool(torch.isnan(score_t).any()):
+        raise ValueError(f"{path}:{int(torch.isnan(score_t).any(1).nonzero()[0]) + 1}: a score is nan; the ranking "
+                         f"and any threshold need numbers (did the model diverge?)")
     rising = (score_t[:, 1:] > score_t[:, :-1]) & (ids_t[:, 1:] >= 0)
     if bool(rising.any()):
         row = int(rising.any(1).nonzero()[0])
