@@ -209,3 +209,11 @@ def test_voc_unknown_object_names_name_the_annotation(tmp_path, capsys):
     assert err.startswith(f"error: {root / 'Annotations' / '000002.xml'}: object names ['unicorn'] not in the classes")
     assert "trainval.txt:2" in err and "2 such: ['unicorn', 'yeti']" in err
 
+
+
+def test_voc_per_class_split_files_are_refused(tmp_path, capsys):
+    root = voc(tmp_path, ["000001", "000002"])
+    (root / "ImageSets" / "Main" / "dog_trainval.txt").write_text("000001  1\n000002 -1\n")
+    code, _, err = run(load_tool("import_voc"), [root, "--split", "dog_trainval", "--out", tmp_path / "o.json"], capsys)
+    assert code == 2 and "dog_trainval.txt:1" in err and "per-class line" in err and "\n" not in err.strip()
+    assert not (tmp_path / "o.json").exists()

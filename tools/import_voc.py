@@ -10,7 +10,8 @@ Reads ROOT/ImageSets/Main/SPLIT.txt (one image id per line), ROOT/Annotations/ID
 Writes --out (its folder is created if missing): "image_root" = ROOT/JPEGImages (relative to --out's
 folder when possible) and "ID.jpg" entries under it; with --val-fraction F (0 < F < 1) a seeded draw
 (--seed) of round(F x N) images goes to OUT's sibling `<stem>_val.json` and the rest to --out
-(disjoint by image). Refuses with one line on stderr and exit 2: a missing split file, an unreadable
+(disjoint by image). Refuses with one line on stderr and exit 2: a missing split file, a per-class split
+(`dog_trainval`: ids with -1 / 0 / 1, negatives included; import a main split), an unreadable
 or malformed XML (file, line and column named), an <object> without <name>, an id that resolves
 outside ROOT, object names outside the classes, missing images (how many, the first named;
 --skip-missing drops them and says how many) and an import with 0 images (nothing written).
@@ -50,8 +51,13 @@ def voc_to_multilabel(root: str | os.PathLike, split: str,
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        image_id = line.split()[0]
+        fields = line.split()
+        image_id = fields[0]
         where = f"{ids_file}:{number}"
+        if len(fields) == 2 and fields[1] in ("-1", "0", "1"):
+            raise ValueError(f"{where}: {line.strip()!r} is a per-class line (image id and -1 / 0 / 1): {ids_file.name} "
+                             "lists the negatives of one class too; import a main split (train, val, trainval, "
+                             "test): the labels come from the annotations")
         xml = resolve_under(root / "Annotations", f"{image_id}.xml", where)
         try:
             tree = ET.parse(xml)
