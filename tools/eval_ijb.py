@@ -32,6 +32,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mhe_scale.engine.serialize import atomic_write_text
 from mhe_scale.eval.align import AlignedFaces
 from mhe_scale.eval.ijb import (FARS, GALLERIES, extract_features, identification, lookup, match_rows, meta_paths,
                                 read_1n_csv, read_faces, read_landmarks, read_pairs, roc, score_pairs, tar_at_far,
@@ -109,7 +111,9 @@ def verification(args: argparse.Namespace, paths: dict, tids: torch.Tensor, tfea
     scores = score_pairs(tfeats, i, j, args.pair_batch)
     far, tar, _ = roc(scores, labels)
     tars = tar_at_far(far, tar, FARS, args.far_rule)
-    np.save(args.out / "scores.npy", scores.numpy())
+    tmp = args.out / f"scores.tmp-{os.getpid()}.npy"
+    np.save(tmp, scores.numpy())
+    os.replace(tmp, args.out / "scores.npy")  # atomic: a killed run leaves the old file or none
     save_roc_plot(far, tar, tars, args.out / "roc.png", f"{args.dataset} 1:1")
     res = {f"TAR@FAR={f:g}": float(t) for f, t in zip(FARS, tars)}
     res.update(AUC=float(torch.trapezoid(tar, far)), far_rule=args.far_rule, pairs=len(labels),
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval_ijb: error: {err}", file=sys.stderr)
         return 2
     results["seconds"] = round(time.perf_counter() - start, 2)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(args.out / "results.json", json.dumps(results, indent=2))
     print(f"{args.dataset}: {len(names)} faces, {len(tids)} templates ({results['seconds']} s); results in {args.out}")
     print("protocol: " + ", ".join(f"{k}={v}" for k, v in results["protocol"].items()))
     for section in ("verification", "identification"):
