@@ -155,11 +155,6 @@ def nested_subsets(labels: np.ndarray, counts: dict[str, np.ndarray], seed: int)
     return out
 
 
-def assign_counts(counts: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
-    """Counts [C] (any order) given to classes by a seeded permutation: which class is a head class."""
-    return np.asarray(counts)[np.random.default_rng([seed, 7]).permutation(num_classes)]
-
-
 def ood_class_split(num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(seen, unseen) sorted class ids, each half of the classes (seen gets the extra one when odd)."""
     order = np.random.default_rng([seed, 11]).permutation(num_classes)

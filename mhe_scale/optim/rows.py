@@ -89,10 +89,6 @@ def is_row_sparse(p: Tensor) -> bool:
     return getattr(p, ROWS_ATTR, None) is not None
 
 
-def row_gradients(p: Tensor) -> RowGradients:
-    return getattr(p, ROWS_ATTR)
-
-
 def gather_rows(p: Tensor, ids: Tensor, unique: bool = False, row_ndim: int = 1) -> Tensor:
     """Rows `ids` (any shape, flat row indices) of p -> [*ids.shape, *tail].
 

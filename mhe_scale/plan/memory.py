@@ -28,7 +28,7 @@ Backbone model states follow DeepSpeed's own accounting (runtime/zero/stage_1_an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 MiB = 2 ** 20
@@ -511,11 +511,6 @@ def process_group_terms(run: RunSpec) -> list[Term]:
         return []
     return [Term("process group", pg, 0.0, "base(W) - base(1) of activation lines fitted at W and at 1 process",
                  "tools/bench_plan_memory.py (gloo + torchrun on CPU); --probe measures it at the target W")]
-
-
-def with_changes(run: RunSpec, **engine_changes) -> RunSpec:
-    """run with some EngineSpec fields replaced (helper for candidate search)."""
-    return replace(run, engine=replace(run.engine, **engine_changes))
 
 
 def fmt_bytes(n: float) -> str:
