@@ -287,17 +287,22 @@ def child_stopped_peer(out: str) -> None:
     sys.exit(code)
 
 
+def launch_child_ranks(tmp_path: Path, child: str, master_port: str) -> list[subprocess.Popen]:
+    """PROCS processes (RANK 0..PROCS-1, env rendezvous on master_port) each running this module's `child`(tmp_path)."""
+    script = tmp_path / "child.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+                      f"from test_engine_distributed import {child}; {child}({str(tmp_path)!r})\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env |= {"OMP_NUM_THREADS": "1", "WORLD_SIZE": str(PROCS), "LOCAL_WORLD_SIZE": str(PROCS),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": master_port}
+    return [subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(PROCS)]
+
+
 def test_a_stopped_rank_is_named_within_the_timeout(tmp_path):
     import time
 
-    script = tmp_path / "child.py"
-    script.write_text(f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
-                      f"from test_engine_distributed import child_stopped_peer; child_stopped_peer({str(tmp_path)!r})\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env |= {"OMP_NUM_THREADS": "1", "WORLD_SIZE": str(PROCS), "LOCAL_WORLD_SIZE": str(PROCS),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port(9)}
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(PROCS)]
+    procs = launch_child_ranks(tmp_path, "child_stopped_peer", port(9))
     try:
         _, err = procs[0].communicate(timeout=240)
         ended = time.time()
@@ -342,14 +347,7 @@ def test_a_killed_rank_is_named_instead_of_a_raw_connection_reset(tmp_path):
     rank 1, long before dist.timeout_s (60 s)."""
     import time
 
-    script = tmp_path / "child.py"
-    script.write_text(f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r})\n"
-                      f"from test_engine_distributed import child_killed_peer; child_killed_peer({str(tmp_path)!r})\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env |= {"OMP_NUM_THREADS": "1", "WORLD_SIZE": str(PROCS), "LOCAL_WORLD_SIZE": str(PROCS),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port(11)}
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(PROCS)]
+    procs = launch_child_ranks(tmp_path, "child_killed_peer", port(11))
     try:
         _, err = procs[0].communicate(timeout=120)
         ended = time.time()
