@@ -39,9 +39,14 @@ def multi_hot_csr(targets: Tensor, num_classes: int) -> Any:
     return m
 
 
+def most_frequent_labels(label_counts: Tensor, top: int) -> Tensor:
+    """Ids [top] of the `top` most frequent labels of label_counts [C], most frequent first (ties: lower id first)."""
+    return label_counts.sort(descending=True, stable=True).indices[:top]
+
+
 def popularity_predictions(label_counts: Tensor, num_rows: int, top: int) -> tuple[Tensor, Tensor]:
     """The `top` most frequent training labels (ties: lower id first) for each of num_rows rows."""
-    order = label_counts.sort(descending=True, stable=True).indices[:top]
+    order = most_frequent_labels(label_counts, top)
     scores = label_counts[order].float()
     return scores.expand(num_rows, -1).clone(), order.expand(num_rows, -1).clone()
 

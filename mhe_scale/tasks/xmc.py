@@ -28,6 +28,7 @@ from mhe_scale.tasks.xmc_evaluate import evaluate
 from mhe_scale.engine.loop import fit
 from mhe_scale.engine.run_identity import run_config
 from mhe_scale.engine.model import Classifier, build_optimizers, build_run_head, count_parameters, optimizer_state_numel
+from mhe_scale.eval.xmc_baselines import most_frequent_labels
 from mhe_scale.eval.xmc import XMCMetrics, inverse_propensity, label_counts
 from mhe_scale.tasks.report import head_label, resume_record, run_folder, train_each_head, write_results
 from mhe_scale.models import build_encoder
@@ -130,7 +131,7 @@ def unseen_label_count(data: XMCData) -> tuple[int, int]:
 def popularity_metrics(data: XMCData, ks: list[int]) -> dict[str, float]:
     """Metrics of predicting the max(ks) most frequent training labels (ties: lower id first) for
     every test point."""
-    top = data.label_counts.sort(descending=True, stable=True).indices[:max(ks)]
+    top = most_frequent_labels(data.label_counts, max(ks))
     metrics = XMCMetrics(ks=tuple(ks), inv_propensity=data.inv_propensity)
     metrics.update(top.expand(len(data.test), -1), data.test.labels)
     return metrics.compute()
